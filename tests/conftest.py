@@ -1,0 +1,27 @@
+"""Shared fixtures. Every test is seeded; data tests read the real data root ($ZOO_DATA, ../shared/data in CI)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = os.environ.get("ZOO_DATA")
+
+
+def pytest_configure(config):
+    if os.environ.get("CI") and not DATA:
+        raise pytest.UsageError("CI must set ZOO_DATA to the data root (../shared/data); .ci/run does")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA:
+        pytest.skip("ZOO_DATA is not set (CI sets it to ../shared/data)")
+    return Path(DATA)

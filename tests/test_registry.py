@@ -1,0 +1,74 @@
+"""Registry, card schema and the generated MODEL_CARD.md."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+import zoo
+from zoo.cards import CARDS_DIR, MODEL_CARD_PATH, CardError, render_model_card, validate_card
+from zoo.registry import DuplicateModelError, UnknownModelError, get_card
+
+
+def test_list_models_pattern():
+    assert zoo.list_models("wrn*") == sorted(n for n in zoo.list_models() if n.startswith("wrn"))
+    assert "wrn16-4" in zoo.list_models() and "test-wrn10-1" in zoo.list_models("test-*")
+    assert set(zoo.list_models(pretrained=True)) <= set(zoo.list_models())
+
+
+def test_every_card_file_is_registered():
+    assert sorted(p.stem for p in CARDS_DIR.glob("*.json")) == zoo.list_models()
+
+
+def test_unknown_model_suggests_closest():
+    with pytest.raises(UnknownModelError, match="Did you mean 'wrn16-4'"):
+        zoo.create_model("wrn16_4")
+    with pytest.raises(UnknownModelError):
+        zoo.model_info("no-such-model")
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(DuplicateModelError):
+        zoo.register_model(copy.deepcopy(get_card("wrn16-4")))
+
+
+def test_card_schema_rejects_unknown_and_missing():
+    card = copy.deepcopy(get_card("wrn16-4"))
+    card["recipe"]["learning_rate"] = 1.0
+    with pytest.raises(CardError, match="unknown key.*learning_rate"):
+        validate_card(card)
+    card = copy.deepcopy(get_card("wrn16-4"))
+    del card["recipe"]["clip_norm"]
+    with pytest.raises(CardError, match="missing required field 'clip_norm'"):
+        validate_card(card)
+    card = copy.deepcopy(get_card("wrn16-4"))
+    card["num_classes"] = "10"
+    with pytest.raises(CardError, match="num_classes"):
+        validate_card(card)
+    card = copy.deepcopy(get_card("wrn16-4"))
+    card["results"] = [{"dataset": "cifar10", "metric": "accuracy", "value": 0.5}]
+    with pytest.raises(CardError, match="missing required field"):
+        validate_card(card)
+
+
+def test_card_on_disk_is_schema_checked(tmp_path):
+    from zoo.cards import load_card
+
+    card = json.loads((CARDS_DIR / "wrn16-4.json").read_text())
+    card["colour"] = "blue"
+    path = tmp_path / "wrn16-4.json"
+    path.write_text(json.dumps(card))
+    with pytest.raises(CardError, match="colour"):
+        load_card(path)
+
+
+def test_pretrained_without_checkpoint_explains():
+    name = next(n for n in zoo.list_models() if get_card(n)["checkpoint"] is None)
+    with pytest.raises(FileNotFoundError, match="no pretrained checkpoint"):
+        zoo.create_model(name, pretrained=True)
+
+
+def test_model_card_md_is_fresh():
+    text = render_model_card([zoo.model_info(n) for n in zoo.list_models()])
+    assert MODEL_CARD_PATH.read_text() == text, "MODEL_CARD.md is stale: run `zoo card`"

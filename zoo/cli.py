@@ -1,0 +1,140 @@
+"""The ``zoo`` command line: list, info, train, finetune, eval, card."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cards import CARDS_DIR, MODEL_CARD_PATH, RECIPE_SCHEMA, render_model_card
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe overrides (default: the model card's recipe)")
+    for key, (typ, _) in RECIPE_SCHEMA.items():
+        if key in ("source", "dataset"):
+            continue
+        t = typ[0] if isinstance(typ, tuple) else typ
+        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float if t is not str and t is not int else t)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="data root (default: $ZOO_DATA)")
+    p.add_argument("--out", help="output folder for checkpoints and result.json (default: runs/<model>)")
+    p.add_argument("--seed", type=int, help="seed for init, sampling and noise (default: a secret OS seed)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--test-subset", type=int, help="evaluate on a stratified subset of the test set")
+    p.add_argument("--download", action="store_true", help="download missing data (needs network access)")
+    p.add_argument("--no-progress", action="store_true")
+    _recipe_args(p)
+
+
+def _run_kwargs(a: argparse.Namespace) -> dict:
+    kw = {k: getattr(a, k) for k in RECIPE_SCHEMA if k not in ("source", "dataset") and getattr(a, k, None) is not None}
+    for key in ("batch_size", "physical_batch_size", "steps", "augmult", "train_subset"):
+        if key in kw:
+            kw[key] = int(kw[key])
+    return dict(kw, data_dir=a.data_dir, seed=a.seed, device=a.device, resume=a.resume,
+                checkpoint_every=a.checkpoint_every, test_subset=a.test_subset, progress=not a.no_progress,
+                download=a.download)
+
+
+def _report(result: dict) -> None:
+    led, test = result["ledger"], result["test"]
+    print(f"{result['model']} on {result['dataset']}: test accuracy {test['accuracy']:.4f} "
+          f"({test['num_samples']} images) at epsilon={led['epsilon']:.3f}, delta={led['delta']:g} "
+          f"({led['accountant'].upper()}, sigma={result['noise_multiplier']:.3f}, q={result['sample_rate']:.4g}, "
+          f"{led['steps']} steps); train time {test['train_time_s']} s")
+    if "checkpoint" in result:
+        print(f"checkpoint: {result['checkpoint']} (result: {Path(result['checkpoint']).parent / 'result.json'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zoo", description="DP-SGD model zoo")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("list", help="list registered models")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.add_argument("--pretrained", action="store_true")
+    p = sub.add_parser("info", help="show a model's card, parameter count and checkpoint status")
+    p.add_argument("name")
+    p = sub.add_parser("train", help="train a registered model with DP-SGD")
+    p.add_argument("name")
+    _run_args(p)
+    p = sub.add_parser("finetune", help="privately fine-tune a checkpoint or pretrained model")
+    p.add_argument("name", help="registered name with a checkpoint, or a checkpoint path")
+    p.add_argument("--dataset", required=True)
+    _run_args(p)
+    p = sub.add_parser("eval", help="evaluate a pretrained model or a checkpoint on its test set")
+    p.add_argument("name")
+    p.add_argument("--data-dir")
+    p.add_argument("--device")
+    p.add_argument("--test-subset", type=int)
+    p = sub.add_parser("card", help=f"regenerate {MODEL_CARD_PATH.name} from {CARDS_DIR.name}/*.json")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is stale instead of writing it")
+    a = parser.parse_args(argv)
+
+    import zoo
+
+    try:
+        if a.cmd == "list":
+            for name in zoo.list_models(a.pattern, pretrained=a.pretrained):
+                print(name)
+        elif a.cmd == "info":
+            print(json.dumps(zoo.model_info(a.name), indent=2, ensure_ascii=False))
+        elif a.cmd in ("train", "finetune"):
+            kw = _run_kwargs(a)
+            kw["out_dir"] = a.out or str(Path("runs") / a.name.replace("/", "_"))
+            if a.cmd == "train":
+                result = zoo.train(a.name, **kw)
+            else:
+                eps, delta = kw.pop("epsilon", None), kw.pop("delta", None)
+                if eps is None or delta is None:
+                    parser.error("finetune needs --epsilon and --delta")
+                result = zoo.finetune(a.name, a.dataset, eps, delta, **kw)
+            _report(result)
+        elif a.cmd == "eval":
+            print(json.dumps(_evaluate(a), indent=2))
+        elif a.cmd == "card":
+            text = render_model_card([zoo.model_info(n) for n in zoo.list_models()])
+            if a.check:
+                if not MODEL_CARD_PATH.exists() or MODEL_CARD_PATH.read_text() != text:
+                    print(f"{MODEL_CARD_PATH} is stale: run `zoo card`", file=sys.stderr)
+                    return 1
+                print(f"{MODEL_CARD_PATH} is up to date")
+            else:
+                MODEL_CARD_PATH.write_text(text)
+                print(f"wrote {MODEL_CARD_PATH}")
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        print(f"zoo {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> dict:
+    from . import checkpoint as ckpt
+    from .data import get_dataset_info
+    from .engine import _resolve_device, evaluate
+    from .registry import checkpoint_path, get_card
+
+    path = Path(a.name)
+    if not (path.exists() or path.with_suffix(".safetensors").exists()):
+        card = get_card(a.name)
+        path = checkpoint_path(card)
+        if path is None:
+            raise FileNotFoundError(f"model {a.name!r} has no pretrained checkpoint; evaluate a checkpoint path "
+                                    f"(e.g. runs/{a.name}/final.safetensors) or train one with `zoo train {a.name}`")
+    model, sidecar = ckpt.load_checkpoint(path)
+    dataset = (sidecar.get("ledger") or {}).get("dataset") or sidecar["card"]["recipe"]["dataset"]
+    test = get_dataset_info(dataset).load("test", data_dir=a.data_dir)
+    if a.test_subset:
+        test = test.subset(a.test_subset, seed=0)
+    device = _resolve_device(a.device)
+    metrics = evaluate(model.to(device), test, device=device)
+    return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,
+            "ledger": sidecar.get("ledger"), "recorded_metrics": sidecar.get("metrics")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Data sets for the zoo: locating, verifying, caching and batching image data.
+
+Contract:
+  * The *data root* (``--data-dir`` / ``ZOO_DATA``) is only ever read; it may be read-only.
+  * Everything derived from it (extracted archives, decoded arrays, hash results, downloads)
+    goes into the *cache root* (``ZOO_CACHE``, default ``~/.cache/zoo``).
+  * Archives are hash-verified before use; unknown bytes raise :class:`DataIntegrityError`.
+  * Loaders return an :class:`ImageDataset`: uint8 images ``[N,C,H,W]`` and int64 labels ``[N]``.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Callable, Literal, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Split = Literal["train", "test"]
+_ENV_HELP = "pass --data-dir DIR or set the ZOO_DATA environment variable"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Data (or the data root itself) is missing; the message names what was expected where."""
+
+
+class DataIntegrityError(ValueError):
+    """A data file exists but its contents do not match any known hash."""
+
+
+class UnknownDatasetError(KeyError):
+    """No data set is registered under the requested name (message lists close matches)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def data_root(data_dir: str | Path | None = None) -> Path:
+    """Return ``data_dir`` if given, else ``$ZOO_DATA``; raise :class:`DataNotFoundError` if neither."""
+    value = data_dir if data_dir is not None else (os.environ.get("ZOO_DATA") or None)
+    if value is None:
+        raise DataNotFoundError(f"no data root configured: {_ENV_HELP} (the folder holding e.g. cifar10/)")
+    return Path(value).expanduser()
+
+
+def cache_root() -> Path:
+    """Return ``$ZOO_CACHE`` if set, else ``~/.cache/zoo`` (not created here)."""
+    return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo").expanduser()
+
+
+# ----------------------------------------------------------------------------- registry
+class DatasetInfo:
+    """Static description of a data set plus its loader. Subclass, set the attributes, decorate."""
+
+    name: str = ""
+    num_classes: int
+    in_chans: int
+    image_size: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    def load(self, split: Split = "train", data_dir: str | Path | None = None,
+             download: bool = False) -> "ImageDataset":
+        """Return the whole ``split`` in memory; raise DataNotFoundError / DataIntegrityError."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, image_size={self.image_size})"
+
+
+_REGISTRY: dict[str, DatasetInfo] = {}
+_T = TypeVar("_T", bound=type)
+
+
+def register_dataset(name: str) -> Callable[[_T], _T]:
+    """Class decorator: register an instance of a :class:`DatasetInfo` subclass under ``name``."""
+    def deco(cls: _T) -> _T:
+        if name in _REGISTRY:
+            raise ValueError(f"dataset {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls()
+        return cls
+    return deco
+
+
+def list_datasets() -> list[str]:
+    """Names of all registered data sets, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Return the registered :class:`DatasetInfo`; unknown names raise :class:`UnknownDatasetError`."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise UnknownDatasetError(f"unknown dataset {name!r}.{hint} Available: {', '.join(list_datasets())}")
+
+
+# ----------------------------------------------------------------------------- caching helpers
+def _file_hashes(path: Path) -> dict[str, str]:
+    """sha256 and md5 of ``path``, cached in the cache root keyed by (path, size, mtime)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    db_path = cache_root() / "data" / "verified.json"
+    try:
+        db = json.loads(db_path.read_text())
+    except (OSError, ValueError):
+        db = {}
+    if key not in db:
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                sha.update(chunk)
+                md5.update(chunk)
+        db[key] = {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
+        _atomic_write(db_path, lambda f: f.write(json.dumps(db, indent=1).encode()))
+    return db[key]
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _extract_once(archive: Path, dest: Path) -> Path:
+    """Extract ``archive`` into ``dest`` atomically (temp dir + os.replace); reuse if present."""
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.is_dir():  # a concurrent extraction winning the race is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _cached_arrays(folder: Path, split: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load ``<folder>/<split>_{images,labels}.npy`` (allow_pickle=False), building them once via ``make``."""
+    xp, yp = folder / f"{split}_images.npy", folder / f"{split}_labels.npy"
+    if not (xp.is_file() and yp.is_file()):
+        x, y = make()
+        _atomic_write(yp, lambda f: np.save(f, y, allow_pickle=False))
+        _atomic_write(xp, lambda f: np.save(f, x, allow_pickle=False))
+    x, y = np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+_CIFAR_TGZ = "cifar-10-python.tar.gz"
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_MD5_OFFICIAL = "c58f30108f718f92721af3b95e74349a"  # torchvision's CIFAR10.tgz_md5
+_CIFAR_SHA256_REPACK = "fa63b5271be78a7c12aac2475fbab5d47b694d77aec06cc41e9772bcf9c66c42"  # shared re-pack
+
+
+def _read_cifar(root: Path, train: bool, verified: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Decode CIFAR-10 batches under ``root/cifar-10-batches-py`` through torchvision's reader.
+
+    torchvision's own md5 check is replaced by ``verified`` (our sha256/md5 check of the source);
+    the ``batches.meta`` md5 check of torchvision still applies.
+    """
+    from torchvision.datasets import CIFAR10
+
+    class _VerifiedCIFAR10(CIFAR10):
+        def _check_integrity(self) -> bool:
+            files = [n for n, _ in self.train_list + self.test_list]
+            return verified and all((Path(self.root) / self.base_folder / n).is_file() for n in files)
+
+    ds = _VerifiedCIFAR10(str(root), train=train, download=False)
+    images = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2), dtype=np.uint8)
+    return images, np.asarray(ds.targets, dtype=np.int64)
+
+
+def _official_batches_ok(folder: Path) -> bool:
+    """torchvision's md5 check of an extracted official ``cifar-10-batches-py`` (hashes cached)."""
+    from torchvision.datasets import CIFAR10
+
+    files = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    return all((folder / n).is_file() and _file_hashes(folder / n)["md5"] == md5 for n, md5 in files)
+
+
+@register_dataset("cifar10")
+class CIFAR10Info(DatasetInfo):
+    """CIFAR-10: 50,000 train / 10,000 test RGB 32x32 images, 10 classes.
+
+    Looks for ``<root>/cifar10/cifar-10-python.tar.gz`` (official archive by md5, or the lossless
+    re-pack by sha256), else an extracted official ``<root>/cifar10/cifar-10-batches-py/`` or
+    ``<root>/cifar-10-batches-py/`` passing torchvision's md5 check, else a previous download in the
+    cache. Archives are extracted to ``<cache>/data/cifar10/<sha256[:16]>/``; decoded arrays are
+    cached next to them as ``.npy`` files.
+    """
+
+    num_classes, in_chans, image_size = 10, 3, (3, 32, 32)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+    def load(self, split: Split = "train", data_dir: str | Path | None = None,
+             download: bool = False) -> "ImageDataset":
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        cache = cache_root() / "data" / "cifar10"
+        downloaded = cache_root() / "downloads" / "cifar10" / _CIFAR_TGZ
+        try:
+            root: Path | None = data_root(data_dir)
+        except DataNotFoundError:
+            if not (download or downloaded.is_file()):
+                raise
+            root = None
+        archives = [root / "cifar10" / _CIFAR_TGZ] if root else []
+        folders = [root / "cifar10" / _CIFAR_DIR, root / _CIFAR_DIR] if root else []
+        archive = next((p for p in archives + [downloaded] if p.is_file()), None)
+        folder = next((p for p in folders if p.is_dir()), None)
+        if archive is None and folder is None and download:
+            from torchvision.datasets import CIFAR10
+            from torchvision.datasets.utils import download_url
+
+            download_url(CIFAR10.url, str(downloaded.parent), _CIFAR_TGZ, _CIFAR_MD5_OFFICIAL)
+            archive = downloaded
+        if archive is not None:
+            h = _file_hashes(archive)
+            if h["sha256"] != _CIFAR_SHA256_REPACK and h["md5"] != _CIFAR_MD5_OFFICIAL:
+                raise DataIntegrityError(
+                    f"{archive} is not a known CIFAR-10 archive: sha256 {h['sha256']}, md5 {h['md5']}; "
+                    f"expected md5 {_CIFAR_MD5_OFFICIAL} (official) or sha256 {_CIFAR_SHA256_REPACK} "
+                    "(lossless re-pack). The file is probably truncated or corrupted: replace it with "
+                    "a fresh copy (or delete it and use --download with network access).")
+            extracted = _extract_once(archive, cache / h["sha256"][:16])
+            x, y = _cached_arrays(extracted, split, lambda: _read_cifar(extracted, split == "train", True))
+        elif folder is not None:
+            if not _official_batches_ok(folder):
+                raise DataIntegrityError(
+                    f"{folder} does not pass torchvision's md5 check of the official CIFAR-10 batches; "
+                    f"provide the archive {folders[0].parent / _CIFAR_TGZ} instead (official or re-pack).")
+            out = cache / "official-batches"
+            x, y = _cached_arrays(out, split, lambda: _read_cifar(folder.parent, split == "train", True))
+        else:
+            where = f"{root / 'cifar10' / _CIFAR_TGZ} or an extracted {folders[0]}/ (or {folders[1]}/)"
+            raise DataNotFoundError(
+                f"CIFAR-10 not found: expected {where}"
+                + ("" if root.is_dir() else f" (the data root {root} does not exist)")
+                + f". Fix: {_ENV_HELP} pointing at a folder with cifar10/{_CIFAR_TGZ}, "
+                "or use --download (needs network access).")
+        return ImageDataset(x, y, self)
+
+
+# ----------------------------------------------------------------------------- in-memory data
+class ImageDataset:
+    """In-memory images (uint8 ``[N,C,H,W]``) and labels (int64 ``[N]``) with their :class:`DatasetInfo`.
+
+    ``ds[i]`` returns ``(uint8 image(s), label(s))`` like a TensorDataset; :meth:`batch` returns
+    float32 images normalised with ``info.mean``/``info.std``.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != info.in_chans:
+            raise ValueError(f"images must be uint8 [N,{info.in_chans},H,W], got {images.dtype} {tuple(images.shape)}")
+        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must be int64 [{len(images)}], got {labels.dtype} {tuple(labels.shape)}")
+        self.images, self.labels, self.info = images, labels, info
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images, self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def subset(self, n: int, seed: int = 0) -> "ImageDataset":
+        """Class-stratified random subset of exactly ``n`` samples, deterministic given ``seed``.
+
+        Each class gets ``n * count_c / N`` samples rounded by largest remainder (ties: lower class
+        index); samples keep their original relative order.
+        """
+        if not 0 < n <= len(self):
+            raise ValueError(f"n must be in [1, {len(self)}], got {n}")
+        labels = self.labels.numpy()
+        classes, counts = np.unique(labels, return_counts=True)
+        quota = counts * n / len(labels)
+        take = np.floor(quota).astype(np.int64)
+        take[np.argsort(-(quota - take), kind="stable")[: n - take.sum()]] += 1
+        rng = np.random.default_rng(seed)
+        idx = np.sort(np.concatenate(
+            [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]))
+        t = torch.from_numpy(idx)
+        return ImageDataset(self.images[t], self.labels[t], self.info)
+
+    def batch(self, indices: Sequence[int] | torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(float32 images normalised with info.mean/std, int64 labels)`` for ``indices``."""
+        if not isinstance(indices, slice):
+            indices = torch.as_tensor(indices, dtype=torch.long)
+        mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.info.std).view(1, -1, 1, 1)
+        x = self.images[indices].float().div_(255)
+        return (x - mean) / std, self.labels[indices]
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop (reflect padding ``padding``) + random horizontal flip, independently per sample.
+
+    ``images``: float ``[B,C,H,W]`` (any device). For each sample a crop offset in
+    ``[0, 2*padding]^2`` and a flip bit (p=0.5) are drawn from ``generator`` (on its device),
+    so results are deterministic given the generator state. Vectorised: one gather, no loop.
+    Returns a new tensor of the same shape, dtype and device.
+    """
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"augment expects a float [B,C,H,W] tensor, got {images.dtype} {tuple(images.shape)}")
+    b, _, h, w = images.shape
+    offs = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator, device=generator.device)
+    flip = torch.rand(b, generator=generator, device=generator.device) < 0.5
+    offs, flip = offs.to(images.device), flip.to(images.device)
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    ar_h, ar_w = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
+    rows = offs[:, :1] + ar_h  # [B,H]
+    cols = offs[:, 1:] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # [B,W]
+    bi = torch.arange(b, device=images.device)[:, None, None]
+    return padded[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int) -> None:
+    """Validate a training batch; raise TypeError (wrong types/dtypes) or ValueError (shapes/values).
+
+    Requires: x float ``[B,in_chans,H,W]`` and finite; y int64 ``[B]`` with values in ``[0, num_classes)``.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-D [B,C,H,W], got {x.ndim}-D shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"x has the wrong channel count: expected {in_chans} channels, got {x.shape[1]} "
+                         f"(shape {tuple(x.shape)}; channels-last input must be permuted to [B,C,H,W])")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (convert and normalise uint8 images)")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf values")
+    if y.dtype != torch.int64:
+        raise TypeError(f"labels y must be int64 class indices, got {y.dtype} (use y.long())")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"batch size mismatch: x has {x.shape[0]} samples, y has shape {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels out of range [0, {num_classes}): min {int(y.min())}, max {int(y.max())}")

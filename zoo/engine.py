@@ -1,0 +1,291 @@
+"""The DP-SGD engine: private training and fine-tuning with a ledger that travels with every checkpoint.
+
+One DP-SGD step (what the guarantee in :mod:`zoo.privacy` assumes):
+  1. Poisson sampling: each training sample joins the logical batch independently with probability
+     ``q = batch_size / N`` (the batch size varies; it may be empty).
+  2. The logical batch is processed in micro-batches of ``physical_batch_size`` samples (memory only: the
+     result does not depend on it). Each sample is expanded to ``augmult`` augmented views; its gradient is
+     the mean over its views (augmentation multiplicity), computed exactly per sample.
+  3. Each sample's whole gradient is clipped to L2 norm ``clip_norm``; the clipped gradients are summed.
+  4. Gaussian noise N(0, (sigma * clip_norm)^2) is added once per step, and the sum is divided by the
+     *expected* batch size ``q * N`` (a public constant), then the optimizer steps. An EMA of the weights is
+     kept for evaluation (post-processing: free).
+sigma is calibrated for the q and step count that training really uses; training stops before the ledger
+would exceed the target epsilon. Randomness (sampling, augmentation, noise) is drawn from generators seeded
+per step from ``seed``; the guarantee assumes that seed stays secret (by default it is drawn from the OS and
+never published: the released ``final`` checkpoint omits it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .cards import RECIPE_SCHEMA
+from .data import ImageDataset, augment, check_batch, get_dataset_info
+from .grad_sample import PerSampleGradients
+from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
+from .registry import build, checkpoint_path, get_card
+
+
+def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Scale each sample's whole gradient (all parameters together) to L2 norm at most ``clip_norm``.
+
+    Returns ``(sum over samples of the clipped gradients, per-sample norms before clipping)``.
+    """
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
+    factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("i,i...->...", factor.to(g.dtype), g) for n, g in grads.items()}, norms
+
+
+def add_noise(summed: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Add i.i.d. N(0, std^2) to every coordinate (``std = sigma * clip_norm``)."""
+    return {n: s + std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype)
+            for n, s in summed.items()}
+
+
+def _generator(seed: int, step: int, stream: str, device: torch.device) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{stream}/{step}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson-sampled batch (as opacus' ``UniformWithReplacementSampler``)."""
+    return (torch.rand(n, generator=generator, device=generator.device) < sample_rate).nonzero().flatten().cpu()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, device: str | torch.device = "cpu",
+             progress: bool = False) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data`` (eval mode)."""
+    model.eval()
+    correct, loss, n = 0, 0.0, len(data)
+    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+        x, y = data.batch(slice(start, start + batch_size))
+        logits = model(x.to(device)).float().cpu()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return {"accuracy": correct / n, "loss": loss / n, "num_samples": n}
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _recipe(card: dict, overrides: dict) -> dict:
+    unknown = sorted(set(overrides) - set(RECIPE_SCHEMA))
+    if unknown:
+        raise ValueError(f"unknown recipe setting(s) {unknown}; known: {sorted(RECIPE_SCHEMA)}")
+    recipe = {"train_subset": None, **card["recipe"], **{k: v for k, v in overrides.items() if v is not None}}
+    for key in ("batch_size", "physical_batch_size", "steps", "augmult"):
+        if int(recipe[key]) < 1:
+            raise ValueError(f"recipe {key} must be >= 1, got {recipe[key]}")
+    if recipe["epsilon"] <= 0 or recipe["clip_norm"] <= 0:
+        raise ValueError("epsilon and clip_norm must be positive")
+    return recipe
+
+
+def _load_data(recipe: dict, data_dir, seed: int, test_subset: int | None, download: bool):
+    info = get_dataset_info(recipe["dataset"])
+    train = info.load("train", data_dir=data_dir, download=download)
+    test = info.load("test", data_dir=data_dir, download=download)
+    if recipe.get("train_subset"):
+        train = train.subset(int(recipe["train_subset"]), seed=0)  # public, fixed choice of the subset
+    if test_subset:
+        test = test.subset(int(test_subset), seed=0)
+    return info, train, test
+
+
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    """Newest ``step-*.safetensors`` in ``out_dir`` that verifies (a half-written one is skipped)."""
+    for path in sorted(out_dir.glob("step-*.safetensors"), reverse=True):
+        try:
+            ckpt.read_checkpoint(path)
+            return path
+        except (ckpt.CheckpointIntegrityError, FileNotFoundError) as e:
+            print(f"skipping unusable checkpoint {path.name}: {e}")
+    return None
+
+
+def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
+         parent: dict | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
+         test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2) -> dict:
+    device = _resolve_device(device)
+    out = Path(out_dir) if out_dir else None
+    resume_from = _latest_checkpoint(out) if (resume and out and out.exists()) else None
+    state: dict[str, Any] = {}
+    tensors = None
+    if resume_from is not None:
+        tensors, sidecar = ckpt.read_checkpoint(resume_from)
+        state = sidecar["train_state"]
+        recipe, seed = state["recipe"], state["seed"]
+        ledger = Ledger.from_dict(sidecar["ledger"])
+        print(f"resuming from {resume_from} (step {state['step']}, epsilon {ledger.epsilon():.3f})")
+    seed_source = "user-given seed (reproducible; the guarantee assumes it stays secret)"
+    if seed is None:
+        seed, seed_source = secrets.randbits(62), "secret seed drawn from the OS"
+    torch.manual_seed(seed)
+
+    info, train, test = _load_data(recipe, data_dir, seed, test_subset, download)
+    if model.num_classes != info.num_classes:
+        raise ValueError(f"model has {model.num_classes} classes but {info.name} has {info.num_classes}; "
+                         f"create it with num_classes={info.num_classes} or fine-tune with zoo.finetune")
+    n = len(train)
+    q = recipe["batch_size"] / n
+    if q > 1:
+        raise ValueError(f"batch_size {recipe['batch_size']} exceeds the {n} training samples")
+    if ledger is None:
+        ledger = Ledger(dataset=info.name, num_samples=n, delta=recipe["delta"], accountant=recipe["accountant"],
+                        clip_norm=recipe["clip_norm"], target_epsilon=recipe["epsilon"], parent=parent)
+    if ledger.num_samples != n:
+        raise ValueError(f"the ledger is for N={ledger.num_samples} samples of {ledger.dataset}, this run has {n}")
+    done = int(state.get("step", 0))
+    if "sigma" in state:
+        sigma = state["sigma"]
+    else:
+        sigma = calibrate_sigma(recipe["epsilon"], recipe["delta"], q, recipe["steps"], recipe["accountant"],
+                                history=ledger.history)
+    planned = int(state.get("planned_steps", recipe["steps"]))
+    todo = ledger.steps_left(sigma, q, planned - done)
+    if todo == 0 and planned - done > 0:
+        raise BudgetExhaustedError(f"the privacy budget is spent: epsilon {ledger.epsilon():.3f} of "
+                                   f"{ledger.target_epsilon} on {ledger.dataset}; no further step is allowed")
+    if todo < planned - done:
+        print(f"the budget allows {todo} of the {planned - done} remaining steps; stopping there")
+
+    model.to(device)
+    psg = PerSampleGradients(model)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe["ema_decay"]))
+    if tensors is not None:
+        ckpt.load_training_state(tensors, model, ema.module, opt)
+        ema.n_averaged.fill_(max(done, 1))
+    model_args = {**card["args"], "num_classes": model.num_classes, "in_chans": model.in_chans}
+    k, c, expected = recipe["augmult"], recipe["clip_norm"], q * n
+    params = dict(psg.params)
+
+    def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
+        st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe}
+        if not final:
+            st["seed"] = seed  # private working state; the released checkpoint omits it
+        return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
+                                    ledger=ledger.to_dict(), metrics=metrics, ema=ema.module,
+                                    optimizer=None if final else opt, train_state=st, weights_only_ema=final)
+
+    every = checkpoint_every or max(1, planned // 10)
+    t0 = time.time()
+    bar = tqdm(total=todo, desc=f"DP-SGD {model_name}", disable=not progress, dynamic_ncols=True)
+    model.train()
+    end = done + todo
+    for step in range(done, end):
+        idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
+        aug_gen = _generator(seed, step, "augment", device)
+        summed = {name: torch.zeros_like(p) for name, p in params.items()}
+        loss_sum, correct = 0.0, 0
+        for chunk in idx.split(recipe["physical_batch_size"]):
+            x, y = train.batch(chunk)
+            x, y = x.to(device), y.to(device)
+            if k > 1:
+                x, y = augment(x.repeat_interleave(k, 0), aug_gen), y.repeat_interleave(k)
+            grads, losses, logits = psg(x, y, views=k)
+            clipped, _ = clip_per_sample(grads, c)
+            for name in summed:
+                summed[name] += clipped[name]
+            loss_sum += losses.sum().item() / k
+            correct += (logits.argmax(1) == y).sum().item() / k
+        noisy = add_noise(summed, sigma * c, _generator(seed, step, "noise", device))
+        for name, p in params.items():
+            p.grad = noisy[name] / expected
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update_parameters(model)
+        ledger.record(sigma, q)
+        done = step + 1
+        if done % max(1, todo // 50) == 0 or done == planned:
+            bar.set_postfix(loss=f"{loss_sum / max(len(idx), 1):.3f}", acc=f"{correct / max(len(idx), 1):.3f}",
+                            eps=f"{ledger.epsilon():.2f}", refresh=False)
+        bar.update()
+        if out and (done % every == 0 or done == end):
+            save(out / f"step-{done:06d}", final=False)
+            for old in sorted(out.glob("step-*.safetensors"))[:-keep]:
+                old.unlink()
+                old.with_suffix(".json").unlink(missing_ok=True)
+    bar.close()
+    psg.close()
+    train_time = time.time() - t0
+    metrics = evaluate(ema.module, test, device=device, progress=progress)
+    metrics["train_time_s"] = round(train_time, 1)
+    result = {"model": model_name, "dataset": info.name, "test": metrics, "ledger": ledger.to_dict(),
+              "noise_multiplier": sigma, "sample_rate": q, "steps": ledger.steps, "recipe": recipe,
+              "rng": seed_source, "hardware": ckpt.hardware(),
+              "num_params": sum(p.numel() for p in params.values())}
+    if out:
+        result["checkpoint"] = str(save(out / "final", final=True, metrics=metrics))
+        ckpt._atomic_write(out / "result.json", lambda t: Path(t).write_text(json.dumps(result, indent=2) + "\n"))
+    result["model_object"] = ema.module
+    return result
+
+
+def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
+          seed: int | None = None, device: str | None = None, resume: bool = False,
+          checkpoint_every: int | None = None, test_subset: int | None = None, progress: bool = True,
+          download: bool = False, **recipe_overrides: Any) -> dict:
+    """Train registered model ``name`` from scratch with DP-SGD under its card's recipe.
+
+    ``recipe_overrides`` replace recipe fields (epsilon, delta, steps, batch_size, ...). With ``out_dir``,
+    checkpoints ``step-*`` (resumable with ``resume=True``), ``final`` (EMA weights, ledger, metrics) and
+    ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model).
+    """
+    card = get_card(name)
+    recipe = _recipe(card, recipe_overrides)
+    model = build(card, num_classes=get_dataset_info(recipe["dataset"]).num_classes)
+    return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, out_dir=out_dir,
+                data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
+                test_subset=test_subset, progress=progress, resume=resume, download=download)
+
+
+def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta: float, *,
+             out_dir: str | Path | None = None, data_dir: str | Path | None = None, seed: int | None = None,
+             device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
+             test_subset: int | None = None, progress: bool = True, download: bool = False,
+             **recipe_overrides: Any) -> dict:
+    """Privately fine-tune a checkpoint (a path, or a registered name with a pretrained checkpoint).
+
+    The head is reset when ``dataset`` differs from the checkpoint's or has another number of classes.
+    Privacy: on the *same* data set the inherited ledger composes with this run and ``epsilon`` is the
+    total budget; on another data set a fresh ledger starts and the old one is kept as its ``parent``.
+    """
+    path = Path(name_or_checkpoint)
+    if not path.with_suffix(".safetensors").exists() and not path.exists():
+        card = get_card(str(name_or_checkpoint))
+        path = checkpoint_path(card)
+        if path is None:
+            raise FileNotFoundError(f"model {name_or_checkpoint!r} has no pretrained checkpoint; pass a checkpoint "
+                                    "path (e.g. runs/x/final.safetensors) or train one with `zoo train`")
+    model, sidecar = ckpt.load_checkpoint(path)
+    card = sidecar["card"]
+    info = get_dataset_info(dataset)
+    old = sidecar.get("ledger")
+    same = old is not None and old["dataset"] == dataset
+    if not same or model.num_classes != info.num_classes:
+        model.reset_classifier(info.num_classes)
+    recipe = _recipe(card, {**recipe_overrides, "dataset": dataset, "epsilon": epsilon, "delta": delta})
+    ledger = None
+    if same:
+        ledger = Ledger.from_dict(old)
+        ledger.target_epsilon, ledger.delta = epsilon, delta
+    return _run(model, model_name=sidecar["model"], card=card, recipe=recipe, ledger=ledger,
+                parent=None if same else old, out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
+                checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress, resume=resume,
+                download=download)

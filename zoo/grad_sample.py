@@ -1,0 +1,135 @@
+"""Exact per-sample gradients: the contract every zoo model meets.
+
+``per_sample_gradients(model, x, y)[name][i]`` is the gradient of ``loss_fn(model(x_i), y_i)`` for sample i
+alone. Computed with opacus' grad-sampler hooks (one registered sampler per layer type; zoo registers its
+own layers here), so it is exact, not an approximation, and it raises when any trainable parameter did not
+receive a per-sample gradient (that parameter would otherwise be updated without clipping: a privacy bug).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from torch import nn
+
+from .data import check_batch
+from .layers import WSConv2d
+from .validate import DPCompatibilityError, validate_model
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MissingPerSampleGradientError(DPCompatibilityError):
+    """A trainable parameter received no per-sample gradient (it would be updated without clipping)."""
+
+
+def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Default loss: cross-entropy per sample, shape ``[B]``."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+@register_grad_sampler(WSConv2d)
+def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], backprops: torch.Tensor):
+    """Per-sample gradient of a weight-standardized conv.
+
+    First the per-sample gradient ``gh_i`` w.r.t. the standardized filter ``wh = (w - mean) / s`` (unfold trick,
+    as opacus does for Conv2d), then the exact pull-back through the standardization, per output channel
+    over its ``n = C_in/groups * kH * kW`` entries: ``g_i = (gh_i - mean(gh_i) - wh * mean(gh_i * wh)) / s``.
+    """
+    x = activations[0].to(backprops.dtype)
+    n, w = x.shape[0], layer.weight
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:
+        ret[w] = w.new_zeros((0, *w.shape))
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = w.new_zeros((0, *layer.bias.shape))
+        return ret
+    g = layer.groups
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    cols = cols.view(n, g, -1, cols.shape[-1])                     # [n, g, Cin/g*kh*kw, L]
+    bp = backprops.reshape(n, g, -1, cols.shape[-1])                # [n, g, Cout/g, L]
+    if w.requires_grad:
+        gh = torch.einsum("ngol,ngpl->ngop", bp, cols).reshape(n, *w.shape)
+        with torch.no_grad():
+            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+            s = torch.sqrt(var + layer.eps)
+            wh = (w - mean) / s
+        dims = (2, 3, 4)
+        ret[w] = (gh - gh.mean(dims, keepdim=True) - wh * (gh * wh).mean(dims, keepdim=True)) / s
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = bp.sum(-1).reshape(n, -1)
+    return ret
+
+
+class PerSampleGradients:
+    """Computes per-sample gradients of a model; wraps it once with opacus' hooks (``close()`` removes them).
+
+    The model is validated first (:func:`zoo.validate.validate_model`). ``views`` > 1 means the batch holds
+    ``views`` consecutive augmented views of each sample (``[x_0^1..x_0^K, x_1^1, ...]``) and the returned
+    gradient of sample i is the mean over its views (augmentation multiplicity, De et al. 2022).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = validate_model(model)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn | None = None,
+                 views: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Return ``({name: [B, *shape]}, per-view losses [B * views], outputs)`` with ``B = len(inputs) // views``.
+
+        With the default loss, ``targets`` are class indices and are checked like the inputs."""
+        if loss_fn is None and hasattr(self.model, "num_classes"):
+            check_batch(inputs, targets, self.model.num_classes, self.model.in_chans)
+        elif not torch.isfinite(inputs).all():
+            raise ValueError("inputs contain NaN or Inf values; clean or re-normalise the data")
+        total = inputs.shape[0]
+        if total % views:
+            raise ValueError(f"batch of {total} inputs is not a whole number of samples with {views} views each")
+        b = total // views
+        if b == 0:  # an empty Poisson batch: nothing to differentiate
+            return ({n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}, inputs.new_zeros(0),
+                    inputs.new_zeros(0))
+        for p in self.params.values():
+            p.grad_sample = None
+        outputs = self.wrapped(inputs)
+        losses = (loss_fn or per_sample_cross_entropy)(outputs, targets)
+        if losses.shape != (total,):
+            raise ValueError(f"loss_fn must return one loss per sample (shape [{total}]), got {tuple(losses.shape)}")
+        with warnings.catch_warnings():  # opacus' full backward hooks warn when inputs need no grad: harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward()
+        grads = {}
+        for name, p in self.params.items():
+            gs = p.grad_sample
+            p.grad_sample, p.grad = None, None
+            if gs is None or gs.shape != (total, *p.shape):
+                raise MissingPerSampleGradientError(
+                    f"parameter {name!r} received no per-sample gradient (got {None if gs is None else tuple(gs.shape)}); "
+                    "it would be updated without clipping. Is the layer used through a functional call or a "
+                    "module opacus cannot hook?")
+            grads[name] = gs.view(b, views, *p.shape).mean(1) if views > 1 else gs
+        return grads, losses.detach(), outputs.detach()
+
+    def close(self) -> None:
+        self.wrapped._close()
+
+
+def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                         loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
+    """``{parameter name: [B, *param.shape]}``; entry i is the gradient of ``loss_fn(model(x_i), y_i)``.
+
+    ``loss_fn(outputs, targets)`` must return per-sample losses of shape ``[B]`` (default: cross-entropy;
+    for segmentation, a per-pixel loss summed per sample). The model's ``.grad`` is left untouched.
+    """
+    saved = {n: p.grad for n, p in model.named_parameters()}
+    psg = PerSampleGradients(model)
+    try:
+        return psg(inputs, targets, loss_fn)[0]
+    finally:
+        psg.close()
+        for n, p in model.named_parameters():
+            p.grad = saved[n]

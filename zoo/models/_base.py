@@ -1,0 +1,60 @@
+"""The contract every zoo classifier meets: input checks, and a timm-style classifier head API."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ZooClassifier(nn.Module):
+    """Base class of zoo classifiers.
+
+    Subclasses set ``in_chans``, ``num_classes``, ``min_size`` (smallest accepted height/width) and
+    ``head_name`` (attribute holding the final ``nn.Linear``), and implement ``forward_features`` returning
+    pooled features ``[B, num_features]``.
+    """
+
+    in_chans: int
+    num_classes: int
+    min_size: int = 1
+    head_name: str = "head"
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"{type(self).__name__} expects images [B, C, H, W], got shape {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0) for a single image"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.in_chans} input channels, got {x.shape[1]}; "
+                f"create the model with in_chans={x.shape[1]} or convert the images"
+            )
+        if min(x.shape[2:]) < self.min_size:
+            raise ValueError(
+                f"{type(self).__name__} needs images of at least {self.min_size}x{self.min_size}, "
+                f"got {x.shape[2]}x{x.shape[3]}; resize or pad the input"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating point images, got {x.dtype}; convert with x.float() / 255")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.get_classifier()(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Linear:
+        return getattr(self, self.head_name)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes (fine-tuning)."""
+        old = self.get_classifier()
+        head = nn.Linear(old.in_features, num_classes)
+        head.to(device=old.weight.device, dtype=old.weight.dtype)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        setattr(self, self.head_name, head)
+        self.num_classes = num_classes

@@ -1,0 +1,135 @@
+"""Model registry: architecture families (Python classes) and registered models (cards).
+
+A *family* is a class registered with :func:`register_family`; a *model* is a card (``models/<name>.json``)
+naming a family and its arguments. ``create_model`` = family(**card args, **overrides).
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cards import CARDS_DIR, CardError, load_card, validate_card
+
+_FAMILIES: dict[str, type[nn.Module]] = {}
+_MODELS: dict[str, dict] = {}
+
+
+class UnknownModelError(KeyError):
+    """No model of that name is registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class DuplicateModelError(ValueError):
+    """A model or family of that name is already registered."""
+
+
+def register_family(name: str):
+    """Class decorator registering an architecture family under ``name``."""
+
+    def deco(cls):
+        if name in _FAMILIES and _FAMILIES[name] is not cls:
+            raise DuplicateModelError(f"family {name!r} is already registered ({_FAMILIES[name].__qualname__})")
+        _FAMILIES[name] = cls
+        cls.family_name = name
+        return cls
+
+    return deco
+
+
+def register_model(card: dict) -> dict:
+    """Register a model from a card (dict following :data:`zoo.cards.CARD_SCHEMA`)."""
+    validate_card(card, f"card {card.get('name', '?')!r}")
+    name = card["name"]
+    if name in _MODELS:
+        raise DuplicateModelError(f"model {name!r} is already registered; pick another name")
+    if card["family"] not in _FAMILIES:
+        raise CardError(f"card {name!r}: unknown family {card['family']!r}; known: {sorted(_FAMILIES)}")
+    _MODELS[name] = card
+    return card
+
+
+def load_cards(directory: Path = CARDS_DIR) -> None:
+    for path in sorted(Path(directory).glob("*.json")):
+        register_model(load_card(path))
+
+
+def get_card(name: str) -> dict:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}.{hint} See zoo.list_models() or `zoo list` for the {len(_MODELS)} models."
+        ) from None
+
+
+def checkpoint_path(card: dict) -> Path | None:
+    return None if card["checkpoint"] is None else CARDS_DIR.parent / card["checkpoint"]["file"]
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Names of registered models matching the shell-style ``pattern``; with ``pretrained=True`` only those
+    with a checkpoint file present."""
+    names = sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+    if pretrained:
+        names = [n for n in names if (p := checkpoint_path(_MODELS[n])) is not None and p.exists()]
+    return names
+
+
+def build(card: dict, num_classes: int | None = None, **overrides: Any) -> nn.Module:
+    kwargs = {**card["args"], "num_classes": card["num_classes"], "in_chans": card["input_size"][0], **overrides}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return _FAMILIES[card["family"]](**kwargs)
+
+
+def create_model(name: str, pretrained: bool = False, num_classes: int | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: registered name (see :func:`list_models`).
+        pretrained: load the card's private checkpoint (sha256-verified). With ``num_classes`` different from
+            the checkpoint's, the head is reset afterwards (fine-tuning).
+        num_classes: override the card's number of classes.
+        **overrides: family arguments overriding the card's (e.g. ``in_chans=1``).
+    """
+    card = get_card(name)
+    if not pretrained:
+        return build(card, num_classes, **overrides)
+    path = checkpoint_path(card)
+    if path is None:
+        raise FileNotFoundError(
+            f"model {name!r} has no pretrained checkpoint yet; pretrained models: {list_models(pretrained=True)}. "
+            f"Train one with `zoo train {name}` or use pretrained=False."
+        )
+    from .checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(path, expected_sha256=card["checkpoint"]["sha256"], **overrides)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def count_params(card: dict, **overrides: Any) -> int:
+    with torch.device("meta"):
+        model = build(card, **overrides)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_info(name: str) -> dict:
+    """Card of ``name`` plus the trainable parameter count and the checkpoint status."""
+    card = get_card(name)
+    info = {**card, "num_params": count_params(card)}
+    info.setdefault("literature", [])
+    info.setdefault("references", [])
+    path = checkpoint_path(card)
+    info["checkpoint_status"] = "none" if path is None else ("available" if path.exists() else f"missing: {path}")
+    return info
