@@ -8,14 +8,15 @@ reports the median wall time over ``--repeats`` runs (after one warm-up run) of:
       std = sigma * C (sigma=1), ``p.grad = noisy / B``, SGD step;
   (c) the memory held by the per-sample gradients: sum over parameters of B * numel * element size (MiB),
       taken from the tensors ``PerSampleGradients`` returns.
-Progress goes to stderr, the table to stdout. Reproduce (CPU, ~minutes on 2 cores):
+Progress goes to stderr, the table to stdout. Reproduce (all models; several minutes on 2 CPU cores):
     python eval/bench_dp_step.py --batch-size 64 --repeats 3
-    python eval/bench_dp_step.py --models 'wrn16-*' 'test-*' --json bench.json
+Only the small models, with JSON output:  ... --models 'wrn16-*' 'test-*' --json bench.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -101,7 +102,8 @@ def main() -> int:
         ap.error(f"no registered model matches {args.models}; known: {zoo.list_models()}")
     device = torch.device(args.device)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    header = f"torch {torch.__version__} | device {device}{gpu} | threads {torch.get_num_threads()} | median of {args.repeats}"
+    header = (f"torch {torch.__version__} | device {device}{gpu} | threads {torch.get_num_threads()}"
+              f" | load avg {os.getloadavg()[0]:.2f} | median of {args.repeats} runs after 1 warm-up")
     log(header)
     rows, failed = [], []
     for name in names:
@@ -109,9 +111,9 @@ def main() -> int:
         try:
             rows.append(bench(name, args.batch_size, args.repeats, args.image_size, device))
             log("    non-private {plain_ms:.1f} ms, DP {dp_ms:.1f} ms, x{ratio:.2f}".format(**rows[-1]))
-        except Exception:
+        except Exception as e:
             log(traceback.format_exc())
-            failed.append({"model": name, "error": traceback.format_exc()})
+            failed.append({"model": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
     cols = ["model", "params", "batch", "non-private ms", "DP ms", "DP/non-private", "per-sample grad MiB"]
     fmt = "{:<20} {:>10} {:>6} {:>15} {:>10} {:>15} {:>20}"
     print(header, "\n" + fmt.format(*cols), "\n" + "-" * 102, sep="")
@@ -119,7 +121,7 @@ def main() -> int:
         print(fmt.format(r["model"], f"{r['params']:,}", r["batch"], f"{r['plain_ms']:.1f}", f"{r['dp_ms']:.1f}",
                          f"{r['ratio']:.2f}", f"{r['psg_mib']:.1f}"))
     for f in failed:
-        print(fmt.format(f["model"], "FAILED", "", "", "", "", "(traceback on stderr)"))
+        print(f"{f['model']:<20} FAILED ({f['error'][:150]}; traceback on stderr)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"header": header, "args": vars(args), "results": rows, "failed": failed}, fh, indent=2)

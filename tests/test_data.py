@@ -91,12 +91,13 @@ def test_cifar10_second_load_cached(cifar, cache_dir):
     t0 = time.perf_counter()
     again = zd.get_dataset_info("cifar10").load("train", data_dir=DATA)
     second = time.perf_counter() - t0
-    print(f"first load {first:.2f}s, cached load {second:.3f}s")
-    assert second < 1.0
+    print(f"first load {first:.2f}s, cached load {second:.3f}s")  # reported, not asserted (no timed tests)
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
     (extracted,) = [p for p in (cache_dir / "data" / "cifar10").iterdir() if p.is_dir()]
     assert extracted.name == zd._CIFAR_SHA256_REPACK[:16]
     assert (extracted / "cifar-10-batches-py" / "data_batch_1").is_file()
+    assert sorted(p.name for p in extracted.glob("*.npy")) == [
+        "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
     assert not any(".tmp-" in p.name for p in extracted.parent.iterdir())
 
 

@@ -79,6 +79,15 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, device
     return {"accuracy": correct / n, "loss": loss / n, "num_samples": n}
 
 
+def _resolve_seed(seed: int | None) -> tuple[int, str]:
+    """Seed torch's global RNG (model init) and return ``(seed, how it was chosen)``."""
+    source = "user-given seed (reproducible; the guarantee assumes it stays secret)"
+    if seed is None:
+        seed, source = secrets.randbits(62), "secret seed drawn from the OS"
+    torch.manual_seed(seed)
+    return seed, source
+
+
 def _resolve_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -119,7 +128,7 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
-         parent: dict | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
+         parent: dict | None = None, seed_source: str | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
          test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2) -> dict:
     device = _resolve_device(device)
     out = Path(out_dir) if out_dir else None
@@ -132,10 +141,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         recipe, seed = state["recipe"], state["seed"]
         ledger = Ledger.from_dict(sidecar["ledger"])
         print(f"resuming from {resume_from} (step {state['step']}, epsilon {ledger.epsilon():.3f})")
-    seed_source = "user-given seed (reproducible; the guarantee assumes it stays secret)"
-    if seed is None:
-        seed, seed_source = secrets.randbits(62), "secret seed drawn from the OS"
-    torch.manual_seed(seed)
+    seed, source = _resolve_seed(seed)
+    seed_source = state.get("seed_source") or seed_source or source
 
     info, train, test = _load_data(recipe, data_dir, seed, test_subset, download)
     if model.num_classes != info.num_classes:
@@ -165,9 +172,9 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         print(f"the budget allows {todo} of the {planned - done} remaining steps; stopping there")
 
     model.to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe["ema_decay"]))  # copy before hooks
     psg = PerSampleGradients(model)
     opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe["ema_decay"]))
     if tensors is not None:
         ckpt.load_training_state(tensors, model, ema.module, opt)
         ema.n_averaged.fill_(max(done, 1))
@@ -176,7 +183,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     params = dict(psg.params)
 
     def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
-        st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe}
+        st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe, "seed_source": seed_source}
         if not final:
             st["seed"] = seed  # private working state; the released checkpoint omits it
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
@@ -249,8 +256,9 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
     """
     card = get_card(name)
     recipe = _recipe(card, recipe_overrides)
+    seed, source = _resolve_seed(seed)  # before building: the initialisation is part of the reproducible run
     model = build(card, num_classes=get_dataset_info(recipe["dataset"]).num_classes)
-    return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, out_dir=out_dir,
+    return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source, out_dir=out_dir,
                 data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
                 test_subset=test_subset, progress=progress, resume=resume, download=download)
 

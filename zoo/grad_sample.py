@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from .data import check_batch
@@ -48,7 +49,8 @@ def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], back
             ret[layer.bias] = w.new_zeros((0, *layer.bias.shape))
         return ret
     g = layer.groups
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    cols = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                    dilation=layer.dilation)  # opacus' strided unfold: several times faster than F.unfold on CPU
     cols = cols.view(n, g, -1, cols.shape[-1])                     # [n, g, Cin/g*kh*kw, L]
     bp = backprops.reshape(n, g, -1, cols.shape[-1])                # [n, g, Cout/g, L]
     if w.requires_grad:

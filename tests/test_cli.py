@@ -1,0 +1,58 @@
+"""The `zoo` command line, run as a user would."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def zoo_cli(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_list_and_info():
+    out = zoo_cli("list").stdout.split()
+    assert "wrn16-4" in out and "resnet9-scalenorm" in out
+    assert zoo_cli("list", "test-*").stdout.split() == ["test-resnet9-w8", "test-wrn10-1"]
+    info = json.loads(zoo_cli("info", "wrn16-4").stdout)
+    assert info["num_params"] == 2748890 and info["recipe"]["clip_norm"] == 1.0
+
+
+def test_unknown_model_is_a_clear_error():
+    p = zoo_cli("info", "wrn16_4", check=False)
+    assert p.returncode == 2 and "Did you mean 'wrn16-4'" in p.stderr
+
+
+def test_card_is_up_to_date():
+    assert "up to date" in zoo_cli("card", "--check").stdout
+
+
+def test_train_then_eval(data_dir, tmp_path):
+    p = zoo_cli("train", "test-wrn10-1", "--data-dir", str(data_dir), "--out", str(tmp_path), "--seed", "0",
+                "--steps", "2", "--test-subset", "100", "--no-progress")
+    assert "test accuracy" in p.stdout and "epsilon=" in p.stdout
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["ledger"]["steps"] == 2
+    ev = json.loads(zoo_cli("eval", str(tmp_path / "final.safetensors"), "--data-dir", str(data_dir),
+                            "--test-subset", "100").stdout)
+    assert ev["test"]["accuracy"] == result["test"]["accuracy"]
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    p = zoo_cli("train", "test-wrn10-1", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+                "--no-progress", check=False)
+    assert p.returncode == 2 and "cifar-10-python.tar.gz" in p.stderr
+
+
+def test_tampered_checkpoint_is_refused(data_dir, tmp_path):
+    zoo_cli("train", "test-wrn10-1", "--data-dir", str(data_dir), "--out", str(tmp_path), "--seed", "0",
+            "--steps", "1", "--test-subset", "50", "--no-progress")
+    f = tmp_path / "final.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-1] ^= 1
+    f.write_bytes(bytes(b))
+    p = zoo_cli("eval", str(f), "--data-dir", str(data_dir), check=False)
+    assert p.returncode == 2 and "sha256" in p.stderr

@@ -1,0 +1,75 @@
+"""Real DP-SGD runs on CIFAR-10 (the data root from $ZOO_DATA): learning, resuming, budget, fine-tuning."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoo
+from zoo.checkpoint import load_checkpoint
+from zoo.data import get_dataset_info
+from zoo.engine import evaluate
+from zoo.privacy import BudgetExhaustedError
+
+QUIET = dict(progress=False)
+
+
+@pytest.mark.slow
+def test_dp_training_on_a_cifar10_subset_learns(data_dir, tmp_path):
+    r = zoo.train("wrn16-1", out_dir=tmp_path, data_dir=data_dir, seed=0, train_subset=5000, batch_size=250,
+                  physical_batch_size=250, steps=40, epsilon=8.0, test_subset=2000, **QUIET)
+    led = r["ledger"]
+    print(f"\nwrn16-1, 5000 CIFAR-10 images, 40 steps: test accuracy {r['test']['accuracy']:.3f} "
+          f"at epsilon {led['epsilon']:.2f} (delta {led['delta']}, sigma {r['noise_multiplier']:.3f})")
+    assert 7.9 <= led["epsilon"] <= 8.0 and led["steps"] == 40
+    assert r["test"]["accuracy"] >= 0.25  # chance is 0.10
+    model, sidecar = load_checkpoint(tmp_path / "final.safetensors")  # EMA weights, verified
+    test = get_dataset_info("cifar10").load("test", data_dir=data_dir).subset(2000, seed=0)
+    assert evaluate(model, test)["accuracy"] == pytest.approx(r["test"]["accuracy"])
+    assert "seed" not in sidecar["train_state"]  # the released checkpoint does not publish the secret seed
+    assert json.loads((tmp_path / "result.json").read_text())["ledger"] == sidecar["ledger"]
+
+
+def _final_tensors(path):
+    return load_file(path / "final.safetensors")
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(data_dir, tmp_path):
+    kw = dict(data_dir=data_dir, seed=3, steps=4, checkpoint_every=2, test_subset=200, **QUIET)
+    a = zoo.train("test-wrn10-1", out_dir=tmp_path / "a", **kw)
+    zoo.train("test-wrn10-1", out_dir=tmp_path / "b", **kw)
+    for name in ("step-000004", "final"):  # as if killed after the step-2 checkpoint
+        for suffix in (".safetensors", ".json"):
+            (tmp_path / "b" / f"{name}{suffix}").unlink()
+    b = zoo.train("test-wrn10-1", out_dir=tmp_path / "b", resume=True, **{**kw, "seed": None})
+    assert b["ledger"]["steps"] == a["ledger"]["steps"] == 4
+    assert b["ledger"]["epsilon"] == a["ledger"]["epsilon"]
+    ta, tb = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_budget_is_enforced_and_finetuning_composes(data_dir, tmp_path):
+    kw = dict(data_dir=data_dir, test_subset=200, **QUIET)
+    first = zoo.train("test-wrn10-1", out_dir=tmp_path / "a", seed=1, steps=4, epsilon=2.0, **kw)
+    ckpt = tmp_path / "a" / "final.safetensors"
+    with pytest.raises(BudgetExhaustedError, match="already spent"):
+        zoo.finetune(ckpt, "cifar10", epsilon=first["ledger"]["epsilon"], delta=1e-5, seed=1, **kw)
+    second = zoo.finetune(ckpt, "cifar10", epsilon=4.0, delta=1e-5, seed=1, steps=3, out_dir=tmp_path / "b", **kw)
+    led = second["ledger"]
+    assert led["steps"] == 7 and len(led["history"]) == 2  # the inherited ledger continues
+    assert first["ledger"]["epsilon"] < led["epsilon"] <= 4.0
+
+
+def test_training_refuses_a_model_with_the_wrong_head(data_dir):
+    from zoo.engine import _run
+    from zoo.registry import get_card
+
+    card = get_card("test-wrn10-1")
+    with pytest.raises(ValueError, match="classes"):
+        _run(zoo.create_model("test-wrn10-1", num_classes=3), model_name="x", card=card, recipe=card["recipe"],
+             ledger=None, out_dir=None, data_dir=data_dir, seed=0, device="cpu", checkpoint_every=None,
+             test_subset=None, progress=False, resume=False, download=False)
