@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -53,6 +53,21 @@ def add_noise(summed: dict[str, torch.Tensor], std: float, generator: torch.Gene
     """Add i.i.d. N(0, std^2) to every coordinate (``std = sigma * clip_norm``)."""
     return {n: s + std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype)
             for n, s in summed.items()}
+
+
+def ema_with_warmup(decay: float):
+    """``multi_avg_fn`` for torch's ``AveragedModel``: EMA whose decay ramps up as
+    ``min(decay, (1 + t) / (10 + t))`` after t updates (as TensorFlow's ExponentialMovingAverage with
+    ``num_updates``), so that a short run is not dominated by the initial weights."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        t = float(num_averaged)
+        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + t) / (10.0 + t)))
+
+    return update
 
 
 def _generator(seed: int, step: int, stream: str, device: torch.device) -> torch.Generator:
@@ -172,7 +187,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         print(f"the budget allows {todo} of the {planned - done} remaining steps; stopping there")
 
     model.to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe["ema_decay"]))  # copy before hooks
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(recipe["ema_decay"]))  # copy before hooks
     psg = PerSampleGradients(model)
     opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
     if tensors is not None:
