@@ -37,8 +37,9 @@ def test_train_then_eval(data_dir, tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["ledger"]["steps"] == 2
     ev = json.loads(zoo_cli("eval", str(tmp_path / "final.safetensors"), "--data-dir", str(data_dir),
-                            "--test-subset", "100").stdout)
+                            "--test-subset", "100", "--out", str(tmp_path / "eval.json")).stdout)
     assert ev["test"]["accuracy"] == result["test"]["accuracy"]
+    assert json.loads((tmp_path / "eval.json").read_text()) == ev
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -64,6 +64,21 @@ def test_budget_is_enforced_and_finetuning_composes(data_dir, tmp_path):
     assert first["ledger"]["epsilon"] < led["epsilon"] <= 4.0
 
 
+def test_steps_with_empty_poisson_batches_still_count_and_add_noise(data_dir):
+    """q = 1/5000: most steps sample nobody; each still adds noise, moves the weights and is accounted."""
+    r = zoo.train("test-wrn10-1", data_dir=data_dir, seed=5, batch_size=1, train_subset=5000, steps=3,
+                  test_subset=50, **QUIET)
+    assert r["ledger"]["steps"] == 3 and r["ledger"]["epsilon"] <= 8.0
+    from zoo.engine import _generator, poisson_batch
+
+    sizes = [len(poisson_batch(5000, 1 / 5000, _generator(5, s, "sample", torch.device("cpu")))) for s in range(3)]
+    assert 0 in sizes  # the run really met empty batches
+    torch.manual_seed(5)
+    start = zoo.create_model("test-wrn10-1")  # the same initialisation as the run (seeded before building)
+    moved = [not torch.equal(a, b) for a, b in zip(start.state_dict().values(), r["model_object"].state_dict().values())]
+    assert all(moved)
+
+
 def test_training_refuses_a_model_with_the_wrong_head(data_dir):
     from zoo.engine import _run
     from zoo.registry import get_card

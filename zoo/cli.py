@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--device")
     p.add_argument("--test-subset", type=int)
+    p.add_argument("--out", help="JSON result file (default: runs/eval/<model>.json)")
     p = sub.add_parser("card", help=f"regenerate {MODEL_CARD_PATH.name} from {CARDS_DIR.name}/*.json")
     p.add_argument("--check", action="store_true", help="exit 1 if the file is stale instead of writing it")
     a = parser.parse_args(argv)
@@ -95,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = zoo.finetune(a.name, a.dataset, eps, delta, **kw)
             _report(result)
         elif a.cmd == "eval":
-            print(json.dumps(_evaluate(a), indent=2))
+            result = _evaluate(a)
+            out = Path(a.out or Path("runs") / "eval" / f"{result['model']}.json")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result, indent=2))
         elif a.cmd == "card":
             text = render_model_card([zoo.model_info(n) for n in zoo.list_models()])
             if a.check:

@@ -215,7 +215,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         aug_gen = _generator(seed, step, "augment", device)
         summed = {name: torch.zeros_like(p) for name, p in params.items()}
         loss_sum, correct = 0.0, 0
-        for chunk in idx.split(recipe["physical_batch_size"]):
+        for chunk in idx.split(recipe["physical_batch_size"]) if len(idx) else ():  # empty batch: noise only
             x, y = train.batch(chunk)
             x, y = x.to(device), y.to(device)
             if k > 1:
