@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import zoo
 from zoo.checkpoint import CheckpointIntegrityError, load_checkpoint, read_checkpoint, save_checkpoint

@@ -14,7 +14,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .io import atomic_write, sha256_file, write_text
+
 FORMAT = "zoo-checkpoint/1"
 
 
 class CheckpointIntegrityError(ValueError):
     """A checkpoint file is truncated, tampered with, or does not match its sidecar."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _canonical(d: dict) -> bytes:
@@ -63,20 +56,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _atomic_write(dest: Path, write) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, model_name: str, model_args: dict, card: dict,
@@ -109,9 +88,9 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, model_name: str, mode
         "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     meta = {"format": FORMAT, "sidecar_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
-    _atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     sidecar = {**body, "sha256": sha256_file(st_path)}
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2, default=str) + "\n"))
+    write_text(json_path, json.dumps(sidecar, indent=2, default=str) + "\n")
     return st_path
 
 

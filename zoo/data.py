@@ -10,7 +10,6 @@ Contract:
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from typing import Callable, Literal, Sequence, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .io import atomic_write, file_hashes, write_text
 
 Split = Literal["train", "test"]
 _ENV_HELP = "pass --data-dir DIR or set the ZOO_DATA environment variable"
@@ -116,26 +117,9 @@ def _file_hashes(path: Path) -> dict[str, str]:
     except (OSError, ValueError):
         db = {}
     if key not in db:
-        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                sha.update(chunk)
-                md5.update(chunk)
-        db[key] = {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
-        _atomic_write(db_path, lambda f: f.write(json.dumps(db, indent=1).encode()))
+        db[key] = file_hashes(path, "sha256", "md5")
+        write_text(db_path, json.dumps(db, indent=1))
     return db[key]
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _extract_once(archive: Path, dest: Path) -> Path:
@@ -156,14 +140,19 @@ def _extract_once(archive: Path, dest: Path) -> Path:
     return dest
 
 
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
+        np.save(f, arr, allow_pickle=False)
+
+
 def _cached_arrays(folder: Path, split: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load ``<folder>/<split>_{images,labels}.npy`` (allow_pickle=False), building them once via ``make``."""
     xp, yp = folder / f"{split}_images.npy", folder / f"{split}_labels.npy"
     if not (xp.is_file() and yp.is_file()):
         x, y = make()
-        _atomic_write(yp, lambda f: np.save(f, y, allow_pickle=False))
-        _atomic_write(xp, lambda f: np.save(f, x, allow_pickle=False))
+        for path, arr in ((yp, y), (xp, x)):
+            atomic_write(path, lambda tmp, arr=arr: _save_npy(tmp, arr))
     x, y = np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False)
     return torch.from_numpy(x), torch.from_numpy(y)
 

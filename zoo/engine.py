@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import secrets
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .cards import RECIPE_SCHEMA
-from .data import ImageDataset, augment, check_batch, get_dataset_info
+from .data import ImageDataset, augment, get_dataset_info
 from .grad_sample import PerSampleGradients
+from .io import write_text
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
 from .registry import build, checkpoint_path, get_card
 
@@ -254,7 +254,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
               "num_params": sum(p.numel() for p in params.values())}
     if out:
         result["checkpoint"] = str(save(out / "final", final=True, metrics=metrics))
-        ckpt._atomic_write(out / "result.json", lambda t: Path(t).write_text(json.dumps(result, indent=2) + "\n"))
+        write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     result["model_object"] = ema.module
     return result
 

@@ -1,0 +1,46 @@
+"""File helpers shared by checkpoints, data caches and run results: atomic writes and file hashes."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(dest: str | Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``dest``, fsync it and rename it over ``dest``.
+
+    Readers see the old file or the complete new one, never a partial write; on any error the temporary
+    file is removed and ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(dest: str | Path, text: str) -> None:
+    atomic_write(dest, lambda tmp: Path(tmp).write_text(text))
+
+
+def file_hashes(path: str | Path, *algorithms: str, chunk: int = 1 << 20) -> dict[str, str]:
+    """Hex digests of ``path`` for each hashlib algorithm (one pass over the file)."""
+    hs = {a: hashlib.new(a, usedforsecurity=False) if a == "md5" else hashlib.new(a) for a in algorithms}
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            for h in hs.values():
+                h.update(block)
+    return {a: h.hexdigest() for a, h in hs.items()}
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_hashes(path, "sha256")["sha256"]
