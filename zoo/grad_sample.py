@@ -59,8 +59,11 @@ def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], back
             var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
             s = torch.sqrt(var + layer.eps)
             wh = (w - mean) / s
-        dims = (2, 3, 4)
-        ret[w] = (gh - gh.mean(dims, keepdim=True) - wh * (gh * wh).mean(dims, keepdim=True)) / s
+        # in place on gh: it is the only [B, *w.shape] buffer this sampler allocates
+        fan = wh[0].numel()
+        proj = torch.einsum("noikl,oikl->no", gh, wh).div_(fan).view(n, -1, 1, 1, 1)  # mean(gh * wh)
+        gh.sub_(gh.mean((2, 3, 4), keepdim=True)).addcmul_(wh.unsqueeze(0), proj, value=-1.0).div_(s)
+        ret[w] = gh
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = bp.sum(-1).reshape(n, -1)
     return ret
