@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_write, file_hashes, write_text
+from .io import atomic_write, file_hashes, save_npy, write_text
 
 Split = Literal["train", "test"]
 _ENV_HELP = "pass --data-dir DIR or set the ZOO_DATA environment variable"
@@ -140,11 +140,6 @@ def _extract_once(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
-        np.save(f, arr, allow_pickle=False)
-
-
 def _cached_arrays(folder: Path, split: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load ``<folder>/<split>_{images,labels}.npy`` (allow_pickle=False), building them once via ``make``."""
@@ -152,7 +147,7 @@ def _cached_arrays(folder: Path, split: str, make: Callable[[], tuple[np.ndarray
     if not (xp.is_file() and yp.is_file()):
         x, y = make()
         for path, arr in ((yp, y), (xp, x)):
-            atomic_write(path, lambda tmp, arr=arr: _save_npy(tmp, arr))
+            atomic_write(path, lambda tmp, arr=arr: save_npy(tmp, arr))
     x, y = np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False)
     return torch.from_numpy(x), torch.from_numpy(y)
 

@@ -32,12 +32,28 @@ def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tor
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+def conv_filter_grad_sample(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor,
+                            out_channels: int | None = None) -> torch.Tensor:
+    """Per-sample gradient ``[B, C_out, C_in/groups, kH, kW]`` of the filter a conv layer applied to ``x``.
+
+    The unfold trick opacus uses for ``nn.Conv2d``, for any layer with ``kernel_size``, ``stride``, ``padding``,
+    ``dilation`` (and ``groups``) attributes whose forward is a conv2d with a computed filter.
+    """
+    n, g = x.shape[0], getattr(layer, "groups", 1)
+    cols = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                    dilation=layer.dilation)  # opacus' strided unfold: several times faster than F.unfold on CPU
+    cols = cols.view(n, g, -1, cols.shape[-1])                     # [n, g, Cin/g*kh*kw, L]
+    bp = backprops.reshape(n, g, -1, cols.shape[-1])                # [n, g, Cout/g, L]
+    cout = out_channels or layer.out_channels
+    return torch.einsum("ngol,ngpl->ngop", bp, cols).reshape(n, cout, x.shape[1] // g, *layer.kernel_size)
+
+
 @register_grad_sampler(WSConv2d)
 def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], backprops: torch.Tensor):
     """Per-sample gradient of a weight-standardized conv.
 
-    First the per-sample gradient ``gh_i`` w.r.t. the standardized filter ``wh = (w - mean) / s`` (unfold trick,
-    as opacus does for Conv2d), then the exact pull-back through the standardization, per output channel
+    First the per-sample gradient ``gh_i`` w.r.t. the standardized filter ``wh = (w - mean) / s``
+    (:func:`conv_filter_grad_sample`), then the exact pull-back through the standardization, per output channel
     over its ``n = C_in/groups * kH * kW`` entries: ``g_i = (gh_i - mean(gh_i) - wh * mean(gh_i * wh)) / s``.
     """
     x = activations[0].to(backprops.dtype)
@@ -48,13 +64,8 @@ def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], back
         if layer.bias is not None and layer.bias.requires_grad:
             ret[layer.bias] = w.new_zeros((0, *layer.bias.shape))
         return ret
-    g = layer.groups
-    cols = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
-                    dilation=layer.dilation)  # opacus' strided unfold: several times faster than F.unfold on CPU
-    cols = cols.view(n, g, -1, cols.shape[-1])                     # [n, g, Cin/g*kh*kw, L]
-    bp = backprops.reshape(n, g, -1, cols.shape[-1])                # [n, g, Cout/g, L]
     if w.requires_grad:
-        gh = torch.einsum("ngol,ngpl->ngop", bp, cols).reshape(n, *w.shape)
+        gh = conv_filter_grad_sample(layer, x, backprops)
         with torch.no_grad():
             var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
             s = torch.sqrt(var + layer.eps)
@@ -65,7 +76,7 @@ def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], back
         gh.sub_(gh.mean((2, 3, 4), keepdim=True)).addcmul_(wh.unsqueeze(0), proj, value=-1.0).div_(s)
         ret[w] = gh
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = bp.sum(-1).reshape(n, -1)
+        ret[layer.bias] = backprops.sum((2, 3))
     return ret
 
 

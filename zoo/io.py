@@ -28,6 +28,14 @@ def atomic_write(dest: str | Path, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
 
 
+def save_npy(path: str | Path, arr) -> None:
+    """``np.save`` without pickles, through a file object (``np.save`` would append ``.npy`` to a path)."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
 def write_text(dest: str | Path, text: str) -> None:
     atomic_write(dest, lambda tmp: Path(tmp).write_text(text))
 

@@ -1,0 +1,51 @@
+"""Equivariant models: logits invariant under the group's exact grid actions; field GroupNorm equivariant."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from zoo.eq_layers import FieldGroupNorm
+from zoo.registry import get_card
+
+EQ_MODELS = [n for n in zoo.list_models() if get_card(n)["family"].startswith("eq-")]
+
+
+def grid_actions(group: str):
+    """The actions of ``group`` that map the pixel grid onto itself: 90-degree rotations (C_N with 4 | N)
+    and, for D_N, the flips."""
+    rots = [lambda x, k=k: x.rot90(k, (2, 3)) for k in (1, 2, 3)] if int(group[1:]) % 4 == 0 else []
+    flips = [lambda x: x.flip(3), lambda x: x.flip(2), lambda x: x.rot90(1, (2, 3)).flip(3)]
+    return rots + (flips if group[0] == "d" else [])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", EQ_MODELS)
+def test_logits_invariant_under_grid_actions(name, mode):
+    model = zoo.create_model(name)
+    model.train(mode == "train")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        actions = grid_actions(model.group)
+        assert actions
+        for act in actions:
+            assert torch.allclose(model(act(x)), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_groupnorm_affine_would_break_equivariance_but_field_groupnorm_does_not():
+    """Permuting the channels inside every field (the group action on regular fields) commutes with
+    FieldGroupNorm, with a trained (non-trivial) affine."""
+    fields, size = 6, 8
+    norm = FieldGroupNorm(fields, size, num_groups=3)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_()
+    x = torch.randn(2, fields * size, 5, 5)
+    perm = torch.randperm(size)
+    permute = lambda t: t.view(2, fields, size, 5, 5)[:, :, perm].reshape(2, -1, 5, 5)  # noqa: E731
+    assert torch.allclose(norm(permute(x)), permute(norm(x)), atol=1e-6)
+    plain = torch.nn.GroupNorm(3, fields * size)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 2.0)
+    assert not torch.allclose(plain(permute(x)), permute(plain(x)), atol=1e-3)

@@ -1,0 +1,180 @@
+"""DP-safe equivariant building blocks on escnn, as tensor-in/tensor-out modules that own their parameters.
+
+opacus' hooks need modules that take and return plain tensors and own their trainable parameters; escnn's
+layers take ``GeometricTensor`` and R2Conv keeps its (data-free) basis in buffers. So zoo wraps them:
+
+* :class:`R2Conv` — escnn's R2Conv, group ``G`` acting on the plane (``gspace``), from ``in_type`` to
+  ``out_type``. The filter is a *linear* function of the basis coefficients, so a sample's coefficient
+  gradient is the transpose of that map applied to its filter gradient (exact; see its grad sampler).
+* :class:`FieldGroupNorm` — GroupNorm whose groups are made of whole fields of a permutation representation
+  (regular or quotient); statistics per sample; one scale per field and one bias per field along the
+  invariant all-ones direction, so the layer is equivariant.
+* :func:`group_pool` — max over each regular field's |G| channels: invariant features.
+
+escnn is imported lazily (about 2 s) so that ``import zoo`` stays fast.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+
+
+def gspace(group: str):
+    """escnn gspace for ``'c4'``, ``'c8'``, ``'d4'``, ``'d8'``, ... (rotations C_N, rotations + flips D_N)."""
+    from escnn import gspaces
+
+    kind, n = group[0].lower(), int(group[1:])
+    if kind == "c":
+        return gspaces.rot2dOnR2(N=n)
+    if kind == "d":
+        return gspaces.flipRot2dOnR2(N=n)
+    raise ValueError(f"unknown group {group!r}: use cN (rotations) or dN (rotations and reflections), e.g. 'd4'")
+
+
+def regular_type(gs, fields: int):
+    from escnn import nn as enn
+
+    return enn.FieldType(gs, [gs.regular_repr] * fields)
+
+
+def trivial_type(gs, channels: int):
+    from escnn import nn as enn
+
+    return enn.FieldType(gs, [gs.trivial_repr] * channels)
+
+
+def he_init(weights: torch.Tensor, basis, key: str) -> None:
+    """escnn's generalized He initialisation, with its per-coefficient variances cached on disk.
+
+    escnn computes them in a Python loop over every coefficient (about 25 s for a D4 ResNet-9 on 2 cores) and
+    caches them per process only. zoo keeps them under ``$ZOO_CACHE/escnn`` (see :func:`zoo.data.cache_root`),
+    keyed by escnn's version, the field types and the kernel settings; the random draw is unchanged.
+    """
+    import escnn
+    from escnn.nn import init
+
+    from .data import cache_root
+    from .io import atomic_write, save_npy
+
+    digest = hashlib.sha256(f"{escnn.__about__.__version__}|{key}|{basis.dimension()}".encode()).hexdigest()[:32]
+    path = cache_root() / "escnn" / f"he-{digest}.npy"
+    if basis not in init.cached_he_vars and path.is_file():
+        init.cached_he_vars[basis] = torch.from_numpy(np.load(path, allow_pickle=False))
+    init.generalized_he_init(weights, basis, cache=True)
+    if not path.is_file():
+        atomic_write(path, lambda tmp: save_npy(tmp, init.cached_he_vars[basis].numpy()))
+    del init.cached_he_vars[basis]  # keyed by the basis object: would otherwise keep every layer alive
+
+
+class R2Conv(nn.Module):
+    """Equivariant convolution ``in_type -> out_type`` (escnn's R2Conv) on plain tensors.
+
+    Trainable: ``weights`` (basis coefficients) and optionally ``bias`` (one per invariant output component).
+    The expanded filter and the sampled basis are data-free constants (buffers of ``basis``).
+    """
+
+    def __init__(self, in_type, out_type, kernel_size: int = 3, padding: int = 1, stride: int = 1,
+                 bias: bool = False, **escnn_kwargs):
+        super().__init__()
+        from escnn import nn as enn
+
+        conv = enn.R2Conv(in_type, out_type, kernel_size, padding=padding, stride=stride, bias=bias,
+                          initialize=False, **escnn_kwargs)
+        he_init(conv.weights.data, conv._basisexpansion, f"{in_type}|{out_type}|{kernel_size}|{padding}|{stride}|"
+                f"{sorted(escnn_kwargs.items())}")
+        self.in_type, self.out_type = in_type, out_type
+        self.kernel_size, self.stride, self.padding = (kernel_size, kernel_size), (stride, stride), (padding, padding)
+        self.dilation = (1, 1)
+        # escnn shares basis-expansion modules between layers of the same types (a per-process cache): copy it,
+        # so that .double() or .to() on one model cannot change another model's basis
+        self.basis = copy.deepcopy(conv._basisexpansion)  # buffers only
+        self.weights = conv.weights
+        self.bias = conv.bias
+        if bias:
+            self.register_buffer("bias_expansion", conv.bias_expansion.clone())
+
+    def expand_filter(self, weights: torch.Tensor) -> torch.Tensor:
+        f = self.basis(weights)
+        return f.reshape(f.shape[0], f.shape[1], *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias_expansion @ self.bias
+        return F.conv2d(x, self.expand_filter(self.weights), bias, self.stride, self.padding, self.dilation)
+
+
+@register_grad_sampler(R2Conv)
+def r2conv_grad_sample(layer: R2Conv, activations: list[torch.Tensor], backprops: torch.Tensor):
+    """Per-sample coefficient gradients: per-sample filter gradients (opacus' unfold trick) pulled back through
+    the linear basis expansion with ``torch.func.vjp`` (vmapped over samples). Exact."""
+    from .grad_sample import conv_filter_grad_sample
+
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:
+        ret[layer.weights] = layer.weights.new_zeros((0, *layer.weights.shape))
+        if layer.bias is not None:
+            ret[layer.bias] = layer.bias.new_zeros((0, *layer.bias.shape))
+        return ret
+    if layer.weights.requires_grad:
+        gf = conv_filter_grad_sample(layer, x, backprops, out_channels=layer.out_type.size)
+        _, vjp = torch.func.vjp(layer.expand_filter, layer.weights.detach())
+        ret[layer.weights] = torch.func.vmap(lambda g: vjp(g)[0])(gf)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.sum((2, 3)) @ layer.bias_expansion
+    return ret
+
+
+class FieldGroupNorm(nn.Module):
+    """Equivariant GroupNorm for a field type of ``num_fields`` permutation fields of size ``field_size``.
+
+    Averages, per sample, over ``num_groups`` groups made of whole fields and all positions (never over the
+    batch). Affine (optional): ``weight[f]`` scales every channel of field f, ``bias[f]`` is added along its
+    invariant all-ones direction; both commute with the permutation action, so the layer is equivariant.
+    """
+
+    def __init__(self, num_fields: int, field_size: int, num_groups: int = 16, affine: bool = True,
+                 eps: float = 1e-5):
+        super().__init__()
+        g = min(num_groups, num_fields)
+        while num_fields % g:
+            g -= 1
+        self.num_fields, self.field_size, self.num_groups, self.eps = num_fields, field_size, g, eps
+        self.weight = nn.Parameter(torch.ones(num_fields)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_fields)) if affine else None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, eps=self.eps)  # groups of num_fields/num_groups whole fields
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.normalize(x)
+        if self.weight is None:
+            return y
+        w = self.weight.repeat_interleave(self.field_size).view(1, -1, 1, 1)
+        b = self.bias.repeat_interleave(self.field_size).view(1, -1, 1, 1)
+        return y * w + b
+
+
+@register_grad_sampler(FieldGroupNorm)
+def field_group_norm_grad_sample(layer: FieldGroupNorm, activations: list[torch.Tensor], backprops: torch.Tensor):
+    """Exact per-sample gradients of the field-tied affine: sums over each field's channels and positions."""
+    n = backprops.shape[0]
+    per_field = lambda t: t.reshape(n, layer.num_fields, -1).sum(-1)  # noqa: E731
+    ret = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        ret[layer.weight] = per_field(layer.normalize(activations[0].to(backprops.dtype)) * backprops)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = per_field(backprops)
+    return ret
+
+
+def group_pool(x: torch.Tensor, field_size: int) -> torch.Tensor:
+    """Max over the channels of each regular field: ``[B, F*|G|, H, W] -> [B, F, H, W]``, invariant."""
+    b, c, h, w = x.shape
+    return x.view(b, c // field_size, field_size, h, w).amax(2)
