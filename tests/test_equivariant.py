@@ -49,3 +49,20 @@ def test_plain_groupnorm_affine_would_break_equivariance_but_field_groupnorm_doe
     with torch.no_grad():
         plain.weight.uniform_(0.5, 2.0)
     assert not torch.allclose(plain(permute(x)), permute(plain(x)), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", EQ_MODELS)
+def test_export_gives_plain_layers_and_the_same_outputs(name):
+    from zoo.eq_layers import R2Conv
+
+    model = zoo.create_model(name).eval()
+    with torch.no_grad():  # a trained-looking affine, so the export of the field-tied parameters is tested
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    plain = zoo.export(model)
+    kinds = {type(m).__module__.split(".")[0] for m in plain.modules()}
+    assert "escnn" not in kinds and not any(isinstance(m, (R2Conv, FieldGroupNorm)) for m in plain.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-5, rtol=1e-5)
+    assert zoo.validate_model(plain) is plain

@@ -4,6 +4,7 @@ Public surface (like timm's): ``list_models``, ``create_model``, ``model_info``,
 ``per_sample_gradients`` and the training entry points ``train`` and ``finetune``.
 """
 from . import models as _families  # noqa: F401  (registers the architecture families)
+from .eq_layers import export
 from .grad_sample import per_sample_gradients
 from .registry import create_model, list_models, load_cards, model_info, register_model
 from .validate import validate_model
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 load_cards()
 
 __all__ = ["list_models", "create_model", "model_info", "register_model", "per_sample_gradients",
-           "validate_model", "train", "finetune", "__version__"]
+           "validate_model", "export", "train", "finetune", "__version__"]
 
 
 def __getattr__(name):  # the engine imports the data stack; load it only when asked for

@@ -178,3 +178,32 @@ def group_pool(x: torch.Tensor, field_size: int) -> torch.Tensor:
     """Max over the channels of each regular field: ``[B, F*|G|, H, W] -> [B, F, H, W]``, invariant."""
     b, c, h, w = x.shape
     return x.view(b, c // field_size, field_size, h, w).amax(2)
+
+
+def export(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in plain torch layers, for inference: every :class:`R2Conv` becomes an ``nn.Conv2d``
+    holding its expanded filter and bias, every :class:`FieldGroupNorm` an ``nn.GroupNorm`` with the field-tied
+    affine written out per channel. Outputs are unchanged (up to float rounding) and nothing of escnn is left
+    in the forward pass. The copy is in eval mode; training it would no longer constrain it to be equivariant.
+    """
+    out = copy.deepcopy(model).eval()
+    for name, module in list(out.named_modules()):
+        if isinstance(module, R2Conv):
+            w = module.expand_filter(module.weights).detach()
+            new = nn.Conv2d(w.shape[1], w.shape[0], module.kernel_size, module.stride, module.padding,
+                            module.dilation, bias=module.bias is not None).to(w)
+            new.weight.data.copy_(w)
+            if module.bias is not None:
+                new.bias.data.copy_(module.bias_expansion @ module.bias.detach())
+        elif isinstance(module, FieldGroupNorm):
+            channels = module.num_fields * module.field_size
+            new = nn.GroupNorm(module.num_groups, channels, module.eps, affine=module.weight is not None)
+            if module.weight is not None:
+                new.to(module.weight)
+                new.weight.data.copy_(module.weight.detach().repeat_interleave(module.field_size))
+                new.bias.data.copy_(module.bias.detach().repeat_interleave(module.field_size))
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, attr, new)
+    return out
