@@ -66,3 +66,25 @@ def test_export_gives_plain_layers_and_the_same_outputs(name):
     with torch.no_grad():
         assert torch.allclose(plain(x), model(x), atol=1e-5, rtol=1e-5)
     assert zoo.validate_model(plain) is plain
+
+
+def test_per_sample_gradients_match_whole_model_torch_func():
+    """Independent check of the basis-projection route: torch.func's vmap(grad) over the whole model (the
+    route of Hölzl et al.'s code), in float64."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    model = zoo.create_model("test-eq-resnet9-c4-w8").double()
+    x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 7])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, xi, yi):
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),), tie_weights=False)
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    ref = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    ours = zoo.per_sample_gradients(model, x, y)
+    assert ours.keys() == ref.keys()
+    for k in ours:
+        assert torch.allclose(ours[k], ref[k], rtol=1e-8, atol=1e-12), k
