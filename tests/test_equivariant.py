@@ -12,11 +12,13 @@ EQ_MODELS = [n for n in zoo.list_models() if get_card(n)["family"].startswith("e
 
 
 def grid_actions(group: str):
-    """The actions of ``group`` that map the pixel grid onto itself: 90-degree rotations (C_N with 4 | N)
-    and, for D_N, the flips."""
-    rots = [lambda x, k=k: x.rot90(k, (2, 3)) for k in (1, 2, 3)] if int(group[1:]) % 4 == 0 else []
-    flips = [lambda x: x.flip(3), lambda x: x.flip(2), lambda x: x.rot90(1, (2, 3)).flip(3)]
-    return rots + (flips if group[0] == "d" else [])
+    """The non-trivial actions of ``group`` that map the pixel grid onto itself: rotations by multiples of 90
+    degrees that lie in C_N, and for D_N the flips composed with them."""
+    n = int(group[1:])
+    ks = (1, 2, 3) if n % 4 == 0 else (2,) if n % 2 == 0 else ()
+    rots = [lambda x, k=k: x.rot90(k, (2, 3)) for k in ks]
+    flips = [lambda x, k=k: x.rot90(k, (2, 3)).flip(3) for k in (0, *ks)] if group[0] == "d" else []
+    return rots + flips
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -27,10 +29,24 @@ def test_logits_invariant_under_grid_actions(name, mode):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        actions = grid_actions(model.group)
+        actions = grid_actions(model.invariance_group)
         assert actions
         for act in actions:
             assert torch.allclose(model(act(x)), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_grid_actions_are_the_groups():
+    assert len(grid_actions("d4")) == 7 and len(grid_actions("c4")) == 3
+    assert len(grid_actions("d2")) == 3 and len(grid_actions("c2")) == 1 and len(grid_actions("c8")) == 3
+
+
+def test_restricted_model_is_not_claimed_invariant_under_the_full_group():
+    """D4 restricted to D2 in the last stage: 90-degree rotations are not symmetries of the logits."""
+    model = zoo.create_model("eq-resnet9-d4").eval()
+    assert model.invariance_group == "d2"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model(x.rot90(1, (2, 3))), model(x), atol=1e-4)
 
 
 def test_plain_groupnorm_affine_would_break_equivariance_but_field_groupnorm_does_not():
@@ -74,7 +90,7 @@ def test_per_sample_gradients_match_whole_model_torch_func():
     import torch.nn.functional as F
     from torch.func import functional_call, grad, vmap
 
-    model = zoo.create_model("test-eq-resnet9-c4-w8").double()
+    model = zoo.create_model("test-eq-resnet9-c4").double()
     x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 7])
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())

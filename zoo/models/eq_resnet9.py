@@ -1,14 +1,16 @@
 """Equivariant ResNet-9 (Hölzl, Rueckert, Kaissis 2023) in the ScaleNorm layout, DP-safe.
 
-Same layout as :mod:`zoo.models.resnet9`, with escnn R2Conv on regular fields of a group G acting on the plane
-(C_N rotations or D_N rotations and flips), field GroupNorm (per sample, groups of whole fields) after each
-conv and after each residual sum, Mish (pointwise, so equivariant on regular fields), 2x2 max pooling, then
-group pooling (max over each field's |G| channels) and global max pooling: invariant features before a linear
-head. The logits are invariant under the grid actions of G (90-degree rotations, flips) on inputs whose size
-is a multiple of 8.
+Hölzl et al.'s layout: conv(c0) -> conv(c1)+pool -> residual(c1) + norm -> conv(c2)+pool -> [restriction to
+the subgroup of half the rotation order] -> conv(c2)+pool -> residual(c2) + norm, on regular fields of a group
+G acting on the plane (C_N rotations or D_N rotations and flips): escnn R2Conv, field GroupNorm (per sample,
+groups of whole fields) after each conv and after each residual sum (ScaleNorm), Mish (pointwise, so
+equivariant on permutation fields), 2x2 max pooling. Then group pooling (max over each field's channels) and
+global max pooling: invariant features before a linear head (Hölzl et al. average-pool to 2x2 instead, which
+is not invariant; zoo keeps the head invariant). The logits are invariant under the grid actions of the
+(restricted) group on inputs whose size is a multiple of 8.
 
-Width rule (Hölzl et al.'s code): a stage of ``c`` channels in the plain network gets
-``round(c * sqrt(1.5 |G|) / |G|)`` regular fields, so parameter counts stay comparable across groups.
+Width rule (Hölzl et al.'s code): a stage of ``c`` plain channels gets ``int(c * sqrt(1.5 |G|) / |G|)`` regular
+fields, so parameter counts stay comparable across groups.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from ._base import ZooClassifier
 
 
 def fields_for(channels: int, order: int) -> int:
-    return max(1, round(channels * math.sqrt(1.5 * order) / order))
+    """Regular fields for a stage of ``channels`` plain channels: ``int(channels * sqrt(1.5 |G|) / |G|)``."""
+    return max(1, int(channels * math.sqrt(1.5 * order) / order))
 
 
 class _EqBlock(nn.Module):
@@ -55,33 +58,56 @@ class _EqResidual(nn.Module):
         return self.norm(x + self.body(x))
 
 
+def _halve(group: str) -> str:
+    n = int(group[1:])
+    if n % 2:
+        raise ValueError(f"cannot halve {group}: the rotation order must be even to restrict to half of it")
+    return f"{group[0]}{n // 2}"
+
+
 @register_family("eq-resnet9")
 class EqResNet9(ZooClassifier):
-    """Args: group ('c4', 'c8', 'd4', 'd8', ...), width (plain base channels, 64), num_classes, in_chans,
-    act, norm_groups (field groups per GroupNorm), affine (GroupNorm affine; Hölzl et al. use none)."""
+    """Args: group ('c4', 'c8', 'd4', 'd8', ...), layout (plain channel counts of the three stages; Hölzl et al.
+    use 16, 32, 64), restrict (the last stage works on the subgroup of half the rotation order, e.g. D4 -> D2,
+    as Hölzl et al.'s "halved"), num_classes, in_chans, act, norm_groups (field groups per GroupNorm: the
+    largest divisor of the field count not above it), affine (GroupNorm affine; Hölzl et al. use none).
+
+    ``invariance_group`` is the group the logits are invariant under: ``group``, or its halved subgroup when
+    ``restrict`` is on.
+    """
 
     min_size = 8
 
-    def __init__(self, group: str = "d4", width: int = 64, num_classes: int = 10, in_chans: int = 3,
-                 act: str = "mish", norm_groups: int = 16, affine: bool = False):
+    def __init__(self, group: str = "d4", layout: tuple = (16, 32, 64), restrict: bool = True,
+                 num_classes: int = 10, in_chans: int = 3, act: str = "mish", norm_groups: int = 8,
+                 affine: bool = False):
         super().__init__()
         gs = gspace(group)
         order = gs.fibergroup.order()
-        self.group, self.in_chans, self.num_classes, self.field_size = group, in_chans, num_classes, order
-        f = [fields_for(c, order) for c in (width, 2 * width, 4 * width, 8 * width)]
+        self.group, self.in_chans, self.num_classes = group, in_chans, num_classes
+        f = [fields_for(c, order) for c in layout]
         t = [regular_type(gs, k) for k in f]
         act_f = get_act_layer(act)
         blk = lambda i, o, pool=False: _EqBlock(i, o, act_f, norm_groups, affine, pool)  # noqa: E731
+        last_in = t[2]
+        self.invariance_group = group
+        if restrict:
+            self.invariance_group = _halve(group)
+            n = int(group[1:])
+            last_in = t[2].restrict((0, n // 2) if group[0] == "d" else n // 2)  # same tensor, subgroup's type
+        sub = last_in.gspace
+        t_last = regular_type(sub, fields_for(layout[2], sub.fibergroup.order()))
+        self.field_size = sub.fibergroup.order()
         self.features = nn.Sequential(
             blk(trivial_type(gs, in_chans), t[0]),
             blk(t[0], t[1], pool=True),
             _EqResidual(t[1], act_f, norm_groups, affine),
             blk(t[1], t[2], pool=True),
-            blk(t[2], t[3], pool=True),
-            _EqResidual(t[3], act_f, norm_groups, affine),
+            blk(last_in, t_last, pool=True),
+            _EqResidual(t_last, act_f, norm_groups, affine),
         )
-        self.num_features = f[3]
-        self.head = nn.Linear(f[3], num_classes)
+        self.num_features = len(t_last)
+        self.head = nn.Linear(len(t_last), num_classes)
 
     def forward_features(self, x):
         return group_pool(self.features(x), self.field_size).amax((2, 3))
