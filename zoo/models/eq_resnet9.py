@@ -5,8 +5,8 @@ the subgroup of half the rotation order] -> conv(c2)+pool -> residual(c2) + norm
 G acting on the plane (C_N rotations or D_N rotations and flips): escnn R2Conv, field GroupNorm (per sample,
 groups of whole fields) after each conv and after each residual sum (ScaleNorm), Mish (pointwise, so
 equivariant on permutation fields), 2x2 max pooling. Then group pooling (max over each field's channels) and
-global max pooling: invariant features before a linear head (Hölzl et al. average-pool to 2x2 instead, which
-is not invariant; zoo keeps the head invariant). The logits are invariant under the grid actions of the
+global average pooling: invariant features before a linear head (Hölzl et al. average-pool to 2x2 instead,
+which is not invariant; zoo keeps the head invariant. Global max pooling learned markedly slower here). The logits are invariant under the grid actions of the
 (restricted) group on inputs whose size is a multiple of 8.
 
 Width rule (Hölzl et al.'s code): a stage of ``c`` plain channels gets ``int(c * sqrt(1.5 |G|) / |G|)`` regular
@@ -110,4 +110,4 @@ class EqResNet9(ZooClassifier):
         self.head = nn.Linear(len(t_last), num_classes)
 
     def forward_features(self, x):
-        return group_pool(self.features(x), self.field_size).amax((2, 3))
+        return group_pool(self.features(x), self.field_size).mean((2, 3))
