@@ -11,6 +11,9 @@ reports the median wall time over ``--repeats`` runs (after one warm-up run) of:
 Progress goes to stderr, the table to stdout. Reproduce (all models; several minutes on 2 CPU cores):
     python eval/bench_dp_step.py --batch-size 64 --repeats 3
 Only the small models, with JSON output:  ... --models 'wrn16-*' 'test-*' --json bench.json
+With ``--compare-vmap``, zoo's per-sample gradients alone are also timed against whole-model ``torch.func``
+``vmap(grad)`` (the route of Hölzl et al.'s code) at each of ``--chunk-sizes`` (0 = no chunking), and the
+best chunk size is reported:  ... --models 'eq-*' --compare-vmap --chunk-sizes 0 16 32
 """
 from __future__ import annotations
 
@@ -49,7 +52,28 @@ def median_ms(step, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.device) -> dict:
+def vmap_per_sample_ms(model, x, y, chunk_sizes, repeats: int, device: torch.device) -> tuple[float, int]:
+    """Best median time of whole-model ``vmap(grad)`` per-sample gradients over ``chunk_sizes``."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, xi, yi):
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),), tie_weights=False)
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    best = None
+    for chunk in chunk_sizes:
+        f = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk or None)
+        ms = median_ms(lambda: f(params, x, y), repeats, device)
+        if best is None or ms < best[0]:
+            best = (ms, chunk)
+    return best
+
+
+def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.device,
+          chunk_sizes: list[int] | None = None) -> dict:
     torch.manual_seed(0)
     model = zoo.create_model(name).to(device).train()
     x = torch.randn(batch, model.in_chans, image_size, image_size, device=device)
@@ -82,10 +106,15 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
 
     try:
         dp = median_ms(dp_step, repeats, device)
+        ours = median_ms(lambda: psg(x, y), repeats, device) if chunk_sizes else None
     finally:
         psg.close()
-    return {"model": name, "params": zoo.model_info(name)["num_params"], "batch": batch, "plain_ms": plain,
-            "dp_ms": dp, "ratio": dp / plain, "psg_mib": max(psg_bytes) / 2**20}
+    row = {"model": name, "params": zoo.model_info(name)["num_params"], "batch": batch, "plain_ms": plain,
+           "dp_ms": dp, "ratio": dp / plain, "psg_mib": max(psg_bytes) / 2**20}
+    if chunk_sizes:
+        vm, chunk = vmap_per_sample_ms(model, x, y, chunk_sizes, repeats, device)
+        row.update(psg_ms=ours, vmap_ms=vm, vmap_chunk=chunk, speedup=vm / ours)
+    return row
 
 
 def main() -> int:
@@ -96,6 +125,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    ap.add_argument("--compare-vmap", action="store_true", help="also time whole-model torch.func vmap(grad)")
+    ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[0, 16, 32], help="vmap chunk sizes (0: none)")
     args = ap.parse_args()
     names = sorted({n for pat in args.models for n in zoo.list_models(pat)})
     if not names:
@@ -109,7 +140,8 @@ def main() -> int:
     for name in names:
         log(f"[{len(rows) + len(failed) + 1}/{len(names)}] {name} ...")
         try:
-            rows.append(bench(name, args.batch_size, args.repeats, args.image_size, device))
+            rows.append(bench(name, args.batch_size, args.repeats, args.image_size, device,
+                              args.chunk_sizes if args.compare_vmap else None))
             log("    non-private {plain_ms:.1f} ms, DP {dp_ms:.1f} ms, x{ratio:.2f}".format(**rows[-1]))
         except Exception as e:
             log(traceback.format_exc())
@@ -120,6 +152,12 @@ def main() -> int:
     for r in rows:
         print(fmt.format(r["model"], f"{r['params']:,}", r["batch"], f"{r['plain_ms']:.1f}", f"{r['dp_ms']:.1f}",
                          f"{r['ratio']:.2f}", f"{r['psg_mib']:.1f}"))
+    if args.compare_vmap:
+        print("\nper-sample gradients alone: zoo (opacus hooks + registered samplers) vs whole-model torch.func vmap")
+        print(f"{'model':<20} {'zoo ms':>10} {'vmap ms':>10} {'best chunk':>11} {'vmap / zoo':>11}")
+        for r in rows:
+            print(f"{r['model']:<20} {r['psg_ms']:>10.1f} {r['vmap_ms']:>10.1f} {r['vmap_chunk'] or 'none':>11} "
+                  f"{r['speedup']:>11.2f}")
     for f in failed:
         print(f"{f['model']:<20} FAILED ({f['error'][:150]}; traceback on stderr)")
     if args.json:
