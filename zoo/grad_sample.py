@@ -111,13 +111,16 @@ class PerSampleGradients:
                     inputs.new_zeros(0))
         for p in self.params.values():
             p.grad_sample = None
-        outputs = self.wrapped(inputs)
+        # differentiate w.r.t. the input only: the hooks still see every layer's backprops, and autograd skips
+        # the aggregated weight gradients that DP-SGD never uses
+        wrt = [inputs.detach().requires_grad_(True)] if inputs.is_floating_point() else None
+        outputs = self.wrapped(wrt[0] if wrt else inputs)
         losses = (loss_fn or per_sample_cross_entropy)(outputs, targets)
         if losses.shape != (total,):
             raise ValueError(f"loss_fn must return one loss per sample (shape [{total}]), got {tuple(losses.shape)}")
         with warnings.catch_warnings():  # opacus' full backward hooks warn when inputs need no grad: harmless
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses.sum().backward()
+            losses.sum().backward(inputs=wrt)
         grads = {}
         for name, p in self.params.items():
             gs = p.grad_sample
