@@ -121,16 +121,10 @@ def _evaluate(a: argparse.Namespace) -> dict:
     from . import checkpoint as ckpt
     from .data import get_dataset_info
     from .engine import _resolve_device, evaluate
-    from .registry import checkpoint_path, get_card
+    from .registry import resolve_checkpoint
 
-    path = Path(a.name)
-    if not (path.exists() or path.with_suffix(".safetensors").exists()):
-        card = get_card(a.name)
-        path = checkpoint_path(card)
-        if path is None:
-            raise FileNotFoundError(f"model {a.name!r} has no pretrained checkpoint; evaluate a checkpoint path "
-                                    f"(e.g. runs/{a.name}/final.safetensors) or train one with `zoo train {a.name}`")
-    model, sidecar = ckpt.load_checkpoint(path)
+    path, sha = resolve_checkpoint(a.name)
+    model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
     dataset = (sidecar.get("ledger") or {}).get("dataset") or sidecar["card"]["recipe"]["dataset"]
     test = get_dataset_info(dataset).load("test", data_dir=a.data_dir)
     if a.test_subset:

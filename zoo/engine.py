@@ -36,7 +36,7 @@ from .data import ImageDataset, augment, get_dataset_info
 from .grad_sample import PerSampleGradients
 from .io import write_text
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
-from .registry import build, checkpoint_path, get_card
+from .registry import build, get_card, resolve_checkpoint
 
 
 def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -120,7 +120,7 @@ def _recipe(card: dict, overrides: dict) -> dict:
     return recipe
 
 
-def _load_data(recipe: dict, data_dir, seed: int, test_subset: int | None, download: bool):
+def _load_data(recipe: dict, data_dir, test_subset: int | None, download: bool):
     info = get_dataset_info(recipe["dataset"])
     train = info.load("train", data_dir=data_dir, download=download)
     test = info.load("test", data_dir=data_dir, download=download)
@@ -159,7 +159,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     seed, source = _resolve_seed(seed)
     seed_source = state.get("seed_source") or seed_source or source
 
-    info, train, test = _load_data(recipe, data_dir, seed, test_subset, download)
+    info, train, test = _load_data(recipe, data_dir, test_subset, download)
     if model.num_classes != info.num_classes:
         raise ValueError(f"model has {model.num_classes} classes but {info.name} has {info.num_classes}; "
                          f"create it with num_classes={info.num_classes} or fine-tune with zoo.finetune")
@@ -289,14 +289,8 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
     Privacy: on the *same* data set the inherited ledger composes with this run and ``epsilon`` is the
     total budget; on another data set a fresh ledger starts and the old one is kept as its ``parent``.
     """
-    path = Path(name_or_checkpoint)
-    if not path.with_suffix(".safetensors").exists() and not path.exists():
-        card = get_card(str(name_or_checkpoint))
-        path = checkpoint_path(card)
-        if path is None:
-            raise FileNotFoundError(f"model {name_or_checkpoint!r} has no pretrained checkpoint; pass a checkpoint "
-                                    "path (e.g. runs/x/final.safetensors) or train one with `zoo train`")
-    model, sidecar = ckpt.load_checkpoint(path)
+    path, sha = resolve_checkpoint(name_or_checkpoint)
+    model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
     card = sidecar["card"]
     info = get_dataset_info(dataset)
     old = sidecar.get("ledger")

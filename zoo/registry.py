@@ -75,6 +75,21 @@ def checkpoint_path(card: dict) -> Path | None:
     return None if card["checkpoint"] is None else CARDS_DIR.parent / card["checkpoint"]["file"]
 
 
+def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, str | None]:
+    """``(checkpoint path, sha256 the card expects or None)`` for a checkpoint path or a registered name."""
+    path = Path(name_or_path)
+    if path.exists() or path.with_suffix(".safetensors").exists():
+        return path, None
+    card = get_card(str(name_or_path))
+    found = checkpoint_path(card)
+    if found is None:
+        raise FileNotFoundError(
+            f"model {card['name']!r} has no pretrained checkpoint yet; pretrained models: "
+            f"{list_models(pretrained=True)}. Pass a checkpoint path (e.g. runs/{card['name']}/final.safetensors) "
+            f"or train one with `zoo train {card['name']}`.")
+    return found, card["checkpoint"]["sha256"]
+
+
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Names of registered models matching the shell-style ``pattern``; with ``pretrained=True`` only those
     with a checkpoint file present."""
@@ -101,18 +116,12 @@ def create_model(name: str, pretrained: bool = False, num_classes: int | None = 
         num_classes: override the card's number of classes.
         **overrides: family arguments overriding the card's (e.g. ``in_chans=1``).
     """
-    card = get_card(name)
     if not pretrained:
-        return build(card, num_classes, **overrides)
-    path = checkpoint_path(card)
-    if path is None:
-        raise FileNotFoundError(
-            f"model {name!r} has no pretrained checkpoint yet; pretrained models: {list_models(pretrained=True)}. "
-            f"Train one with `zoo train {name}` or use pretrained=False."
-        )
+        return build(get_card(name), num_classes, **overrides)
     from .checkpoint import load_checkpoint
 
-    model, _ = load_checkpoint(path, expected_sha256=card["checkpoint"]["sha256"], **overrides)
+    path, sha = resolve_checkpoint(name)
+    model, _ = load_checkpoint(path, expected_sha256=sha, **overrides)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
