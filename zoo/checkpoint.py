@@ -135,11 +135,10 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 def load_checkpoint(path: str | Path, expected_sha256: str | None = None, use_ema: bool = True,
                     **overrides: Any) -> tuple[nn.Module, dict]:
     """Build the model recorded in the sidecar and load its weights (EMA ones when present and ``use_ema``)."""
-    from .registry import _FAMILIES
+    from .registry import build
 
     tensors, sidecar = read_checkpoint(path, expected_sha256)
-    family = sidecar["card"]["family"]
-    model = _FAMILIES[family](**{**sidecar["args"], **overrides})
+    model = build(sidecar["card"], **{**sidecar["args"], **overrides})
     state = _section(tensors, "ema.") if use_ema and any(k.startswith("ema.") for k in tensors) else None
     model.load_state_dict(state or _section(tensors, "model."))
     return model, sidecar

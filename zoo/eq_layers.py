@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
+from .layers import largest_divisor
+
 
 def gspace(group: str):
     """escnn gspace for ``'c4'``, ``'c8'``, ``'d4'``, ``'d8'``, ... (rotations C_N, rotations + flips D_N)."""
@@ -112,16 +114,12 @@ class R2Conv(nn.Module):
 def r2conv_grad_sample(layer: R2Conv, activations: list[torch.Tensor], backprops: torch.Tensor):
     """Per-sample coefficient gradients: per-sample filter gradients (opacus' unfold trick) pulled back through
     the linear basis expansion with ``torch.func.vjp`` (vmapped over samples). Exact."""
-    from .grad_sample import conv_filter_grad_sample
+    from .grad_sample import conv_filter_grad_sample, empty_grad_sample
 
     x = activations[0].to(backprops.dtype)
-    n = x.shape[0]
+    if x.shape[0] == 0:
+        return empty_grad_sample(layer)
     ret: dict[nn.Parameter, torch.Tensor] = {}
-    if n == 0:
-        ret[layer.weights] = layer.weights.new_zeros((0, *layer.weights.shape))
-        if layer.bias is not None:
-            ret[layer.bias] = layer.bias.new_zeros((0, *layer.bias.shape))
-        return ret
     if layer.weights.requires_grad:
         gf = conv_filter_grad_sample(layer, x, backprops, out_channels=layer.out_type.size)
         _, vjp = torch.func.vjp(layer.expand_filter, layer.weights.detach())
@@ -142,10 +140,8 @@ class FieldGroupNorm(nn.Module):
     def __init__(self, num_fields: int, field_size: int, num_groups: int = 16, affine: bool = True,
                  eps: float = 1e-5):
         super().__init__()
-        g = min(num_groups, num_fields)
-        while num_fields % g:
-            g -= 1
-        self.num_fields, self.field_size, self.num_groups, self.eps = num_fields, field_size, g, eps
+        self.num_fields, self.field_size, self.eps = num_fields, field_size, eps
+        self.num_groups = largest_divisor(num_fields, num_groups)
         self.weight = nn.Parameter(torch.ones(num_fields)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_fields)) if affine else None
 

@@ -32,6 +32,11 @@ def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tor
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+def empty_grad_sample(layer: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of an empty (Poisson) batch: ``[0, *p.shape]`` for each trainable parameter."""
+    return {p: p.new_zeros((0, *p.shape)) for p in layer.parameters(recurse=False) if p.requires_grad}
+
+
 def conv_filter_grad_sample(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor,
                             out_channels: int | None = None) -> torch.Tensor:
     """Per-sample gradient ``[B, C_out, C_in/groups, kH, kW]`` of the filter a conv layer applied to ``x``.
@@ -58,12 +63,9 @@ def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], back
     """
     x = activations[0].to(backprops.dtype)
     n, w = x.shape[0], layer.weight
-    ret: dict[nn.Parameter, torch.Tensor] = {}
     if n == 0:
-        ret[w] = w.new_zeros((0, *w.shape))
-        if layer.bias is not None and layer.bias.requires_grad:
-            ret[layer.bias] = w.new_zeros((0, *layer.bias.shape))
-        return ret
+        return empty_grad_sample(layer)
+    ret: dict[nn.Parameter, torch.Tensor] = {}
     if w.requires_grad:
         gh = conv_filter_grad_sample(layer, x, backprops)
         with torch.no_grad():

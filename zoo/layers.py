@@ -34,12 +34,17 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is not above ``at_most`` (number of groups for a GroupNorm)."""
+    g = max(1, min(at_most, n))
+    while n % g:
+        g -= 1
+    return g
+
+
 def _group_norm(groups: int) -> Callable[[int], nn.Module]:
     def make(channels: int) -> nn.Module:
-        g = groups
-        while channels % g:  # largest divisor of `channels` not above `groups`
-            g -= 1
-        return nn.GroupNorm(g, channels)
+        return nn.GroupNorm(largest_divisor(channels, groups), channels)
 
     return make
 
