@@ -1,13 +1,18 @@
 """Benchmark one DP-SGD step against one non-private step for every registered zoo model.
 
 For each model, on a random batch (``--batch-size`` samples of ``in_chans x image-size x image-size``), it
-reports the median wall time over ``--repeats`` runs (after one warm-up run) of:
+reports the median wall time over ``--repeats`` rounds (after one warm-up round; every variant runs once per
+round, interleaved, so that drift of the machine hits all alike) of:
   (a) a non-private step: forward, mean cross-entropy, backward, SGD step;
   (b) a DP-SGD step as ``zoo.engine._run`` does it (one physical batch, no augmentation multiplicity):
       per-sample gradients (``PerSampleGradients``), ``clip_per_sample`` with C=1, summed, ``add_noise`` with
       std = sigma * C (sigma=1), ``p.grad = noisy / B``, SGD step;
   (c) the memory held by the per-sample gradients: sum over parameters of B * numel * element size (MiB),
-      taken from the tensors ``PerSampleGradients`` returns.
+      taken from the tensors ``PerSampleGradients`` returns, and the same at the card's physical batch size:
+      the engine computes per-sample gradients one physical batch at a time, so that is the bound in training.
+On CPU, large temporaries are fresh ``mmap`` pages in every step under glibc's default malloc, and page faults
+can dominate; the header prints any ``MALLOC_*`` settings, e.g. run once more with
+``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`` to keep freed memory for reuse.
 Progress goes to stderr, the table to stdout. Reproduce (all models; several minutes on 2 CPU cores):
     python eval/bench_dp_step.py --batch-size 64 --repeats 3
 Only the small models, with JSON output:  ... --models 'wrn16-*' 'test-*' --json bench.json
@@ -18,17 +23,18 @@ best chunk size is reported:  ... --models 'eq-*' --compare-vmap --chunk-sizes 0
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import sys
-import time
 import traceback
 
 import torch
 import torch.nn.functional as F
 
 import zoo
+from _timing import timer
 from zoo.engine import add_noise, clip_per_sample
 from zoo.grad_sample import PerSampleGradients
 
@@ -39,21 +45,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def median_ms(step, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``step()`` in ms over ``repeats`` runs, after one warm-up run."""
-    times, sync = [], (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for i in range(repeats + 1):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i:  # run 0 is the warm-up
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def vmap_per_sample_ms(model, x, y, chunk_sizes, repeats: int, device: torch.device) -> tuple[float, int]:
-    """Best median time of whole-model ``vmap(grad)`` per-sample gradients over ``chunk_sizes``."""
+def vmap_step(model, x, y, chunk: int):
+    """Whole-model ``vmap(grad)`` per-sample gradients (Hölzl et al.'s route) as a closure."""
     from torch.func import functional_call, grad, vmap
 
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -63,33 +56,30 @@ def vmap_per_sample_ms(model, x, y, chunk_sizes, repeats: int, device: torch.dev
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),), tie_weights=False)
         return F.cross_entropy(out, yi.unsqueeze(0))
 
-    best = None
-    for chunk in chunk_sizes:
-        f = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk or None)
-        ms = median_ms(lambda: f(params, x, y), repeats, device)
-        if best is None or ms < best[0]:
-            best = (ms, chunk)
-    return best
+    f = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk or None)
+    return lambda: f(params, x, y)
 
 
 def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.device,
           chunk_sizes: list[int] | None = None) -> dict:
+    """Time every variant once per round, ``repeats`` rounds after a warm-up round, interleaved so that a drift
+    of the machine (other load, memory reclaim) hits all of them alike; report medians."""
     torch.manual_seed(0)
     model = zoo.create_model(name).to(device).train()
     x = torch.randn(batch, model.in_chans, image_size, image_size, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-
-    def plain_step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    plain = median_ms(plain_step, repeats, device)  # timed before opacus' hooks are attached
+    bare = copy.deepcopy(model)  # the plain step and vmap run on a copy without opacus' hooks
+    bare_opt = torch.optim.SGD(bare.parameters(), lr=LR)
     psg = PerSampleGradients(model)
     params = dict(psg.params)
     gen = torch.Generator(device=device).manual_seed(0)
     psg_bytes = []
+
+    def plain_step():
+        bare_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(bare(x), y).backward()
+        bare_opt.step()
 
     def dp_step():  # the body of the step loop in zoo.engine._run, one chunk, views=1
         summed = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -104,16 +94,30 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    variants = {"plain": plain_step, "dp": dp_step}
+    if chunk_sizes:
+        variants["psg"] = lambda: psg(x, y)
+        variants.update({f"vmap{c}": vmap_step(bare, x, y, c) for c in chunk_sizes})
+    time_ms, times = timer(device), {k: [] for k in variants}
     try:
-        dp = median_ms(dp_step, repeats, device)
-        ours = median_ms(lambda: psg(x, y), repeats, device) if chunk_sizes else None
+        for r in range(repeats + 1):  # round 0 is the warm-up
+            for k, step in variants.items():
+                ms = time_ms(step)
+                if r:
+                    times[k].append(ms)
     finally:
         psg.close()
-    row = {"model": name, "params": zoo.model_info(name)["num_params"], "batch": batch, "plain_ms": plain,
-           "dp_ms": dp, "ratio": dp / plain, "psg_mib": max(psg_bytes) / 2**20}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    card = zoo.model_info(name)
+    phys = card["recipe"]["physical_batch_size"]
+    row = {"model": name, "params": card["num_params"], "batch": batch, "plain_ms": med["plain"],
+           "dp_ms": med["dp"], "ratio": med["dp"] / med["plain"], "psg_mib": max(psg_bytes) / 2**20,
+           "physical_batch": phys, "psg_mib_physical": max(psg_bytes) / 2**20 * phys / batch}
     if chunk_sizes:
-        vm, chunk = vmap_per_sample_ms(model, x, y, chunk_sizes, repeats, device)
-        row.update(psg_ms=ours, vmap_ms=vm, vmap_chunk=chunk, speedup=vm / ours)
+        chunk = min(chunk_sizes, key=lambda c: med[f"vmap{c}"])
+        vm = med[f"vmap{chunk}"]
+        row.update(psg_ms=med["psg"], vmap_ms=vm, vmap_chunk=chunk, speedup=vm / med["psg"],
+                   vmap_all_ms={c: med[f"vmap{c}"] for c in chunk_sizes})
     return row
 
 
@@ -133,8 +137,10 @@ def main() -> int:
         ap.error(f"no registered model matches {args.models}; known: {zoo.list_models()}")
     device = torch.device(args.device)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "default"
     header = (f"torch {torch.__version__} | device {device}{gpu} | threads {torch.get_num_threads()}"
-              f" | load avg {os.getloadavg()[0]:.2f} | median of {args.repeats} runs after 1 warm-up")
+              f" | load avg {os.getloadavg()[0]:.2f} | malloc {malloc}"
+              f" | median of {args.repeats} interleaved rounds after 1 warm-up")
     log(header)
     rows, failed = [], []
     for name in names:
@@ -146,12 +152,14 @@ def main() -> int:
         except Exception as e:
             log(traceback.format_exc())
             failed.append({"model": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-    cols = ["model", "params", "batch", "non-private ms", "DP ms", "DP/non-private", "per-sample grad MiB"]
-    fmt = "{:<20} {:>10} {:>6} {:>15} {:>10} {:>15} {:>20}"
-    print(header, "\n" + fmt.format(*cols), "\n" + "-" * 102, sep="")
+    cols = ["model", "params", "batch", "non-private ms", "DP ms", "DP/non-private", "per-sample MiB",
+            "MiB at phys. batch"]
+    fmt = "{:<20} {:>10} {:>6} {:>15} {:>10} {:>15} {:>15} {:>19}"
+    print(header, "\n" + fmt.format(*cols), "\n" + "-" * 118, sep="")
     for r in rows:
         print(fmt.format(r["model"], f"{r['params']:,}", r["batch"], f"{r['plain_ms']:.1f}", f"{r['dp_ms']:.1f}",
-                         f"{r['ratio']:.2f}", f"{r['psg_mib']:.1f}"))
+                         f"{r['ratio']:.2f}", f"{r['psg_mib']:.1f}",
+                         f"{r['psg_mib_physical']:.1f} (B={r['physical_batch']})"))
     if args.compare_vmap:
         print("\nper-sample gradients alone: zoo (opacus hooks + registered samplers) vs whole-model torch.func vmap")
         print(f"{'model':<20} {'zoo ms':>10} {'vmap ms':>10} {'best chunk':>11} {'vmap / zoo':>11}")

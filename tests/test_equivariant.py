@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.eq_layers import FieldGroupNorm
+from zoo.eq_layers import FieldGroupNorm, FieldNorm, field_norm_layer
 from zoo.registry import get_card
 
 EQ_MODELS = [n for n in zoo.list_models() if get_card(n)["family"].startswith("eq-")]
@@ -49,11 +49,12 @@ def test_restricted_model_is_not_claimed_invariant_under_the_full_group():
         assert not torch.allclose(model(x.rot90(1, (2, 3))), model(x), atol=1e-4)
 
 
-def test_plain_groupnorm_affine_would_break_equivariance_but_field_groupnorm_does_not():
+@pytest.mark.parametrize("kind", ["fieldgroupnorm", "fieldnorm"])
+def test_plain_groupnorm_affine_would_break_equivariance_but_field_norms_do_not(kind):
     """Permuting the channels inside every field (the group action on regular fields) commutes with
-    FieldGroupNorm, with a trained (non-trivial) affine."""
+    FieldGroupNorm and FieldNorm, with a trained (non-trivial) affine; neither mixes samples."""
     fields, size = 6, 8
-    norm = FieldGroupNorm(fields, size, num_groups=3)
+    norm = field_norm_layer(kind, num_groups=3)(fields, size)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
         norm.bias.normal_()
@@ -61,6 +62,7 @@ def test_plain_groupnorm_affine_would_break_equivariance_but_field_groupnorm_doe
     perm = torch.randperm(size)
     permute = lambda t: t.view(2, fields, size, 5, 5)[:, :, perm].reshape(2, -1, 5, 5)  # noqa: E731
     assert torch.allclose(norm(permute(x)), permute(norm(x)), atol=1e-6)
+    assert torch.allclose(norm(x[:1]), norm(x)[:1], atol=1e-6)  # per sample: the batch does not matter
     plain = torch.nn.GroupNorm(3, fields * size)
     with torch.no_grad():
         plain.weight.uniform_(0.5, 2.0)
@@ -104,3 +106,63 @@ def test_per_sample_gradients_match_whole_model_torch_func():
     assert ours.keys() == ref.keys()
     for k in ours:
         assert torch.allclose(ours[k], ref[k], rtol=1e-8, atol=1e-12), k
+
+
+@pytest.mark.parametrize("types", ["trivial->regular", "regular->regular", "mixed->regular", "regular->mixed"])
+def test_coefficient_projection_matches_vjp_of_the_basis_expansion(types):
+    """The strided fast path (one contiguous basis block) and the vmap(vjp) fallback (several blocks) both equal
+    the adjoint of escnn's basis expansion applied to each sample's filter gradient."""
+    from escnn import nn as enn
+
+    from zoo.eq_layers import R2Conv, gspace, regular_type, trivial_type
+
+    gs = gspace("d4")
+    mixed = enn.FieldType(gs, [gs.regular_repr] * 2 + [gs.trivial_repr] * 3)
+    in_type, out_type = {"trivial->regular": (trivial_type(gs, 3), regular_type(gs, 5)),
+                         "regular->regular": (regular_type(gs, 3), regular_type(gs, 4)),
+                         "mixed->regular": (mixed, regular_type(gs, 2)),
+                         "regular->mixed": (regular_type(gs, 2), mixed)}[types]
+    layer = R2Conv(in_type, out_type).double()
+    assert (layer.basis_t is not None) == (types in ("trivial->regular", "regular->regular"))
+    gf = torch.randn(4, out_type.size, in_type.size, 3, 3, dtype=torch.float64)
+    ours = layer.coefficient_grads(gf)
+    for n in range(4):
+        _, vjp = torch.func.vjp(layer.expand_filter, layer.weights.detach())
+        assert torch.allclose(ours[n], vjp(gf[n])[0], rtol=1e-10, atol=1e-12)
+
+
+def test_field_norm_statistics_are_per_field_and_position():
+    """FieldNorm: each field of each sample has mean 0 and mean square 1 over its channels at every position."""
+    norm = FieldNorm(4, 8, affine=False, eps=0.0)
+    y = norm(torch.randn(3, 32, 5, 5) * 3 + 1).view(3, 4, 8, 5, 5)
+    assert torch.allclose(y.mean(2), torch.zeros(()), atol=1e-5)
+    assert torch.allclose(y.pow(2).mean(2), torch.ones(()), atol=1e-4)
+
+
+def test_unknown_or_batch_field_norm_is_refused():
+    for name in ("batchnorm", "innerbatchnorm", "fieldbatchnorm"):
+        with pytest.raises(ValueError, match="per-sample"):
+            field_norm_layer(name)
+
+
+@pytest.mark.parametrize("name", ["test-eq-resnet9-c4", "test-eq-wrn10-1-d4"])
+def test_fieldnorm_option_is_invariant_exact_and_exports(name):
+    """The FieldNorm option (``norm='fieldnorm'``): invariant logits in train mode, exact per-sample gradients
+    (float64, against one sample at a time), and an export with the same outputs."""
+    import torch.nn.functional as F
+
+    model = zoo.create_model(name, norm="fieldnorm", affine=True)
+    assert any(isinstance(m, FieldNorm) for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for act in grid_actions(model.invariance_group):
+            assert torch.allclose(model(act(x)), model(x), atol=1e-4, rtol=1e-4)
+        assert torch.allclose(zoo.export(model)(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+    model = model.double().train()
+    xd, y = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([2, 5])
+    grads = zoo.per_sample_gradients(model, xd, y)
+    for i in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(xd[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            assert torch.allclose(grads[n][i], p.grad, rtol=1e-8, atol=1e-12), n

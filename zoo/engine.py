@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .cards import RECIPE_SCHEMA
 from .data import ImageDataset, augment, get_dataset_info
+from .eq_layers import export
 from .grad_sample import PerSampleGradients
 from .io import write_text
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
@@ -83,8 +84,10 @@ def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> tor
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, device: str | torch.device = "cpu",
              progress: bool = False) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data`` (eval mode)."""
-    model.eval()
+    """Accuracy and mean cross-entropy of ``model`` on ``data``, computed with ``zoo.export(model)``: eval mode,
+    equivariant layers expanded once into plain torch layers (same outputs to float rounding; ``model`` itself
+    is left as it is)."""
+    model = export(model)
     correct, loss, n = 0, 0.0, len(data)
     for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
         x, y = data.batch(slice(start, start + batch_size))

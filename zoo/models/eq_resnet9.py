@@ -14,30 +14,22 @@ fields, so parameter counts stay comparable across groups.
 """
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import nn
 
-from ..eq_layers import FieldGroupNorm, R2Conv, group_pool, gspace, regular_type, trivial_type
+from ..eq_layers import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
 from ..layers import get_act_layer
 from ..registry import register_family
 from ._base import ZooClassifier
 
 
-def fields_for(channels: int, order: int) -> int:
-    """Regular fields for a stage of ``channels`` plain channels: ``int(channels * sqrt(1.5 |G|) / |G|)``."""
-    return max(1, int(channels * math.sqrt(1.5 * order) / order))
-
-
 class _EqBlock(nn.Module):
-    """R2Conv -> FieldGroupNorm -> act [-> 2x2 max pool]."""
+    """R2Conv -> field norm -> act [-> 2x2 max pool]."""
 
-    def __init__(self, in_type, out_type, act, norm_groups, affine, pool=False):
+    def __init__(self, in_type, out_type, act, norm, pool=False):
         super().__init__()
-        size = out_type.gspace.fibergroup.order()
         self.conv = R2Conv(in_type, out_type, 3, padding=1)
-        self.norm = FieldGroupNorm(len(out_type), size, norm_groups, affine=affine)
+        self.norm = norm(len(out_type), out_type.gspace.fibergroup.order())
         self.act, self.pool = act(), pool
 
     def forward(self, x):
@@ -46,13 +38,12 @@ class _EqBlock(nn.Module):
 
 
 class _EqResidual(nn.Module):
-    """``x -> FieldGroupNorm(x + block(block(x)))``."""
+    """``x -> norm(x + block(block(x)))``."""
 
-    def __init__(self, ftype, act, norm_groups, affine):
+    def __init__(self, ftype, act, norm):
         super().__init__()
-        self.body = nn.Sequential(_EqBlock(ftype, ftype, act, norm_groups, affine),
-                                  _EqBlock(ftype, ftype, act, norm_groups, affine))
-        self.norm = FieldGroupNorm(len(ftype), ftype.gspace.fibergroup.order(), norm_groups, affine=affine)
+        self.body = nn.Sequential(_EqBlock(ftype, ftype, act, norm), _EqBlock(ftype, ftype, act, norm))
+        self.norm = norm(len(ftype), ftype.gspace.fibergroup.order())
 
     def forward(self, x):
         return self.norm(x + self.body(x))
@@ -69,8 +60,9 @@ def _halve(group: str) -> str:
 class EqResNet9(ZooClassifier):
     """Args: group ('c4', 'c8', 'd4', 'd8', ...), layout (plain channel counts of the three stages; Hölzl et al.
     use 16, 32, 64), restrict (the last stage works on the subgroup of half the rotation order, e.g. D4 -> D2,
-    as Hölzl et al.'s "halved"), num_classes, in_chans, act, norm_groups (field groups per GroupNorm: the
-    largest divisor of the field count not above it), affine (GroupNorm affine; Hölzl et al. use none).
+    as Hölzl et al.'s "halved"), num_classes, in_chans, act, norm (``'fieldgroupnorm'`` or ``'fieldnorm'``, see
+    :func:`zoo.eq_layers.field_norm_layer`), norm_groups (field groups per GroupNorm: the largest divisor of the
+    field count not above it), affine (normalization affine; Hölzl et al. use none).
 
     ``invariance_group`` is the group the logits are invariant under: ``group``, or its halved subgroup when
     ``restrict`` is on.
@@ -79,16 +71,16 @@ class EqResNet9(ZooClassifier):
     min_size = 8
 
     def __init__(self, group: str = "d4", layout: tuple = (16, 32, 64), restrict: bool = True,
-                 num_classes: int = 10, in_chans: int = 3, act: str = "mish", norm_groups: int = 8,
-                 affine: bool = False):
+                 num_classes: int = 10, in_chans: int = 3, act: str = "mish", norm: str = "fieldgroupnorm",
+                 norm_groups: int = 8, affine: bool = False):
         super().__init__()
         gs = gspace(group)
         order = gs.fibergroup.order()
         self.group, self.in_chans, self.num_classes = group, in_chans, num_classes
         f = [fields_for(c, order) for c in layout]
         t = [regular_type(gs, k) for k in f]
-        act_f = get_act_layer(act)
-        blk = lambda i, o, pool=False: _EqBlock(i, o, act_f, norm_groups, affine, pool)  # noqa: E731
+        act_f, norm_f = get_act_layer(act), field_norm_layer(norm, norm_groups, affine)
+        blk = lambda i, o, pool=False: _EqBlock(i, o, act_f, norm_f, pool)  # noqa: E731
         last_in = t[2]
         self.invariance_group = group
         if restrict:
@@ -101,10 +93,10 @@ class EqResNet9(ZooClassifier):
         self.features = nn.Sequential(
             blk(trivial_type(gs, in_chans), t[0]),
             blk(t[0], t[1], pool=True),
-            _EqResidual(t[1], act_f, norm_groups, affine),
+            _EqResidual(t[1], act_f, norm_f),
             blk(t[1], t[2], pool=True),
             blk(last_in, t_last, pool=True),
-            _EqResidual(t_last, act_f, norm_groups, affine),
+            _EqResidual(t_last, act_f, norm_f),
         )
         self.num_features = len(t_last)
         self.head = nn.Linear(len(t_last), num_classes)

@@ -1,0 +1,72 @@
+"""Start-up cost of zoo models: ``import zoo`` and ``zoo.create_model(name)`` in fresh processes.
+
+For each model (default: every registered ``eq-*`` model) it runs two fresh Python processes with the same
+``ZOO_CACHE`` (a new empty directory per model unless ``--cache`` is given):
+  cold: the cache is empty, so escnn's He-initialisation variances are computed (and stored);
+  warm: the cache is filled, which is what every later build sees.
+It reports the time of ``import zoo`` and of the build (which includes importing escnn) in each. escnn's own
+joblib cache (irrep restrictions, in escnn's install directory) is not cleared: it is filled by the first
+escnn use on the machine. Reproduce (2 CPU cores, a few minutes):
+    python eval/bench_startup.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import zoo
+from zoo.registry import get_card
+
+PROBE = """
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+t0 = time.perf_counter()
+import zoo
+t1 = time.perf_counter()
+zoo.create_model(sys.argv[1])
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "build_s": t2 - t1}))
+"""
+
+
+def probe(name: str, cache: str) -> dict:
+    env = {**os.environ, "ZOO_CACHE": cache}
+    out = subprocess.run([sys.executable, "-c", PROBE, name], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["eq-*"], help="shell patterns of model names (default: eq-*)")
+    ap.add_argument("--cache", help="ZOO_CACHE to use (default: a new empty temporary directory)")
+    ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    args = ap.parse_args()
+    names = sorted({n for pat in args.models for n in zoo.list_models(pat)})
+    if not names:
+        ap.error(f"no registered model matches {args.models}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="zoo-cache-") as tmp:
+        cache = args.cache or tmp
+        for i, name in enumerate(names, 1):
+            print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
+            own = cache if args.cache else os.path.join(tmp, name)  # no model profits from another's entries
+            cold, warm = probe(name, own), probe(name, own)
+            rows.append({"model": name, "family": get_card(name)["family"], "import_s": warm["import_s"],
+                         "cold_build_s": cold["build_s"], "warm_build_s": warm["build_s"]})
+    fmt = "{:<22} {:>10} {:>18} {:>18}"
+    print(f"ZOO_CACHE: {args.cache or 'a fresh empty directory per model'} | {os.cpu_count()} CPUs")
+    print(fmt.format("model", "import s", "first build s", "cached build s"), "-" * 71, sep="\n")
+    for r in rows:
+        print(fmt.format(r["model"], f"{r['import_s']:.2f}", f"{r['cold_build_s']:.2f}", f"{r['warm_build_s']:.2f}"))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
