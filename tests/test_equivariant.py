@@ -86,13 +86,14 @@ def test_export_gives_plain_layers_and_the_same_outputs(name):
     assert zoo.validate_model(plain) is plain
 
 
-def test_per_sample_gradients_match_whole_model_torch_func():
+@pytest.mark.parametrize("name", ["test-eq-resnet9-c4", "test-eq-wrn10-1-d4"])
+def test_per_sample_gradients_match_whole_model_torch_func(name):
     """Independent check of the basis-projection route: torch.func's vmap(grad) over the whole model (the
     route of Hölzl et al.'s code), in float64."""
     import torch.nn.functional as F
     from torch.func import functional_call, grad, vmap
 
-    model = zoo.create_model("test-eq-resnet9-c4").double()
+    model = zoo.create_model(name).double()
     x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 7])
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
@@ -166,3 +167,22 @@ def test_fieldnorm_option_is_invariant_exact_and_exports(name):
         F.cross_entropy(model(xd[i:i + 1]), y[i:i + 1]).backward()
         for n, p in model.named_parameters():
             assert torch.allclose(grads[n][i], p.grad, rtol=1e-8, atol=1e-12), n
+
+
+def test_escnn_disk_cache_follows_zoo_cache(tmp_path, monkeypatch):
+    """escnn's joblib stores (by default in its install directory, unwritable in a read-only install) are
+    moved under ZOO_CACHE, and what escnn computes for a new group lands there."""
+    import escnn.group._clebsh_gordan as cg
+
+    from zoo.eq_layers import relocate_escnn_cache
+
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    try:
+        assert relocate_escnn_cache() == tmp_path / "escnn"
+        assert cg.cache.store_backend.location == str(tmp_path / "escnn" / "joblib")
+        zoo.create_model("test-eq-resnet9-c4", group="d6", layout=(4, 4, 8))  # D6 -> D3: new CG coefficients
+        assert any((tmp_path / "escnn" / "joblib").rglob("output.pkl"))
+        assert any((tmp_path / "escnn").glob("he-*.npy"))
+    finally:
+        monkeypatch.undo()
+        relocate_escnn_cache()

@@ -19,6 +19,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,9 +32,37 @@ from torch import nn
 from .layers import largest_divisor
 
 
+def relocate_escnn_cache() -> Path:
+    """Point escnn's on-disk cache (joblib ``Memory`` stores of irrep restrictions and Clebsch-Gordan
+    coefficients, by default inside escnn's install directory) at ``$ZOO_CACHE/escnn`` and return it.
+
+    In a read-only install escnn cannot write its own directory: it then warns on every miss and recomputes
+    in every process (48 s for a small D12 model on 2 cores). The stores are reconfigured in place, so every
+    function escnn decorated with them follows. Idempotent; called whenever zoo builds an escnn gspace.
+    """
+    import joblib
+
+    from .data import cache_root
+
+    target = cache_root() / "escnn"
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("escnn") or module is None:
+            continue
+        for memory in [v for v in vars(module).values() if isinstance(v, joblib.Memory)]:
+            backend = memory.store_backend
+            if backend is not None and Path(backend.location) != target / "joblib":
+                backend.configure(str(target / "joblib"), verbose=0,
+                                  backend_options={"compress": backend.compress, "mmap_mode": backend.mmap_mode})
+                memory.location = str(target)
+    return target
+
+
 def gspace(group: str):
     """escnn gspace for ``'c4'``, ``'c8'``, ``'d4'``, ``'d8'``, ... (rotations C_N, rotations + flips D_N)."""
-    from escnn import gspaces
+    with warnings.catch_warnings():  # py3nj serves 3D groups only; zoo installs escnn without it on purpose
+        warnings.filterwarnings("ignore", message="`py3nj` package not found")
+        from escnn import gspaces
+    relocate_escnn_cache()
 
     kind, n = group[0].lower(), int(group[1:])
     if kind == "c":
@@ -76,6 +107,32 @@ def he_init(weights: torch.Tensor, basis, key: str) -> None:
     del init.cached_he_vars[basis]  # keyed by the basis object: would otherwise keep every layer alive
 
 
+_ESCNN_BASES: dict[str, tuple] = {}
+
+
+def _escnn_basis(key: str, in_type, out_type, kernel_size, padding, stride, bias, escnn_kwargs):
+    """``(basis expansion, bias expansion or None)`` of escnn's R2Conv for these types, built once per process:
+    escnn re-walks the whole steerable basis (Clebsch-Gordan lookups in its joblib cache) for every layer it
+    builds, which made a cached WRN-40-4-D8 build take about 3 s; the result only depends on the key."""
+    if (key, bias) not in _ESCNN_BASES:
+        from escnn import nn as enn
+
+        conv = enn.R2Conv(in_type, out_type, kernel_size, padding=padding, stride=stride, bias=bias,
+                          initialize=False, **escnn_kwargs)
+        _ESCNN_BASES[key, bias] = (conv._basisexpansion, conv.bias_expansion if bias else None)
+    return _ESCNN_BASES[key, bias]
+
+
+def _copy_buffers(module: nn.Module) -> nn.Module:
+    """A copy of a buffers-only module tree with its own tensors; the (read-only) Python attributes, such as
+    escnn's basis descriptions, stay shared. Much cheaper than ``copy.deepcopy`` of escnn's basis objects."""
+    new = copy.copy(module)
+    new._buffers = {k: None if v is None else v.clone() for k, v in module._buffers.items()}
+    new._modules = {k: None if m is None else _copy_buffers(m) for k, m in module._modules.items()}
+    new._parameters = {}
+    return new
+
+
 class R2Conv(nn.Module):
     """Equivariant convolution ``in_type -> out_type`` (escnn's R2Conv) on plain tensors.
 
@@ -86,22 +143,19 @@ class R2Conv(nn.Module):
     def __init__(self, in_type, out_type, kernel_size: int = 3, padding: int = 1, stride: int = 1,
                  bias: bool = False, **escnn_kwargs):
         super().__init__()
-        from escnn import nn as enn
-
-        conv = enn.R2Conv(in_type, out_type, kernel_size, padding=padding, stride=stride, bias=bias,
-                          initialize=False, **escnn_kwargs)
-        he_init(conv.weights.data, conv._basisexpansion, f"{in_type}|{out_type}|{kernel_size}|{padding}|{stride}|"
-                f"{sorted(escnn_kwargs.items())}")
+        key = f"{in_type}|{out_type}|{kernel_size}|{padding}|{stride}|{sorted(escnn_kwargs.items())}"
+        basis, bias_expansion = _escnn_basis(key, in_type, out_type, kernel_size, padding, stride, bias,
+                                             escnn_kwargs)
         self.in_type, self.out_type = in_type, out_type
         self.kernel_size, self.stride, self.padding = (kernel_size, kernel_size), (stride, stride), (padding, padding)
         self.dilation = (1, 1)
-        # escnn shares basis-expansion modules between layers of the same types (a per-process cache): copy it,
-        # so that .double() or .to() on one model cannot change another model's basis
-        self.basis = copy.deepcopy(conv._basisexpansion)  # buffers only
-        self.weights = conv.weights
-        self.bias = conv.bias
+        self.basis = _copy_buffers(basis)  # own tensors: .double() or .to() on one layer cannot reach another
+        self.weights = nn.Parameter(torch.zeros(basis.dimension()))
+        he_init(self.weights.data, self.basis, key)
+        self.bias = None
         if bias:
-            self.register_buffer("bias_expansion", conv.bias_expansion.clone())
+            self.bias = nn.Parameter(torch.zeros(bias_expansion.shape[1]))
+            self.register_buffer("bias_expansion", bias_expansion.clone())
         # the transposed basis for the per-sample projection, when the expansion is one contiguous block
         # (one input and one output representation, as in every zoo model): [o, i*S, d], see coefficient_grads
         basis_t = None
