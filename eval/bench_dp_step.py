@@ -5,8 +5,8 @@ reports the median wall time over ``--repeats`` rounds (after one warm-up round;
 round, interleaved, so that drift of the machine hits all alike) of:
   (a) a non-private step: forward, mean cross-entropy, backward, SGD step;
   (b) a DP-SGD step as ``zoo.engine._run`` does it (one physical batch, no augmentation multiplicity):
-      per-sample gradients (``PerSampleGradients``), ``clip_per_sample`` with C=1, summed, ``add_noise`` with
-      std = sigma * C (sigma=1), ``p.grad = noisy / B``, SGD step;
+      ``zoo.engine.dp_gradients`` (per-sample gradients, clipping with C=1, noise with sigma=1, division by B,
+      any data-free penalty gradient), SGD step;
   (c) the memory held by the per-sample gradients: sum over parameters of B * numel * element size (MiB),
       taken from the tensors ``PerSampleGradients`` returns, and the same at the card's physical batch size:
       the engine computes per-sample gradients one physical batch at a time, so that is the bound in training.
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import zoo
 from _timing import timer
-from zoo.engine import add_noise, clip_per_sample
+from zoo.engine import dp_gradients
 from zoo.grad_sample import PerSampleGradients
 
 CLIP_NORM, SIGMA, LR = 1.0, 1.0, 0.1
@@ -81,22 +81,20 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
         F.cross_entropy(bare(x), y).backward()
         bare_opt.step()
 
-    def dp_step():  # the body of the step loop in zoo.engine._run, one chunk, views=1
-        summed = {n: torch.zeros_like(p) for n, p in params.items()}
-        grads, _, _ = psg(x, y)
-        psg_bytes.append(sum(g.numel() * g.element_size() for g in grads.values()))
-        clipped, _ = clip_per_sample(grads, CLIP_NORM)
-        for n in summed:
-            summed[n] += clipped[n]
-        noisy = add_noise(summed, SIGMA * CLIP_NORM, gen)
+    def dp_step():  # the body of the step loop in zoo.engine._run, one physical batch, views=1
+        grads, _, _ = dp_gradients(psg, [(x, y)], clip_norm=CLIP_NORM, sigma=SIGMA, expected_batch=batch, views=1,
+                                   noise_generator=gen)
         for n, p in params.items():
-            p.grad = noisy[n] / batch
+            p.grad = grads[n]
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    variants = {"plain": plain_step, "dp": dp_step}
+    def psg_step():  # per-sample gradients alone; also records their memory
+        grads = psg(x, y)[0]
+        psg_bytes.append(sum(g.numel() * g.element_size() for g in grads.values()))
+
+    variants = {"plain": plain_step, "dp": dp_step, "psg": psg_step}
     if chunk_sizes:
-        variants["psg"] = lambda: psg(x, y)
         variants.update({f"vmap{c}": vmap_step(bare, x, y, c) for c in chunk_sizes})
     time_ms, times = timer(device), {k: [] for k in variants}
     try:

@@ -8,7 +8,8 @@ One DP-SGD step (what the guarantee in :mod:`zoo.privacy` assumes):
      the mean over its views (augmentation multiplicity), computed exactly per sample.
   3. Each sample's whole gradient is clipped to L2 norm ``clip_norm``; the clipped gradients are summed.
   4. Gaussian noise N(0, (sigma * clip_norm)^2) is added once per step, and the sum is divided by the
-     *expected* batch size ``q * N`` (a public constant), then the optimizer steps. An EMA of the weights is
+     *expected* batch size ``q * N`` (a public constant); the gradient of any data-free penalty (the expected
+     L0 of sparse models, :mod:`zoo.sparse`) is added, then the optimizer steps. An EMA of the weights is
      kept for evaluation (post-processing: free).
 sigma is calibrated for the q and step count that training really uses; training stops before the ledger
 would exceed the target epsilon. Randomness (sampling, augmentation, noise) is drawn from generators seeded
@@ -37,6 +38,7 @@ from .eq_layers import export
 from .grad_sample import PerSampleGradients
 from .io import write_text
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
+from .sparse import penalty_gradients
 from .registry import build, get_card, resolve_checkpoint
 
 
@@ -69,6 +71,39 @@ def ema_with_warmup(decay: float):
         torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + t) / (10.0 + t)))
 
     return update
+
+
+def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: float, expected_batch: float,
+                 views: int, noise_generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The gradient of one DP-SGD step (steps 2-4 of the module docstring): ``{name: grad}``, summed loss, correct.
+
+    ``batches`` yields the physical batches ``(x, y)`` of the logical batch, each sample as ``views``
+    consecutive views (none for an empty batch). Each sample's gradient (mean over its views) is clipped to
+    ``clip_norm``; the sum gets N(0, (sigma * clip_norm)^2) noise and is divided by ``expected_batch``. Then the
+    gradient of the model's data-free penalty (expected L0 times ``model.l0_weight``, :mod:`zoo.sparse`) is
+    added: it reads no data, so it needs neither clipping nor noise.
+    """
+    summed = {name: torch.zeros_like(p) for name, p in psg.params.items()}
+    loss_sum, correct = 0.0, 0.0
+    for x, y in batches:
+        grads, losses, logits = psg(x, y, views=views)
+        clipped, _ = clip_per_sample(grads, clip_norm)
+        for name in summed:
+            summed[name] += clipped[name]
+        loss_sum += losses.sum().item() / views
+        correct += (logits.argmax(1) == y).sum().item() / views
+    noisy = add_noise(summed, sigma * clip_norm, noise_generator)
+    out = {name: noisy[name] / expected_batch for name in summed}
+    names = {p: name for name, p in psg.params.items()}
+    for p, g in penalty_gradients(psg.model, getattr(psg.model, "l0_weight", 0.0)).items():
+        out[names[p]] = out[names[p]] + g
+    return out, loss_sum, correct
+
+
+def _with_views(batch, k: int, generator: torch.Generator, device: torch.device):
+    """``(x, y)`` on ``device``, each sample repeated as ``k`` consecutive augmented views when ``k > 1``."""
+    x, y = batch[0].to(device), batch[1].to(device)
+    return (augment(x.repeat_interleave(k, 0), generator), y.repeat_interleave(k)) if k > 1 else (x, y)
 
 
 def _generator(seed: int, step: int, stream: str, device: torch.device) -> torch.Generator:
@@ -216,22 +251,15 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     for step in range(done, end):
         idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
         aug_gen = _generator(seed, step, "augment", device)
-        summed = {name: torch.zeros_like(p) for name, p in params.items()}
-        loss_sum, correct = 0.0, 0
-        for chunk in idx.split(recipe["physical_batch_size"]) if len(idx) else ():  # empty batch: noise only
-            x, y = train.batch(chunk)
-            x, y = x.to(device), y.to(device)
-            if k > 1:
-                x, y = augment(x.repeat_interleave(k, 0), aug_gen), y.repeat_interleave(k)
-            grads, losses, logits = psg(x, y, views=k)
-            clipped, _ = clip_per_sample(grads, c)
-            for name in summed:
-                summed[name] += clipped[name]
-            loss_sum += losses.sum().item() / k
-            correct += (logits.argmax(1) == y).sum().item() / k
-        noisy = add_noise(summed, sigma * c, _generator(seed, step, "noise", device))
+        batches = (_with_views(train.batch(chunk), k, aug_gen, device)
+                   for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
+        # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(_generator(seed, step, "model", torch.device("cpu")).initial_seed())
+            grads, loss_sum, correct = dp_gradients(psg, batches, clip_norm=c, sigma=sigma, expected_batch=expected,
+                                                    views=k, noise_generator=_generator(seed, step, "noise", device))
         for name, p in params.items():
-            p.grad = noisy[name] / expected
+            p.grad = grads[name]
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update_parameters(model)

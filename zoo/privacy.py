@@ -131,3 +131,5 @@ class Ledger:
             raise ValueError(f"ledger says epsilon={d['epsilon']} but its history gives {ledger.epsilon()}: "
                              "the ledger was edited")
         return ledger
+
+from . import tan  # noqa: E402,F401  (zoo.privacy.tan: TAN scaling laws, built on the functions above)

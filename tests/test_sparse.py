@@ -1,0 +1,131 @@
+"""L0 gates (Louizos et al. 2018) under DP, and pruning into physically smaller networks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zoo
+from zoo.engine import dp_gradients
+from zoo.grad_sample import PerSampleGradients
+from zoo.sparse import BETA, GAMMA, ZETA, HardConcreteGate, expected_l0, gate_modules, penalty_gradients
+
+SPARSE = [n for n in zoo.list_models() if zoo.registry.get_card(n)["args"].get("l0")]
+
+
+def test_gate_formulas():
+    gate = HardConcreteGate(5, drop_rate=0.3)
+    assert torch.allclose(gate.log_alpha, torch.full((5,), math.log(0.7 / 0.3)))
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-9.0, -1.0, 0.0, 1.0, 9.0]))
+    gate.eval()
+    z = gate.gates()[0]
+    ref = (torch.sigmoid(gate.log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    assert torch.equal(z, ref) and z[0] == 0 and z[-1] == 1
+    assert torch.allclose(expected_l0(gate), torch.sigmoid(gate.log_alpha - BETA * math.log(-GAMMA / ZETA)).sum())
+    gate.train()
+    torch.manual_seed(0)
+    draws = gate.gates(4000)
+    assert ((draws >= 0) & (draws <= 1)).all()
+    assert (draws[:, 0] == 0).float().mean() > 0.99 and (draws[:, -1] == 1).float().mean() > 0.99
+    assert 0 < (draws[:, 2] == 0).float().mean() < 0.5  # log_alpha = 0: closed sometimes, not mostly
+
+
+def test_gate_per_sample_gradients_exact():
+    """The hard-concrete grad sampler against one-sample-at-a-time autograd with the same draws."""
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        gate = HardConcreteGate(6)
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3, padding=1), gate, torch.nn.Flatten(),
+                                    torch.nn.Linear(6 * 25, 3)).double()
+        x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+        torch.manual_seed(1)
+        grads = zoo.per_sample_gradients(model, x, y)
+        torch.manual_seed(1)
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        for i in range(4):
+            ref = torch.autograd.grad(losses[i], [gate.log_alpha], retain_graph=True)[0]
+            assert ref.abs().sum() > 0
+            assert torch.allclose(grads["1.log_alpha"][i], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_dp_update_is_clip_and_noise_of_the_data_gradients_plus_the_penalty_gradient():
+    """The step gradient equals (sum of clipped per-sample gradients + N(0, (sigma C)^2)) / B, computed here
+    by hand, plus the gradient of l0_weight * E[L0], which is the same whatever the data."""
+    torch.manual_seed(0)
+    model = zoo.create_model("test-wrn10-1-l0").double()
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 5])
+    clip, sigma, expected = 0.5, 0.7, 8.0
+    psg = PerSampleGradients(model)
+
+    def step(xb, yb):
+        torch.manual_seed(3)
+        return dp_gradients(psg, [(xb, yb)], clip_norm=clip, sigma=sigma, expected_batch=expected, views=1,
+                            noise_generator=torch.Generator().manual_seed(7))[0]
+
+    got = step(x, y)
+    torch.manual_seed(3)
+    per = psg(x, y)[0]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per.values()], 1).norm(dim=1)
+    factor = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    noise = torch.Generator().manual_seed(7)
+    penalty = {n: torch.zeros_like(p) for n, p in psg.params.items()}
+    for n, p in psg.params.items():
+        if n.endswith("log_alpha"):  # d/dla of w * sigmoid(la - beta log(-gamma/zeta))
+            s = torch.sigmoid(p.detach() - BETA * math.log(-GAMMA / ZETA))
+            penalty[n] = model.l0_weight * s * (1 - s)
+    for n, g in per.items():
+        summed = (factor.view(-1, *[1] * (g.dim() - 1)) * g).sum(0)
+        noisy = summed + sigma * clip * torch.randn(summed.shape, generator=noise, dtype=summed.dtype)
+        assert torch.allclose(got[n], noisy / expected + penalty[n], rtol=1e-10, atol=1e-12), n
+    # the penalty part reads no data: other data change every coordinate's data part, never the penalty's
+    pen = {p: g for p, g in penalty_gradients(model, model.l0_weight).items()}
+    assert len(pen) == len(gate_modules(model)) and model.l0_weight > 0
+    for gate in gate_modules(model):
+        name = next(n for n, p in psg.params.items() if p is gate.log_alpha)
+        assert torch.allclose(pen[gate.log_alpha], penalty[name])
+    psg.close()
+
+
+def _close_some(model, seed=0):
+    """Random log_alpha with about a third of the channel gates shut, one block's every channel shut and one
+    branch gate shut, so that every pruning case is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    gates = [m for m in model.modules() if isinstance(m, HardConcreteGate)]
+    channel = [m for m in gates if m.log_alpha.numel() > 1]
+    with torch.no_grad():
+        for m in gates:
+            m.log_alpha.copy_(torch.randn(m.log_alpha.shape, generator=g) * 3)
+        channel[0].log_alpha.fill_(-10.0)  # a whole block's channels closed
+        branch = [m for m in gates if m.log_alpha.numel() == 1]
+        if branch:
+            for m in branch:
+                m.log_alpha.fill_(2.0)
+            branch[-1].log_alpha.fill_(-10.0)  # one residual branch closed
+        for p in model.parameters():  # a trained-looking affine
+            if p.dim() == 1 and not any(p is m.log_alpha for m in gates):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_prune_gives_a_smaller_network_with_the_same_outputs(name):
+    model = zoo.create_model(name)
+    _close_some(model)
+    small, report = zoo.prune(model)
+    assert not gate_modules(small) and gate_modules(model)  # the original keeps its gates
+    assert report["params_after"] < report["params_before"] and report["flops_after"] < report["flops_before"]
+    assert report["params_after"] == sum(p.numel() for p in small.parameters())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+    assert zoo.validate_model(small) is small
+    kept = report["kept"]
+    assert kept[0]["channels"] == 0 and any(0 < k["channels"] < k["of"] for k in kept)
+
+
+def test_prune_refuses_models_it_cannot_prune():
+    with pytest.raises(ValueError, match="no L0 gates"):
+        zoo.prune(zoo.create_model("test-wrn10-1"))
+    with pytest.raises(TypeError, match="no pruner registered"):
+        zoo.prune(zoo.create_model("test-resnet9-w8"))

@@ -1,0 +1,159 @@
+"""L0 sparsity under DP: hard-concrete gates (Louizos, Welling, Kingma 2018) and pruning into smaller networks.
+
+A :class:`HardConcreteGate` multiplies each channel ``c`` of its input by a gate ``z_c`` in [0, 1]:
+
+* training: ``u ~ U(0, 1)`` drawn per sample and channel, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
+  ``z = min(1, max(0, s (zeta - gamma) + gamma))``;
+* eval: the deterministic ``z = min(1, max(0, sigmoid(log_alpha) (zeta - gamma) + gamma))``;
+* penalty: the expected number of non-zero gates ``sum_c sigmoid(log_alpha_c - beta log(-gamma / zeta))``,
+
+with ``beta = 2/3``, ``gamma = -0.1``, ``zeta = 1.1`` and ``log_alpha`` initialised from a drop rate of 0.3.
+
+Under DP: a sample's gradient of ``log_alpha`` flows through its own gate draw and its own activations, so it is
+computed exactly per sample (registered grad sampler) and clipped and noised with every other parameter. The
+penalty depends on no data: its gradient is added after the noise (:func:`penalty_gradients`), which costs no
+privacy. The gate noise is drawn from torch's global RNG, which the engine seeds per step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
+
+
+class HardConcreteGate(nn.Module):
+    """One hard-concrete gate per channel of a ``[B, C, H, W]`` (or ``[B, C]``) input; ``channels=1`` gates the
+    whole input at once (a whole residual branch). Args: channels, drop_rate (initial probability of a closed
+    gate, sets ``log_alpha``)."""
+
+    def __init__(self, channels: int, drop_rate: float = 0.3):
+        super().__init__()
+        if not 0.0 < drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in (0, 1), got {drop_rate}")
+        self.log_alpha = nn.Parameter(torch.full((channels,), math.log(1 - drop_rate) - math.log(drop_rate)))
+        self._s: torch.Tensor | None = None  # the stretched sigmoid of the last forward, for the grad sampler
+
+    def _sample_s(self, n: int) -> torch.Tensor:
+        la = self.log_alpha.unsqueeze(0)
+        if not self.training:
+            return torch.sigmoid(la).expand(n, -1)
+        u = torch.rand(n, la.shape[1], device=la.device, dtype=la.dtype).clamp(1e-6, 1 - 1e-6)
+        return torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / BETA)
+
+    def gates(self, n: int = 1) -> torch.Tensor:
+        """``[n, C]`` gate values: random draws in training, the deterministic test-time gates in eval."""
+        return (self._sample_s(n) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._sample_s(x.shape[0])
+        self._s = s.detach()
+        z = (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+        return x * z.view(*z.shape, *([1] * (x.dim() - 2)))
+
+    def expected_l0(self) -> torch.Tensor:
+        """Expected number of open gates, ``sum sigmoid(log_alpha - beta log(-gamma / zeta))``: data-free."""
+        return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA)).sum()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.log_alpha.numel()}"
+
+
+@register_grad_sampler(HardConcreteGate)
+def hard_concrete_grad_sample(layer: HardConcreteGate, activations: list[torch.Tensor], backprops: torch.Tensor):
+    """Exact per-sample gradient of ``log_alpha``: ``sum_hw(g * x) * dz/dlog_alpha`` with the sample's own draw,
+    ``dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta`` where the gate is not clamped (opacus computes per-sample
+    gradients in training mode only, where the gates are random)."""
+    x = activations[0].to(backprops.dtype)
+    if not layer.log_alpha.requires_grad:
+        return {}
+    s = layer._s
+    if s is None or s.shape[0] != x.shape[0]:
+        raise RuntimeError("HardConcreteGate: the gate draw of this batch is missing; run forward and backward "
+                           "of one batch before the next forward")
+    s = s.to(backprops.dtype)
+    z_lin = s * (ZETA - GAMMA) + GAMMA
+    dz = (ZETA - GAMMA) * s * (1 - s) / BETA * ((z_lin > 0) & (z_lin < 1))
+    gx = (backprops * x).reshape(x.shape[0], layer.log_alpha.numel(), -1).sum(-1)  # one gate may cover all channels
+    return {layer.log_alpha: gx * dz}
+
+
+def gate_modules(model: nn.Module) -> list[HardConcreteGate]:
+    return [m for m in model.modules() if isinstance(m, HardConcreteGate)]
+
+
+def expected_l0(model: nn.Module) -> torch.Tensor:
+    """Sum of the expected L0 norms of every gate of ``model`` (0 if it has none)."""
+    gates = gate_modules(model)
+    return torch.stack([g.expected_l0() for g in gates]).sum() if gates else torch.zeros(())
+
+
+def penalty_gradients(model: nn.Module, weight: float) -> dict[nn.Parameter, torch.Tensor]:
+    """Gradients of ``weight * expected_l0(model)`` w.r.t. the gates' ``log_alpha``: data-free, so the engine
+    adds them to the noisy DP gradient without clipping or noise."""
+    gates = gate_modules(model)
+    if not gates or weight == 0:
+        return {}
+    params = [g.log_alpha for g in gates]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(weight * expected_l0(model), params)
+    return dict(zip(params, grads))
+
+
+# ----------------------------------------------------------------------------- pruning
+_PRUNERS: dict[type, Callable[[nn.Module], nn.Module]] = {}
+
+
+def register_pruner(cls: type):
+    """Register ``fn(model) -> smaller model`` for a model class (exact type, as opacus' grad samplers)."""
+    def wrap(fn):
+        _PRUNERS[cls] = fn
+        return fn
+    return wrap
+
+
+def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """Floating-point operations of one eval forward pass on one input of ``input_size`` (torch's counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    model.train(was)
+    return counter.get_total_flops()
+
+
+def prune(model: nn.Module, input_size: tuple[int, ...] | None = None) -> tuple[nn.Module, dict]:
+    """A physically smaller dense copy of a gated model, with the same eval outputs, and a report.
+
+    Channels whose test-time gate is 0 are removed (with the weights that read or write them); gates in (0, 1]
+    are folded into the neighbouring affine. ``model`` is left unchanged. The report has ``params`` and ``flops``
+    before and after, and the channels kept per gate. ``input_size`` (default: the model's ``input_size`` or
+    (in_chans, 32, 32)) is the per-sample input for the FLOP count.
+    """
+    fn = _PRUNERS.get(type(model))
+    if fn is None:
+        raise TypeError(f"no pruner registered for {type(model).__name__}; prunable: "
+                        f"{sorted(c.__name__ for c in _PRUNERS)} (register one with zoo.sparse.register_pruner)")
+    if not gate_modules(model):
+        raise ValueError(f"{type(model).__name__} has no L0 gates to prune by; build a sparse variant such as "
+                         "'wrn16-4-l0' (or pass l0=True)")
+    size = tuple(input_size or (model.in_chans, 32, 32))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            small, kept = fn(model)
+    finally:
+        model.train(was)
+    small.eval()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    report = {"params_before": count(model), "params_after": count(small),
+              "flops_before": count_flops(model, size), "flops_after": count_flops(small, size), "kept": kept}
+    return small, report
