@@ -210,3 +210,32 @@ def test_check_batch():
     for bx, by, exc, pat in cases:
         with pytest.raises(exc, match=pat):
             zd.check_batch(bx, by, num_classes=10, in_chans=3)
+
+
+# ----------------------------------------------------------------------------- PneumoniaMNIST
+@needs_data
+def test_pneumoniamnist_splits_and_normalisation():
+    info = zd.get_dataset_info("pneumoniamnist")
+    sizes = {s: len(info.load(s, data_dir=DATA)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 4708, "val": 524, "test": 624}
+    train = info.load("train", data_dir=DATA)
+    assert train.images.shape == (4708, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert torch.bincount(train.labels).tolist() == [1214, 3494]
+    x = train.images.double() / 255
+    assert abs(x.mean().item() - info.mean[0]) < 1e-3 and abs(x.std().item() - info.std[0]) < 1e-3
+    with pytest.raises(ValueError, match="split"):
+        info.load("dev", data_dir=DATA)
+
+
+@needs_data
+def test_pneumoniamnist_tampered_or_missing_file_refused(tmp_path):
+    info = zd.get_dataset_info("pneumoniamnist")
+    with pytest.raises(zd.DataNotFoundError, match="pneumoniamnist.npz"):
+        info.load("train", data_dir=tmp_path)
+    bad = tmp_path / "pneumonia" / "pneumoniamnist.npz"
+    bad.parent.mkdir()
+    data = bytearray((Path(DATA) / "pneumonia" / "pneumoniamnist.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(zd.DataIntegrityError, match="md5"):
+        info.load("train", data_dir=tmp_path)

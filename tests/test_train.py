@@ -88,3 +88,23 @@ def test_training_refuses_a_model_with_the_wrong_head(data_dir):
         _run(zoo.create_model("test-wrn10-1", num_classes=3), model_name="x", card=card, recipe=card["recipe"],
              ledger=None, out_dir=None, data_dir=data_dir, seed=0, device="cpu", checkpoint_every=None,
              test_subset=None, progress=False, resume=False, download=False)
+
+
+def test_sparse_model_on_pneumonia_resumes_exactly_and_keeps_its_arguments(data_dir, tmp_path):
+    """Gate draws come from the per-step seeded RNG, so a resumed L0 run equals an uninterrupted one; the
+    model is built for the data set's channels and classes, and ``model_args`` travel with the checkpoint."""
+    kw = dict(data_dir=data_dir, seed=5, steps=4, checkpoint_every=2, dataset="pneumoniamnist", batch_size=64,
+              physical_batch_size=64, augmult=2, model_args={"l0_weight": 0.3}, **QUIET)
+    a = zoo.train("test-wrn10-1-l0", out_dir=tmp_path / "a", **kw)
+    zoo.train("test-wrn10-1-l0", out_dir=tmp_path / "b", **kw)
+    for name in ("step-000004", "final"):
+        for suffix in (".safetensors", ".json"):
+            (tmp_path / "b" / f"{name}{suffix}").unlink()
+    zoo.train("test-wrn10-1-l0", out_dir=tmp_path / "b", resume=True, **{**kw, "seed": None})
+    ta, tb = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
+    assert any("log_alpha" in k for k in ta)
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6), k
+    model, _ = load_checkpoint(tmp_path / "a" / "final.safetensors")
+    assert (model.in_chans, model.num_classes, model.l0_weight) == (1, 2, 0.3)
+    assert a["dataset"] == "pneumoniamnist"

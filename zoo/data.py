@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .io import atomic_write, file_hashes, save_npy, write_text
 
-Split = Literal["train", "test"]
+Split = Literal["train", "val", "test"]
 _ENV_HELP = "pass --data-dir DIR or set the ZOO_DATA environment variable"
 
 
@@ -246,6 +246,46 @@ class CIFAR10Info(DatasetInfo):
                 + ("" if root.is_dir() else f" (the data root {root} does not exist)")
                 + f". Fix: {_ENV_HELP} pointing at a folder with cifar10/{_CIFAR_TGZ}, "
                 "or use --download (needs network access).")
+        return ImageDataset(x, y, self)
+
+
+# ----------------------------------------------------------------------------- PneumoniaMNIST
+_PNEUMONIA_NPZ = "pneumoniamnist.npz"
+_PNEUMONIA_MD5 = "28209eda62fecd6e6a2d98b1501bb15f"  # medmnist 3.0.2: INFO["pneumoniamnist"]["MD5"]
+
+
+@register_dataset("pneumoniamnist")
+class PneumoniaMNISTInfo(DatasetInfo):
+    """PneumoniaMNIST (MedMNIST v2, Yang et al. 2023): pediatric chest X-rays (Kermany et al. 2018) at 28x28,
+    grayscale, normal vs pneumonia; 4,708 train / 524 val / 624 test images (train: 1,214 normal, 3,494
+    pneumonia). Looks for ``<root>/pneumonia/pneumoniamnist.npz`` or ``<root>/pneumoniamnist/...``, the official
+    file checked by medmnist's md5; read with ``allow_pickle=False``. Normalisation constants: train-split
+    mean and std of the pixel values in [0, 1].
+    """
+
+    num_classes, in_chans, image_size = 2, 1, (1, 28, 28)
+    mean, std = (0.5719,), (0.1684,)
+    classes = ("normal", "pneumonia")
+
+    def load(self, split: Split = "train", data_dir: str | Path | None = None,
+             download: bool = False) -> "ImageDataset":
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        root = data_root(data_dir)
+        candidates = [root / "pneumonia" / _PNEUMONIA_NPZ, root / "pneumoniamnist" / _PNEUMONIA_NPZ]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise DataNotFoundError(
+                f"PneumoniaMNIST not found: expected {candidates[0]} (or {candidates[1]}). Fix: {_ENV_HELP} "
+                "pointing at a folder with pneumonia/pneumoniamnist.npz (MedMNIST's official file); zoo does not "
+                "download it.")
+        md5 = _file_hashes(path)["md5"]
+        if md5 != _PNEUMONIA_MD5:
+            raise DataIntegrityError(f"{path} has md5 {md5}, not the official PneumoniaMNIST {_PNEUMONIA_MD5}; "
+                                     "the file is probably truncated or corrupted: replace it with a fresh copy")
+        with np.load(path, allow_pickle=False) as z:
+            x = torch.from_numpy(np.ascontiguousarray(z[f"{split}_images"][:, None]))
+            y = torch.from_numpy(z[f"{split}_labels"].reshape(-1).astype(np.int64))
         return ImageDataset(x, y, self)
 
 

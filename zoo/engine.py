@@ -293,17 +293,21 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
 def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
           seed: int | None = None, device: str | None = None, resume: bool = False,
           checkpoint_every: int | None = None, test_subset: int | None = None, progress: bool = True,
-          download: bool = False, **recipe_overrides: Any) -> dict:
+          download: bool = False, model_args: dict | None = None, **recipe_overrides: Any) -> dict:
     """Train registered model ``name`` from scratch with DP-SGD under its card's recipe.
 
-    ``recipe_overrides`` replace recipe fields (epsilon, delta, steps, batch_size, ...). With ``out_dir``,
+    ``recipe_overrides`` replace recipe fields (epsilon, delta, steps, batch_size, dataset, ...); the model is
+    built for the data set's classes and channels, and ``model_args`` override the card's architecture
+    arguments (e.g. ``{"l0_weight": 0.01}``); checkpoints record the arguments used. With ``out_dir``,
     checkpoints ``step-*`` (resumable with ``resume=True``), ``final`` (EMA weights, ledger, metrics) and
     ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model).
     """
     card = get_card(name)
     recipe = _recipe(card, recipe_overrides)
     seed, source = _resolve_seed(seed)  # before building: the initialisation is part of the reproducible run
-    model = build(card, num_classes=get_dataset_info(recipe["dataset"]).num_classes)
+    info = get_dataset_info(recipe["dataset"])
+    card = {**card, "args": {**card["args"], **(model_args or {})}}
+    model = build(card, num_classes=info.num_classes, in_chans=info.in_chans)
     return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source, out_dir=out_dir,
                 data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
                 test_subset=test_subset, progress=progress, resume=resume, download=download)

@@ -132,4 +132,6 @@ class Ledger:
                              "the ledger was edited")
         return ledger
 
+
+
 from . import tan  # noqa: E402,F401  (zoo.privacy.tan: TAN scaling laws, built on the functions above)

@@ -1,0 +1,87 @@
+"""DP-SGD step time of a pruned L0 network against the gated network it came from, with parameters and FLOPs.
+
+For each sparse model (default: every registered model with ``l0`` gates) the gates are set so that a fraction
+``--closed`` of each block's channel gates is shut (the channels with the lowest random ``log_alpha``; in a
+trained network the penalty does this), then ``zoo.prune`` builds the smaller network. Both take a DP step
+(``zoo.engine.dp_gradients`` + SGD, one physical batch) on the same random batch, interleaved, ``--repeats``
+rounds after a warm-up; medians are reported. Reproduce (2 CPU cores, about a minute):
+    python eval/bench_prune.py --closed 0.5 --batch-size 64 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+import zoo
+from _timing import timer
+from zoo.engine import dp_gradients
+from zoo.grad_sample import PerSampleGradients
+from zoo.registry import get_card
+from zoo.sparse import HardConcreteGate
+
+
+def shut(model: torch.nn.Module, fraction: float, generator: torch.Generator) -> None:
+    """Close the ``fraction`` of each channel gate's channels with the lowest random log_alpha; open the rest."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HardConcreteGate):
+                la = torch.randn(m.log_alpha.shape, generator=generator)
+                k = int(fraction * la.numel()) if la.numel() > 1 else 0
+                closed = la.argsort()[:k]
+                m.log_alpha.fill_(5.0)
+                m.log_alpha[closed] = -5.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["*"])
+    ap.add_argument("--closed", type=float, default=0.5, help="fraction of each block's channel gates shut")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    names = sorted({n for pat in args.models for n in zoo.list_models(pat) if get_card(n)["args"].get("l0")})
+    if not names:
+        ap.error(f"no registered L0 model matches {args.models}")
+    time_ms = timer(torch.device("cpu"))
+    fmt = "{:<18} {:>12} {:>12} {:>14} {:>14} {:>12} {:>12} {:>8}"
+    print(f"threads {torch.get_num_threads()} | closed fraction {args.closed} | batch {args.batch_size} | median of "
+          f"{args.repeats} interleaved rounds after 1 warm-up")
+    print(fmt.format("model", "params", "pruned", "GFLOPs", "pruned GFLOPs", "DP step ms", "pruned ms", "ratio"))
+    for name in names:
+        torch.manual_seed(0)
+        model = zoo.create_model(name)
+        shut(model, args.closed, torch.Generator().manual_seed(0))
+        small, report = zoo.prune(model)
+        small.train()
+        x = torch.randn(args.batch_size, *get_card(name)["input_size"])
+        y = torch.randint(0, model.num_classes, (args.batch_size,))
+        steps = {}
+        for key, net in (("gated", model), ("pruned", small)):
+            psg, opt = PerSampleGradients(net), torch.optim.SGD(net.parameters(), lr=0.1)
+
+            def step(psg=psg, opt=opt):
+                grads, _, _ = dp_gradients(psg, [(x, y)], clip_norm=1.0, sigma=1.0, expected_batch=args.batch_size,
+                                           views=1, noise_generator=torch.Generator().manual_seed(0))
+                for n, p in psg.params.items():
+                    p.grad = grads[n]
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            steps[key] = step
+        times = {k: [] for k in steps}
+        for r in range(args.repeats + 1):
+            for k, f in steps.items():
+                ms = time_ms(f)
+                if r:
+                    times[k].append(ms)
+        gated, pruned = statistics.median(times["gated"]), statistics.median(times["pruned"])
+        print(fmt.format(name, f"{report['params_before']:,}", f"{report['params_after']:,}",
+                         f"{report['flops_before'] / 1e9:.3f}", f"{report['flops_after'] / 1e9:.3f}",
+                         f"{gated:.1f}", f"{pruned:.1f}", f"{pruned / gated:.2f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
