@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--out", default="runs/study-sparsity")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, help="override the steps of every run (smoke tests)")
+    ap.add_argument("--limit", type=int, help="stop after this many new runs (smoke tests)")
     args = ap.parse_args()
     cfg, out = CONFIGS[args.config], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,17 +84,23 @@ def main() -> int:
     rows = list(csv.DictReader(table.open())) if table.exists() else []
     done = {key({**r, "epsilon": float(r["epsilon"]), "l0_weight": float(r["l0_weight"])}) for r in rows}
     grid = [(d, e, w) for d in cfg["datasets"] for e in cfg["epsilons"] for w in cfg["l0_weights"]]
+    ran = 0
     for i, (dataset, eps, weight) in enumerate(grid, 1):
         row = {"config": args.config, "dataset": dataset, "model": cfg["model"], "epsilon": eps, "delta": DELTA,
                "l0_weight": weight}
         if key(row) in done:
             print(f"[{i}/{len(grid)}] {key(row)}: done, skipped", file=sys.stderr)
             continue
+        if args.limit is not None and ran >= args.limit:
+            break
+        ran += 1
         data_recipe, test_subset = cfg["datasets"][dataset]
         recipe = {**cfg["recipe"], **data_recipe}
         if cfg["tan"]:
             p = tan.propose(eps, DELTA, DATASET_SIZES[dataset])
             recipe.update(batch_size=p["batch_size"], steps=p["steps"])
+        if args.steps:
+            recipe["steps"] = args.steps
         print(f"[{i}/{len(grid)}] {key(row)} ...", file=sys.stderr, flush=True)
         t0 = time.time()
         result = zoo.train(cfg["model"], dataset=dataset, epsilon=eps, delta=DELTA, seed=args.seed,
