@@ -59,3 +59,16 @@ def test_tampered_checkpoint_is_refused(data_dir, tmp_path):
     f.write_bytes(bytes(b))
     p = zoo_cli("eval", str(f), "--data-dir", str(data_dir), check=False)
     assert p.returncode == 2 and "sha256" in p.stderr
+
+
+def test_train_on_another_dataset_with_model_args(data_dir, tmp_path):
+    from zoo.checkpoint import load_checkpoint
+
+    zoo_cli("train", "test-wrn10-1-l0", "--dataset", "pneumoniamnist", "--model-arg", "l0_weight=0.2",
+            "--steps", "2", "--batch-size", "64", "--physical-batch-size", "64", "--augmult", "1",
+            "--test-subset", "100", "--seed", "0", "--no-progress", "--out", str(tmp_path),
+            "--data-dir", str(data_dir))
+    model, _ = load_checkpoint(tmp_path / "final.safetensors")
+    assert (model.in_chans, model.num_classes, model.l0_weight) == (1, 2, 0.2)
+    bad = zoo_cli("train", "test-wrn10-1-l0", "--model-arg", "l0_weight", check=False)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

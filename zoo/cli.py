@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p = sub.add_parser("train", help="train a registered model with DP-SGD")
     p.add_argument("name")
+    p.add_argument("--dataset", help="train on this data set instead of the card's (e.g. pneumoniamnist)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an architecture argument of the card; VALUE is read as JSON when it parses "
+                        "(e.g. --model-arg l0_weight=0.01); repeatable")
     _run_args(p)
     p = sub.add_parser("finetune", help="privately fine-tune a checkpoint or pretrained model")
     p.add_argument("name", help="registered name with a checkpoint, or a checkpoint path")
@@ -88,7 +92,18 @@ def main(argv: list[str] | None = None) -> int:
             kw = _run_kwargs(a)
             kw["out_dir"] = a.out or str(Path("runs") / a.name.replace("/", "_"))
             if a.cmd == "train":
-                result = zoo.train(a.name, **kw)
+                model_args = {}
+                for item in a.model_arg:
+                    key, eq, value = item.partition("=")
+                    if not eq or not key:
+                        parser.error(f"--model-arg expects KEY=VALUE, got {item!r}")
+                    try:
+                        model_args[key] = json.loads(value)
+                    except ValueError:
+                        model_args[key] = value
+                if a.dataset:
+                    kw["dataset"] = a.dataset
+                result = zoo.train(a.name, model_args=model_args, **kw)
             else:
                 eps, delta = kw.pop("epsilon", None), kw.pop("delta", None)
                 if eps is None or delta is None:
