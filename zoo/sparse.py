@@ -26,6 +26,11 @@ from torch import nn
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
+def _stretched(s: torch.Tensor) -> torch.Tensor:
+    """``s (zeta - gamma) + gamma``: the gate before clamping to [0, 1]."""
+    return s * (ZETA - GAMMA) + GAMMA
+
+
 class HardConcreteGate(nn.Module):
     """One hard-concrete gate per channel of a ``[B, C, H, W]`` (or ``[B, C]``) input; ``channels=1`` gates the
     whole input at once (a whole residual branch). Args: channels, drop_rate (initial probability of a closed
@@ -47,12 +52,12 @@ class HardConcreteGate(nn.Module):
 
     def gates(self, n: int = 1) -> torch.Tensor:
         """``[n, C]`` gate values: random draws in training, the deterministic test-time gates in eval."""
-        return (self._sample_s(n) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+        return _stretched(self._sample_s(n)).clamp(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self._sample_s(x.shape[0])
         self._s = s.detach()
-        z = (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+        z = _stretched(s).clamp(0.0, 1.0)
         return x * z.view(*z.shape, *([1] * (x.dim() - 2)))
 
     def expected_l0(self) -> torch.Tensor:
@@ -76,7 +81,7 @@ def hard_concrete_grad_sample(layer: HardConcreteGate, activations: list[torch.T
         raise RuntimeError("HardConcreteGate: the gate draw of this batch is missing; run forward and backward "
                            "of one batch before the next forward")
     s = s.to(backprops.dtype)
-    z_lin = s * (ZETA - GAMMA) + GAMMA
+    z_lin = _stretched(s)
     dz = (ZETA - GAMMA) * s * (1 - s) / BETA * ((z_lin > 0) & (z_lin < 1))
     gx = (backprops * x).reshape(x.shape[0], layer.log_alpha.numel(), -1).sum(-1)  # one gate may cover all channels
     return {layer.log_alpha: gx * dz}
@@ -105,11 +110,12 @@ def penalty_gradients(model: nn.Module, weight: float) -> dict[nn.Parameter, tor
 
 
 # ----------------------------------------------------------------------------- pruning
-_PRUNERS: dict[type, Callable[[nn.Module], nn.Module]] = {}
+_PRUNERS: dict[type, Callable[[nn.Module], tuple[nn.Module, list[dict]]]] = {}
 
 
 def register_pruner(cls: type):
-    """Register ``fn(model) -> smaller model`` for a model class (exact type, as opacus' grad samplers)."""
+    """Register ``fn(model) -> (smaller model, channels kept per gate)`` for a model class (exact type, as
+    opacus' grad samplers); ``fn`` runs in eval mode without autograd."""
     def wrap(fn):
         _PRUNERS[cls] = fn
         return fn
@@ -134,8 +140,8 @@ def prune(model: nn.Module, input_size: tuple[int, ...] | None = None) -> tuple[
 
     Channels whose test-time gate is 0 are removed (with the weights that read or write them); gates in (0, 1]
     are folded into the neighbouring affine. ``model`` is left unchanged. The report has ``params`` and ``flops``
-    before and after, and the channels kept per gate. ``input_size`` (default: the model's ``input_size`` or
-    (in_chans, 32, 32)) is the per-sample input for the FLOP count.
+    before and after, and the channels kept per gate. ``input_size`` (default: ``(in_chans, 32, 32)``) is the
+    per-sample input for the FLOP count.
     """
     fn = _PRUNERS.get(type(model))
     if fn is None:

@@ -91,20 +91,21 @@ class _Constant(nn.Module):
 
 
 class _PrunedBlock(nn.Module):
-    def __init__(self, branch: nn.Module | None, shortcut: nn.Module, stride: int):
+    """``branch(x) + shortcut(x)``, or the shortcut alone when the branch was closed."""
+
+    def __init__(self, branch: nn.Module | None, shortcut: nn.Module):
         super().__init__()
-        self.branch, self.shortcut, self.stride = branch, shortcut, stride
+        self.branch, self.shortcut = branch, shortcut
 
     def forward(self, x):
         s = self.shortcut(x)
         return s if self.branch is None else self.branch(x) + s
 
 
-def _baked(conv: nn.Conv2d, in_keep: torch.Tensor | None = None, out_keep: torch.Tensor | None = None) -> nn.Conv2d:
-    """A plain Conv2d holding ``conv``'s (standardized, for a WS conv) filter restricted to the kept channels."""
+def _baked(conv: nn.Conv2d, in_keep: torch.Tensor) -> nn.Conv2d:
+    """A plain Conv2d holding ``conv``'s (standardized, for a WS conv) filter restricted to the kept inputs."""
     w = standardize(conv.weight, conv.eps) if isinstance(conv, WSConv2d) else conv.weight
-    w = w if out_keep is None else w[out_keep]
-    w = w if in_keep is None else w[:, in_keep]
+    w = w[:, in_keep]
     new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding, bias=False).to(w)
     new.weight.data.copy_(w)
     return new
@@ -134,7 +135,7 @@ def prune_wideresnet(model: WideResNet):
         kept.append({"block": i, "channels": int(keep.sum()), "of": keep.numel(), "branch_open": bool(zb > 0)})
         stride = blk.conv1.stride[0]
         if zb == 0:
-            small.blocks[i] = _PrunedBlock(None, blk.shortcut, stride)
+            small.blocks[i] = _PrunedBlock(None, blk.shortcut)
             continue
         if keep.any():
             norm2 = copy.deepcopy(blk.norm2)
@@ -147,5 +148,5 @@ def prune_wideresnet(model: WideResNet):
                                    blk.act2, norm2)
         else:
             branch = _Constant(blk.norm2.bias * zb)
-        small.blocks[i] = _PrunedBlock(branch, blk.shortcut, stride)
+        small.blocks[i] = _PrunedBlock(branch, blk.shortcut)
     return small, kept
