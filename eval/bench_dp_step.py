@@ -3,7 +3,8 @@
 For each model, on a random batch (``--batch-size`` samples of ``in_chans x image-size x image-size``), it
 reports the median wall time over ``--repeats`` rounds (after one warm-up round; every variant runs once per
 round, interleaved, so that drift of the machine hits all alike) of:
-  (a) a non-private step: forward, mean cross-entropy, backward, SGD step;
+  (a) a non-private step: forward, mean of the task's loss (cross-entropy; Dice + cross-entropy for
+      segmentation models, :mod:`zoo.tasks`), backward, SGD step;
   (b) a DP-SGD step as ``zoo.engine._run`` does it (one physical batch, no augmentation multiplicity):
       ``zoo.engine.dp_gradients`` (per-sample gradients, clipping with C=1, noise with sigma=1, division by B,
       any data-free penalty gradient), SGD step;
@@ -16,6 +17,8 @@ can dominate; the header prints any ``MALLOC_*`` settings, e.g. run once more wi
 Progress goes to stderr, the table to stdout. Reproduce (all models; several minutes on 2 CPU cores):
     python eval/bench_dp_step.py --batch-size 64 --repeats 3
 Only the small models, with JSON output:  ... --models 'wrn16-*' 'test-*' --json bench.json
+Segmentation models (per-pixel loss; the image size is rounded up to each model's size multiple):
+    python eval/bench_dp_step.py --models 'unet*' 'eq-unet*' 'linknet*' 'deeplab*' --batch-size 16 --image-size 64
 With ``--compare-vmap``, zoo's per-sample gradients alone are also timed against whole-model ``torch.func``
 ``vmap(grad)`` (the route of Hölzl et al.'s code) at each of ``--chunk-sizes`` (0 = no chunking), and the
 best chunk size is reported:  ... --models 'eq-*' --compare-vmap --chunk-sizes 0 16 32
@@ -31,12 +34,12 @@ import sys
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 import zoo
 from _timing import timer
 from zoo.engine import dp_gradients
 from zoo.grad_sample import PerSampleGradients
+from zoo.tasks import task_of
 
 CLIP_NORM, SIGMA, LR = 1.0, 1.0, 0.1
 
@@ -51,10 +54,11 @@ def vmap_step(model, x, y, chunk: int):
 
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
+    task = task_of(model)
 
     def loss(p, xi, yi):
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),), tie_weights=False)
-        return F.cross_entropy(out, yi.unsqueeze(0))
+        return task.loss(out, yi.unsqueeze(0)).sum()
 
     f = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk or None)
     return lambda: f(params, x, y)
@@ -66,8 +70,10 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
     of the machine (other load, memory reclaim) hits all of them alike; report medians."""
     torch.manual_seed(0)
     model = zoo.create_model(name).to(device).train()
+    task, m = task_of(model), model.size_multiple
+    image_size = -(-max(image_size, model.min_size) // m) * m  # rounded up to a multiple of m
     x = torch.randn(batch, model.in_chans, image_size, image_size, device=device)
-    y = torch.randint(0, model.num_classes, (batch,), device=device)
+    y = task.example_targets(batch, model.num_classes, (image_size, image_size)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     bare = copy.deepcopy(model)  # the plain step and vmap run on a copy without opacus' hooks
     bare_opt = torch.optim.SGD(bare.parameters(), lr=LR)
@@ -78,7 +84,7 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
 
     def plain_step():
         bare_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(bare(x), y).backward()
+        task.loss(bare(x), y).mean().backward()
         bare_opt.step()
 
     def dp_step():  # the body of the step loop in zoo.engine._run, one physical batch, views=1
@@ -108,7 +114,8 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
     med = {k: statistics.median(v) for k, v in times.items()}
     card = zoo.model_info(name)
     phys = card["recipe"]["physical_batch_size"]
-    row = {"model": name, "params": card["num_params"], "batch": batch, "plain_ms": med["plain"],
+    row = {"model": name, "params": card["num_params"], "batch": batch, "image_size": image_size,
+           "plain_ms": med["plain"],
            "dp_ms": med["dp"], "ratio": med["dp"] / med["plain"], "psg_mib": max(psg_bytes) / 2**20,
            "physical_batch": phys, "psg_mib_physical": max(psg_bytes) / 2**20 * phys / batch}
     if chunk_sizes:
@@ -150,12 +157,12 @@ def main() -> int:
         except Exception as e:
             log(traceback.format_exc())
             failed.append({"model": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-    cols = ["model", "params", "batch", "non-private ms", "DP ms", "DP/non-private", "per-sample MiB",
+    cols = ["model", "params", "batch x size", "non-private ms", "DP ms", "DP/non-private", "per-sample MiB",
             "MiB at phys. batch"]
-    fmt = "{:<20} {:>10} {:>6} {:>15} {:>10} {:>15} {:>15} {:>19}"
-    print(header, "\n" + fmt.format(*cols), "\n" + "-" * 118, sep="")
+    fmt = "{:<20} {:>10} {:>12} {:>15} {:>10} {:>15} {:>15} {:>19}"
+    print(header, "\n" + fmt.format(*cols), "\n" + "-" * 124, sep="")
     for r in rows:
-        print(fmt.format(r["model"], f"{r['params']:,}", r["batch"], f"{r['plain_ms']:.1f}", f"{r['dp_ms']:.1f}",
+        print(fmt.format(r["model"], f"{r['params']:,}", f"{r['batch']} x {r['image_size']}", f"{r['plain_ms']:.1f}", f"{r['dp_ms']:.1f}",
                          f"{r['ratio']:.2f}", f"{r['psg_mib']:.1f}",
                          f"{r['psg_mib_physical']:.1f} (B={r['physical_batch']})"))
     if args.compare_vmap:

@@ -18,12 +18,12 @@ Reproduce:  python eval/study_sparsity.py --config cpu --out runs/study-cpu
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
 
 import zoo
+from _results import append_row, read_rows
 from zoo.privacy import tan
 from zoo.sparse import HardConcreteGate
 
@@ -81,7 +81,7 @@ def main() -> int:
     cfg, out = CONFIGS[args.config], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "results.csv"
-    rows = list(csv.DictReader(table.open())) if table.exists() else []
+    rows = read_rows(table)
     done = {key({**r, "epsilon": float(r["epsilon"]), "l0_weight": float(r["l0_weight"])}) for r in rows}
     grid = [(d, e, w) for d in cfg["datasets"] for e in cfg["epsilons"] for w in cfg["l0_weights"]]
     ran = 0
@@ -121,12 +121,7 @@ def main() -> int:
                    flops=report["flops_before"], flops_pruned=report["flops_after"],
                    train_time_s=round(time.time() - t0, 1))
         rows.append(row)
-        new = not table.exists()
-        with table.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(table, FIELDS, row)
         plot(rows, out / "accuracy_vs_sparsity.png")
         print(f"    accuracy {row['accuracy']:.3f}, open {row['open_fraction']:.2f}, "
               f"params {row['params']:,} -> {row['params_pruned']:,}", file=sys.stderr)

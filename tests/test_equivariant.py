@@ -9,6 +9,8 @@ from zoo.eq_layers import FieldGroupNorm, FieldNorm, field_norm_layer
 from zoo.registry import get_card
 
 EQ_MODELS = [n for n in zoo.list_models() if get_card(n)["family"].startswith("eq-")]
+EQ_CLASSIFIERS = [n for n in EQ_MODELS if zoo.model_info(n)["task"] == "classification"]
+EQ_SEGMENTERS = [n for n in EQ_MODELS if zoo.model_info(n)["task"] == "segmentation"]
 
 
 def grid_actions(group: str):
@@ -22,7 +24,7 @@ def grid_actions(group: str):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("name", EQ_MODELS)
+@pytest.mark.parametrize("name", EQ_CLASSIFIERS)
 def test_logits_invariant_under_grid_actions(name, mode):
     model = zoo.create_model(name)
     model.train(mode == "train")
@@ -33,6 +35,24 @@ def test_logits_invariant_under_grid_actions(name, mode):
         assert actions
         for act in actions:
             assert torch.allclose(model(act(x)), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", EQ_SEGMENTERS)
+def test_masks_transform_with_the_input_under_grid_actions(name, mode):
+    """Equivariant segmenters: model(g x) = g model(x) for every grid action g of the group (per pixel)."""
+    model = zoo.create_model(name)
+    model.train(mode == "train")
+    s = 2 * model.size_multiple
+    x = torch.randn(2, model.in_chans, s, s)
+    with torch.no_grad():
+        ref = model(x)
+        actions = grid_actions(model.equivariance_group)
+        assert actions and ref.shape[-2:] == (s, s)
+        for act in actions:
+            assert torch.allclose(model(act(x)), act(ref), atol=1e-4, rtol=1e-4)
+        if model.equivariance_group[0] == "c":  # rotations only: a flip is not a symmetry of the model
+            assert not torch.allclose(model(x.flip(3)), ref.flip(3), atol=1e-3)
 
 
 def test_grid_actions_are_the_groups():
@@ -80,7 +100,7 @@ def test_export_gives_plain_layers_and_the_same_outputs(name):
     plain = zoo.export(model)
     kinds = {type(m).__module__.split(".")[0] for m in plain.modules()}
     assert "escnn" not in kinds and not any(isinstance(m, (R2Conv, FieldGroupNorm)) for m in plain.modules())
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, model.in_chans, 32, 32)
     with torch.no_grad():
         assert torch.allclose(plain(x), model(x), atol=1e-5, rtol=1e-5)
     assert zoo.validate_model(plain) is plain

@@ -3,19 +3,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import zoo
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.registry import get_card
+from zoo.tasks import task_of
 from zoo.validate import find_problems
 
 MODELS = zoo.list_models()
 
 
+def _size(model) -> int:
+    m = model.size_multiple
+    return max(16, model.min_size, m) // m * m if m > 1 else max(16, model.min_size)
+
+
 def _input(model, batch=2, size=None, dtype=torch.float32):
-    s = size or max(16, model.min_size)
+    s = size or _size(model)
     return torch.randn(batch, model.in_chans, s, s, dtype=dtype)
+
+
+def _targets(model, batch, size, num_classes=None):
+    return task_of(model).example_targets(batch, num_classes or model.num_classes, (size, size),
+                                          torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -24,8 +34,9 @@ def test_forward_backward(name):
     card = get_card(name)
     x = torch.randn(2, *card["input_size"])
     out = model(x)
-    assert out.shape == (2, card["num_classes"])
-    F.cross_entropy(out, torch.tensor([0, 1])).backward()
+    task = task_of(model)
+    assert out.shape == task.output_shape(2, card["num_classes"], tuple(card["input_size"][1:]))
+    task.loss(out, _targets(model, 2, card["input_size"][1])).sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
 
@@ -33,9 +44,11 @@ def test_forward_backward(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_num_classes_override_and_reset(name):
     model = zoo.create_model(name, num_classes=7)
-    assert model(_input(model)).shape == (2, 7)
+    s = _size(model)
+    shape = lambda k: task_of(model).output_shape(2, k, (s, s))  # noqa: E731
+    assert model(_input(model)).shape == shape(7)
     model.reset_classifier(3)
-    assert model.num_classes == 3 and model(_input(model)).shape == (2, 3)
+    assert model.num_classes == 3 and model(_input(model)).shape == shape(3)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -44,13 +57,13 @@ def test_per_sample_gradients_exact(name):
     train mode; random layers (L0 gates) see the same draws in both computations (same seed)."""
     model = zoo.create_model(name).double()
     x = _input(model, batch=3, dtype=torch.float64)
-    y = torch.tensor([1, 4, 9])
+    y = _targets(model, 3, x.shape[-1])
     torch.manual_seed(0)
-    grads = zoo.per_sample_gradients(model, x, y)
+    grads = zoo.per_sample_gradients(model, x, y)  # default loss: the model task's per-sample loss
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert set(grads) == set(trainable)  # every trainable parameter got a per-sample gradient
     torch.manual_seed(0)
-    losses = F.cross_entropy(model(x), y, reduction="none")
+    losses = task_of(model).loss(model(x), y)
     for i in range(3):
         ref = torch.autograd.grad(losses[i], list(trainable.values()), retain_graph=True, allow_unused=True)
         for (n, p), r in zip(trainable.items(), ref):
@@ -62,7 +75,7 @@ def test_per_sample_gradients_exact(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_no_sample_sees_another(name):
-    """No batch statistics: in eval mode, each sample's logits are those of the sample alone."""
+    """No batch statistics: in eval mode, each sample's outputs are those of the sample alone."""
     model = zoo.create_model(name).eval()
     x = _input(model, batch=3)
     with torch.no_grad():

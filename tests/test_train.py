@@ -108,3 +108,52 @@ def test_sparse_model_on_pneumonia_resumes_exactly_and_keeps_its_arguments(data_
     model, _ = load_checkpoint(tmp_path / "a" / "final.safetensors")
     assert (model.in_chans, model.num_classes, model.l0_weight) == (1, 2, 0.3)
     assert a["dataset"] == "pneumoniamnist"
+
+
+def test_segmentation_on_isbi_trains_resumes_exactly_and_reports_dice_per_class(data_dir, tmp_path):
+    """The card's recipe of test-eq-unet-c4-w4: ISBI resized to 64x64, 32x32 crops with joint augmentation
+    (D4 grid actions for EM), 2 views per sample. A resumed run equals an uninterrupted one, the final
+    checkpoint evaluates to the reported metrics, and the ledger is within the budget."""
+    kw = dict(data_dir=data_dir, seed=2, steps=4, checkpoint_every=2, **QUIET)
+    a = zoo.train("test-eq-unet-c4-w4", out_dir=tmp_path / "a", **kw)
+    zoo.train("test-eq-unet-c4-w4", out_dir=tmp_path / "b", **kw)
+    for name in ("step-000004", "final"):
+        for suffix in (".safetensors", ".json"):
+            (tmp_path / "b" / f"{name}{suffix}").unlink()
+    zoo.train("test-eq-unet-c4-w4", out_dir=tmp_path / "b", resume=True, **{**kw, "seed": None})
+    ta, tb = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6), k
+    test = a["test"]
+    assert {"dice", "iou", "dice_cell", "dice_membrane", "iou_cell", "iou_membrane"} <= set(test)
+    assert all(0 <= test[k] <= 1 for k in ("dice", "iou", "dice_membrane", "iou_cell"))
+    assert test["dice"] == test["dice_membrane"]  # the mean over the foreground classes (one here)
+    assert a["dataset"] == "isbi2012" and a["ledger"]["steps"] == 4 and a["ledger"]["epsilon"] <= 8.0
+    model, _ = load_checkpoint(tmp_path / "a" / "final.safetensors")
+    data = get_dataset_info("isbi2012").load("test", data_dir=data_dir).resized(64)
+    assert evaluate(model, data)["dice"] == pytest.approx(test["dice"])
+
+
+def test_noise_free_reference_run_is_marked_as_such(data_dir, tmp_path):
+    """epsilon = inf: sigma = 0, the ledger says epsilon = inf, and the checkpoint still loads and verifies."""
+    r = zoo.train("test-unet-w4", data_dir=data_dir, seed=0, steps=2, epsilon=float("inf"), out_dir=tmp_path,
+                  **QUIET)
+    assert r["noise_multiplier"] == 0.0 and r["ledger"]["epsilon"] == float("inf")
+    _, sidecar = load_checkpoint(tmp_path / "final.safetensors")
+    assert sidecar["ledger"]["epsilon"] == float("inf")
+
+
+def test_models_and_data_of_different_tasks_are_refused(data_dir):
+    with pytest.raises(ValueError, match="classification model but isbi2012 is a segmentation data set"):
+        zoo.train("test-wrn10-1", dataset="isbi2012", data_dir=data_dir, steps=1, **QUIET)
+    with pytest.raises(ValueError, match="segmentation model but cifar10 is a classification data set"):
+        zoo.train("test-unet-w4", dataset="cifar10", data_dir=data_dir, steps=1, **QUIET)
+
+
+def test_crops_the_model_cannot_take_are_refused_before_training(data_dir):
+    with pytest.raises(ValueError, match="crop 128 is larger than the 64x64"):
+        zoo.train("test-unet-w4", data_dir=data_dir, crop=128, steps=1, **QUIET)
+    with pytest.raises(ValueError, match="divisible by 4, but the training crop is 30"):
+        zoo.train("test-unet-w4", data_dir=data_dir, crop=30, steps=1, **QUIET)
+    r = zoo.train("test-unet-w4", data_dir=data_dir, crop=None, steps=1, seed=0, **QUIET)  # None: whole images
+    assert r["recipe"]["crop"] is None

@@ -12,6 +12,7 @@ from typing import Any
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "models"
 MODEL_CARD_PATH = CARDS_DIR.parent / "MODEL_CARD.md"
+STUDIES_DIR = CARDS_DIR.parent / "eval" / "results"  # each study's results.md is included in MODEL_CARD.md
 
 
 class CardError(ValueError):
@@ -34,6 +35,8 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "augmult": (int, True),              # K augmented views per sample, averaged before clipping
     "ema_decay": (_num, True),
     "train_subset": ((int, type(None)), False),  # use a stratified subset of this many training samples
+    "crop": ((int, type(None)), False),          # segmentation: train on random crops of this size
+    "resize": ((int, type(None)), False),        # segmentation: resize every split to this size first
     "source": (str, True),               # where the recipe comes from
 }
 RESULT_SCHEMA: dict[str, tuple[Any, bool]] = {
@@ -111,15 +114,16 @@ def _fmt(x: Any) -> str:
     return "—" if x is None else (f"{x:g}" if isinstance(x, float) else str(x))
 
 
-def render_model_card(infos: list[dict]) -> str:
-    """Render MODEL_CARD.md from :func:`zoo.model_info` dicts (deterministic: sorted by name)."""
+def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str:
+    """Render MODEL_CARD.md from :func:`zoo.model_info` dicts (deterministic: sorted by name), followed by the
+    results tables of the studies under ``studies_dir`` (``*/results.md``, written by the scripts in eval/)."""
     lines = [
         "# zoo model card",
         "",
         "Generated from `models/*.json` by `zoo card`; do not edit by hand (a test fails when it is stale).",
         "",
-        "| model | family | params | input | recipe (ε, δ, accountant) | B | steps | C | K | results | checkpoint |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---|---|",
+        "| model | task | family | params | input | recipe (ε, δ, accountant) | B | steps | C | K | results | checkpoint |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---:|---|---|",
     ]
     for info in sorted(infos, key=lambda i: i["name"]):
         r = info["recipe"]
@@ -128,7 +132,7 @@ def render_model_card(infos: list[dict]) -> str:
         ck = info["checkpoint"]
         ckpt = f"`{ck['file']}` sha256 `{ck['sha256'][:12]}…`" if ck else "none yet"
         lines.append(
-            f"| `{info['name']}` | {info['family']} | {info['num_params']:,} | {'x'.join(map(str, info['input_size']))} "
+            f"| `{info['name']}` | {info['task']} | {info['family']} | {info['num_params']:,} | {'x'.join(map(str, info['input_size']))} "
             f"| {r['dataset']}: ε={_fmt(r['epsilon'])}, δ={_fmt(r['delta'])}, {r['accountant'].upper()} "
             f"| {r['batch_size']} | {r['steps']} | {_fmt(r['clip_norm'])} | {r['augmult']} | {res} | {ckpt} |"
         )
@@ -147,4 +151,10 @@ def render_model_card(infos: list[dict]) -> str:
         if info.get("references"):
             lines.append(f"- references: {', '.join(info['references'])}")
         lines.append("")
+    studies = sorted(Path(studies_dir).glob("*/results.md"))
+    if studies:
+        lines += ["## Studies", ""]
+        for path in studies:
+            where = path.parent.relative_to(CARDS_DIR.parent) if path.is_relative_to(CARDS_DIR.parent) else path.parent
+            lines += [path.read_text().strip(), "", f"(CSV and plot: `{where}/`)", ""]
     return "\n".join(lines)

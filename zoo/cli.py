@@ -43,7 +43,9 @@ def _run_kwargs(a: argparse.Namespace) -> dict:
 
 def _report(result: dict) -> None:
     led, test = result["ledger"], result["test"]
-    print(f"{result['model']} on {result['dataset']}: test accuracy {test['accuracy']:.4f} "
+    metric = (f"test accuracy {test['accuracy']:.4f}" if "accuracy" in test
+              else f"test Dice {test['dice']:.4f}, IoU {test['iou']:.4f} (foreground)")
+    print(f"{result['model']} on {result['dataset']}: {metric} "
           f"({test['num_samples']} images) at epsilon={led['epsilon']:.3f}, delta={led['delta']:g} "
           f"({led['accountant'].upper()}, sigma={result['noise_multiplier']:.3f}, q={result['sample_rate']:.4g}, "
           f"{led['steps']} steps); train time {test['train_time_s']} s")
@@ -140,8 +142,11 @@ def _evaluate(a: argparse.Namespace) -> dict:
 
     path, sha = resolve_checkpoint(a.name)
     model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
-    dataset = (sidecar.get("ledger") or {}).get("dataset") or sidecar["card"]["recipe"]["dataset"]
+    recipe = (sidecar.get("train_state") or {}).get("recipe") or sidecar["card"]["recipe"]
+    dataset = (sidecar.get("ledger") or {}).get("dataset") or recipe["dataset"]
     test = get_dataset_info(dataset).load("test", data_dir=a.data_dir)
+    if recipe.get("resize"):  # evaluated at the resolution it was trained at
+        test = test.resized(int(recipe["resize"]))
     if a.test_subset:
         test = test.subset(a.test_subset, seed=0)
     device = _resolve_device(a.device)

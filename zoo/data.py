@@ -61,6 +61,7 @@ class DatasetInfo:
     """Static description of a data set plus its loader. Subclass, set the attributes, decorate."""
 
     name: str = ""
+    task: str = "classification"  # what is predicted: a name registered in zoo.tasks
     num_classes: int
     in_chans: int
     image_size: tuple[int, int, int]  # (C, H, W)
@@ -290,29 +291,48 @@ class PneumoniaMNISTInfo(DatasetInfo):
 
 
 # ----------------------------------------------------------------------------- in-memory data
-class ImageDataset:
-    """In-memory images (uint8 ``[N,C,H,W]``) and labels (int64 ``[N]``) with their :class:`DatasetInfo`.
+class ArrayDataset:
+    """In-memory uint8 images ``[N,C,H,W]`` with one target per image (``targets``) and their
+    :class:`DatasetInfo`. ``ds[i]`` returns ``(uint8 image(s), target(s))`` like a TensorDataset; :meth:`batch`
+    returns float32 images normalised with ``info.mean``/``info.std`` and the targets."""
 
-    ``ds[i]`` returns ``(uint8 image(s), label(s))`` like a TensorDataset; :meth:`batch` returns
-    float32 images normalised with ``info.mean``/``info.std``.
-    """
+    images: torch.Tensor
+    targets: torch.Tensor
+    info: DatasetInfo
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images, self.targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.targets[index]
+
+    def batch(self, indices: Sequence[int] | torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(float32 images normalised with info.mean/std, targets)`` for ``indices``."""
+        if not isinstance(indices, slice):
+            indices = torch.as_tensor(indices, dtype=torch.long)
+        mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.info.std).view(1, -1, 1, 1)
+        x = self.images[indices].float().div_(255)
+        return (x - mean) / std, self.targets[indices]
+
+
+class ImageDataset(ArrayDataset):
+    """Classification data: images (uint8 ``[N,C,H,W]``) and labels (int64 ``[N]``, also ``targets``)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != info.in_chans:
             raise ValueError(f"images must be uint8 [N,{info.in_chans},H,W], got {images.dtype} {tuple(images.shape)}")
         if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
             raise ValueError(f"labels must be int64 [{len(images)}], got {labels.dtype} {tuple(labels.shape)}")
-        self.images, self.labels, self.info = images, labels, info
+        self.images, self.targets, self.info = images, labels, info
 
     @property
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images, self.labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
+    def labels(self) -> torch.Tensor:
+        return self.targets
 
     def subset(self, n: int, seed: int = 0) -> "ImageDataset":
         """Class-stratified random subset of exactly ``n`` samples, deterministic given ``seed``.
@@ -332,15 +352,6 @@ class ImageDataset:
             [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]))
         t = torch.from_numpy(idx)
         return ImageDataset(self.images[t], self.labels[t], self.info)
-
-    def batch(self, indices: Sequence[int] | torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(float32 images normalised with info.mean/std, int64 labels)`` for ``indices``."""
-        if not isinstance(indices, slice):
-            indices = torch.as_tensor(indices, dtype=torch.long)
-        mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.info.std).view(1, -1, 1, 1)
-        x = self.images[indices].float().div_(255)
-        return (x - mean) / std, self.labels[indices]
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
@@ -387,3 +398,6 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: in
         raise ValueError(f"batch size mismatch: x has {x.shape[0]} samples, y has shape {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels out of range [0, {num_classes}): min {int(y.min())}, max {int(y.max())}")
+
+
+from . import seg_data  # noqa: E402,F401  (registers the segmentation data sets)

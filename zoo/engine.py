@@ -12,7 +12,10 @@ One DP-SGD step (what the guarantee in :mod:`zoo.privacy` assumes):
      L0 of sparse models, :mod:`zoo.sparse`) is added, then the optimizer steps. An EMA of the weights is
      kept for evaluation (post-processing: free).
 sigma is calibrated for the q and step count that training really uses; training stops before the ledger
-would exceed the target epsilon. Randomness (sampling, augmentation, noise) is drawn from generators seeded
+would exceed the target epsilon. ``epsilon=inf`` is the noise-free reference: sigma = 0 with the same clipping,
+sampling and schedule (so only the noise differs), and the ledger says epsilon = inf.
+What is predicted, the loss per sample, the augmentation and the metrics come from the data set's task
+(:mod:`zoo.tasks`: classification or segmentation); the model must be built for the same task. Randomness (sampling, augmentation, noise) is drawn from generators seeded
 per step from ``seed``; the guarantee assumes that seed stays secret (by default it is drawn from the OS and
 never published: the released ``final`` checkpoint omits it).
 """
@@ -20,26 +23,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .cards import RECIPE_SCHEMA
-from .data import ImageDataset, augment, get_dataset_info
+from .data import get_dataset_info
 from .eq_layers import export
 from .grad_sample import PerSampleGradients
 from .io import write_text
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
 from .sparse import penalty_gradients
 from .registry import build, get_card, resolve_checkpoint
+from .tasks import task_of
 
 
 def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -53,7 +57,9 @@ def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[d
 
 
 def add_noise(summed: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Add i.i.d. N(0, std^2) to every coordinate (``std = sigma * clip_norm``)."""
+    """Add i.i.d. N(0, std^2) to every coordinate (``std = sigma * clip_norm``); ``std = 0`` adds nothing."""
+    if std == 0:
+        return summed
     return {n: s + std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype)
             for n, s in summed.items()}
 
@@ -75,7 +81,8 @@ def ema_with_warmup(decay: float):
 
 def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: float, expected_batch: float,
                  views: int, noise_generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float, float]:
-    """The gradient of one DP-SGD step (steps 2-4 of the module docstring): ``{name: grad}``, summed loss, correct.
+    """The gradient of one DP-SGD step (steps 2-4 of the module docstring): ``{name: grad}``, summed loss, summed
+    score (correct predictions, or Dice for segmentation: the task's ``score``).
 
     ``batches`` yields the physical batches ``(x, y)`` of the logical batch, each sample as ``views``
     consecutive views (none for an empty batch). Each sample's gradient (mean over its views) is clipped to
@@ -85,13 +92,14 @@ def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: f
     """
     summed = {name: torch.zeros_like(p) for name, p in psg.params.items()}
     loss_sum, correct = 0.0, 0.0
+    task = task_of(psg.model)
     for x, y in batches:
-        grads, losses, logits = psg(x, y, views=views)
+        grads, losses, outputs = psg(x, y, views=views)  # the model task's per-sample loss
         clipped, _ = clip_per_sample(grads, clip_norm)
         for name in summed:
             summed[name] += clipped[name]
         loss_sum += losses.sum().item() / views
-        correct += (logits.argmax(1) == y).sum().item() / views
+        correct += task.score(outputs, y) / views
     noisy = add_noise(summed, sigma * clip_norm, noise_generator)
     out = {name: noisy[name] / expected_batch for name in summed}
     names = {p: name for name, p in psg.params.items()}
@@ -100,10 +108,9 @@ def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: f
     return out, loss_sum, correct
 
 
-def _with_views(batch, k: int, generator: torch.Generator, device: torch.device):
-    """``(x, y)`` on ``device``, each sample repeated as ``k`` consecutive augmented views when ``k > 1``."""
-    x, y = batch[0].to(device), batch[1].to(device)
-    return (augment(x.repeat_interleave(k, 0), generator), y.repeat_interleave(k)) if k > 1 else (x, y)
+def _with_views(batch, k: int, generator: torch.Generator, device: torch.device, info, recipe: dict):
+    """``(x, y)`` on ``device``, each sample as ``k`` consecutive augmented views (the task's ``views``)."""
+    return task_of(info).views(batch[0].to(device), batch[1].to(device), k, generator, info, recipe)
 
 
 def _generator(seed: int, step: int, stream: str, device: torch.device) -> torch.Generator:
@@ -117,19 +124,17 @@ def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 500, device: str | torch.device = "cpu",
+def evaluate(model: nn.Module, data, batch_size: int | None = None, device: str | torch.device = "cpu",
              progress: bool = False) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``, computed with ``zoo.export(model)``: eval mode,
-    equivariant layers expanded once into plain torch layers (same outputs to float rounding; ``model`` itself
-    is left as it is)."""
-    model = export(model)
-    correct, loss, n = 0, 0.0, len(data)
-    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
-        x, y = data.batch(slice(start, start + batch_size))
-        logits = model(x.to(device)).float().cpu()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return {"accuracy": correct / n, "loss": loss / n, "num_samples": n}
+    """The metrics of the data set's task (:mod:`zoo.tasks`): accuracy and mean cross-entropy for
+    classification; Dice and IoU per class (and their mean over the foreground classes) for segmentation.
+    Computed with ``zoo.export(model)``: eval mode, equivariant layers expanded once into plain torch layers
+    (same outputs to float rounding; ``model`` itself is left as it is)."""
+    task = task_of(data.info)
+    if task_of(model) is not task:
+        raise ValueError(f"a {task_of(model).name} model cannot be evaluated on {data.info.name} ({task.name})")
+    size = batch_size or (500 if task.name == "classification" else 4)
+    return task.evaluate(export(model), data, size, device, progress)
 
 
 def _resolve_seed(seed: int | None) -> tuple[int, str]:
@@ -149,7 +154,9 @@ def _recipe(card: dict, overrides: dict) -> dict:
     unknown = sorted(set(overrides) - set(RECIPE_SCHEMA))
     if unknown:
         raise ValueError(f"unknown recipe setting(s) {unknown}; known: {sorted(RECIPE_SCHEMA)}")
-    recipe = {"train_subset": None, **card["recipe"], **{k: v for k, v in overrides.items() if v is not None}}
+    optional = {k for k, (typ, _) in RECIPE_SCHEMA.items() if isinstance(typ, tuple) and type(None) in typ}
+    recipe = {**dict.fromkeys(optional), **card["recipe"],
+              **{k: v for k, v in overrides.items() if v is not None or k in optional}}  # None unsets those
     for key in ("batch_size", "physical_batch_size", "steps", "augmult"):
         if int(recipe[key]) < 1:
             raise ValueError(f"recipe {key} must be >= 1, got {recipe[key]}")
@@ -162,11 +169,28 @@ def _load_data(recipe: dict, data_dir, test_subset: int | None, download: bool):
     info = get_dataset_info(recipe["dataset"])
     train = info.load("train", data_dir=data_dir, download=download)
     test = info.load("test", data_dir=data_dir, download=download)
+    if recipe.get("resize"):  # segmentation: train and evaluate at a lower resolution
+        train, test = train.resized(int(recipe["resize"])), test.resized(int(recipe["resize"]))
     if recipe.get("train_subset"):
         train = train.subset(int(recipe["train_subset"]), seed=0)  # public, fixed choice of the subset
     if test_subset:
         test = test.subset(int(test_subset), seed=0)
     return info, train, test
+
+
+def _check_sizes(model: nn.Module, recipe: dict, train, test) -> None:
+    """Refuse, before any step, training crops or test images the model cannot take (not after training)."""
+    crop, m = recipe.get("crop"), getattr(model, "size_multiple", 1)
+    size = min(train.images.shape[-2:])
+    if crop is not None and crop > size:
+        raise ValueError(f"crop {crop} is larger than the {size}x{size} training images of {train.info.name} "
+                         f"(after resize={recipe.get('resize')}); use a smaller crop or a larger resize")
+    sizes = {"training crop" if crop else "training image size": crop or train.images.shape[-1],
+             "test image height": test.images.shape[-2], "test image width": test.images.shape[-1]}
+    for what, s in sizes.items():
+        if s % m:
+            raise ValueError(f"{type(model).__name__} needs sizes divisible by {m}, but the {what} is {s}; "
+                             f"pick a crop/resize that is a multiple of {m}")
 
 
 def _latest_checkpoint(out_dir: Path) -> Path | None:
@@ -197,7 +221,12 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     seed, source = _resolve_seed(seed)
     seed_source = state.get("seed_source") or seed_source or source
 
+    info = get_dataset_info(recipe["dataset"])
+    if task_of(model) is not task_of(info):
+        raise ValueError(f"{model_name} is a {task_of(model).name} model but {info.name} is a "
+                         f"{task_of(info).name} data set; pick a model of that task (zoo.list_models())")
     info, train, test = _load_data(recipe, data_dir, test_subset, download)
+    _check_sizes(model, recipe, train, test)
     if model.num_classes != info.num_classes:
         raise ValueError(f"model has {model.num_classes} classes but {info.name} has {info.num_classes}; "
                          f"create it with num_classes={info.num_classes} or fine-tune with zoo.finetune")
@@ -213,6 +242,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     done = int(state.get("step", 0))
     if "sigma" in state:
         sigma = state["sigma"]
+    elif math.isinf(recipe["epsilon"]):
+        sigma = 0.0  # the noise-free reference run
     else:
         sigma = calibrate_sigma(recipe["epsilon"], recipe["delta"], q, recipe["steps"], recipe["accountant"],
                                 history=ledger.history)
@@ -251,7 +282,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     for step in range(done, end):
         idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
         aug_gen = _generator(seed, step, "augment", device)
-        batches = (_with_views(train.batch(chunk), k, aug_gen, device)
+        batches = (_with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
                    for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
         # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -266,7 +297,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         ledger.record(sigma, q)
         done = step + 1
         if done % max(1, todo // 50) == 0 or done == planned:
-            bar.set_postfix(loss=f"{loss_sum / max(len(idx), 1):.3f}", acc=f"{correct / max(len(idx), 1):.3f}",
+            bar.set_postfix(loss=f"{loss_sum / max(len(idx), 1):.3f}",
+                            **{task_of(info).score_name: f"{correct / max(len(idx), 1):.3f}"},
                             eps=f"{ledger.epsilon():.2f}", refresh=False)
         bar.update()
         if out and (done % every == 0 or done == end):

@@ -16,8 +16,8 @@ from opacus.grad_sample import GradSampleModule, register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
-from .data import check_batch
 from .layers import WSConv2d
+from .tasks import task_of
 from .validate import DPCompatibilityError, validate_model
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,9 +99,13 @@ class PerSampleGradients:
                  views: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Return ``({name: [B, *shape]}, per-view losses [B * views], outputs)`` with ``B = len(inputs) // views``.
 
-        With the default loss, ``targets`` are class indices and are checked like the inputs."""
+        The default loss is the per-sample loss of the model's task (:mod:`zoo.tasks`: cross-entropy for
+        classifiers, Dice + cross-entropy per sample for segmenters); then ``targets`` are checked like the
+        inputs."""
         if loss_fn is None and hasattr(self.model, "num_classes"):
-            check_batch(inputs, targets, self.model.num_classes, self.model.in_chans)
+            task = task_of(self.model)
+            task.check_batch(inputs, targets, self.model.num_classes, self.model.in_chans)
+            loss_fn = task.loss
         elif not torch.isfinite(inputs).all():
             raise ValueError("inputs contain NaN or Inf values; clean or re-normalise the data")
         total = inputs.shape[0]
@@ -143,8 +147,9 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.
                          loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
     """``{parameter name: [B, *param.shape]}``; entry i is the gradient of ``loss_fn(model(x_i), y_i)``.
 
-    ``loss_fn(outputs, targets)`` must return per-sample losses of shape ``[B]`` (default: cross-entropy;
-    for segmentation, a per-pixel loss summed per sample). The model's ``.grad`` is left untouched.
+    ``loss_fn(outputs, targets)`` must return per-sample losses of shape ``[B]`` (default: the model's task loss,
+    :mod:`zoo.tasks`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
+    model's ``.grad`` is left untouched.
     """
     saved = {n: p.grad for n, p in model.named_parameters()}
     psg = PerSampleGradients(model)

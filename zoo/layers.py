@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["WSConv2d", "get_norm_layer", "get_act_layer", "NORM_LAYERS", "ACT_LAYERS"]
@@ -94,6 +95,27 @@ def get_act_layer(name: str) -> Callable[[], nn.Module]:
 def conv3x3(cin: int, cout: int, stride: int = 1, ws: bool = True) -> nn.Conv2d:
     cls = WSConv2d if ws else nn.Conv2d
     return cls(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def conv_norm_act(cin: int, cout: int, norm: Callable[[int], nn.Module], act: Callable[[], nn.Module],
+                  kernel_size: int = 3, dilation: int = 1, ws: bool = False) -> nn.Sequential:
+    """``Conv(k x k, 'same' padding, no bias) -> norm -> act``: the conv unit of zoo's segmentation families
+    (the norm is a per-sample one from :func:`get_norm_layer`; its bias makes the conv's redundant)."""
+    cls = WSConv2d if ws else nn.Conv2d
+    pad = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(cls(cin, cout, kernel_size, padding=pad, dilation=dilation, bias=False), norm(cout), act())
+
+
+def double_conv(cin: int, cout: int, norm: Callable[[int], nn.Module], act: Callable[[], nn.Module],
+                ws: bool = False) -> nn.Sequential:
+    """Two :func:`conv_norm_act` 3x3 units, ``cin -> cout -> cout``: the U-Net block."""
+    return nn.Sequential(conv_norm_act(cin, cout, norm, act, ws=ws), conv_norm_act(cout, cout, norm, act, ws=ws))
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2x upsampling (half-pixel centres). Symmetric under flips and transposes of the grid, so it
+    commutes exactly with the dihedral grid actions (used by the equivariant U-Net)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 def standardize(w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -34,6 +34,8 @@ def compute_epsilon(history: list, delta: float, accountant: str = "rdp") -> flo
     history = [tuple(h) for h in history if h[2] > 0]
     if not history:
         return 0.0
+    if any(h[0] == 0 for h in history):  # a noise-free step (the epsilon=inf reference) has no guarantee
+        return math.inf
     acc = _accountant(accountant)
     acc.history = history
     return float(acc.get_epsilon(delta=delta))

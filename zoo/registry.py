@@ -137,9 +137,11 @@ def count_params(card: dict, **overrides: Any) -> int:
 
 
 def model_info(name: str) -> dict:
-    """Card of ``name`` plus the trainable parameter count and the checkpoint status."""
+    """Card of ``name`` plus its task (``'classification'`` or ``'segmentation'``, :mod:`zoo.tasks`), the
+    trainable parameter count and the checkpoint status."""
     card = get_card(name)
-    info = {**card, "num_params": count_params(card)}
+    info = {**card, "task": getattr(_FAMILIES[card["family"]], "task", "classification"),
+            "num_params": count_params(card)}
     info.setdefault("literature", [])
     info.setdefault("references", [])
     path = checkpoint_path(card)

@@ -1,4 +1,6 @@
-"""The contract every zoo classifier meets: input checks, and a timm-style classifier head API."""
+"""The contract every zoo model meets: input checks, and a timm-style head API (``get_classifier``,
+``reset_classifier``). :class:`ZooClassifier` predicts ``[B, K]`` logits, :class:`ZooSegmenter` per-pixel logits
+``[B, K, H, W]``; each names its task (:mod:`zoo.tasks`)."""
 from __future__ import annotations
 
 import torch
@@ -13,9 +15,11 @@ class ZooClassifier(nn.Module):
     pooled features ``[B, num_features]``.
     """
 
+    task = "classification"
     in_chans: int
     num_classes: int
     min_size: int = 1
+    size_multiple: int = 1
     head_name: str = "head"
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -36,6 +40,11 @@ class ZooClassifier(nn.Module):
                 f"{type(self).__name__} needs images of at least {self.min_size}x{self.min_size}, "
                 f"got {x.shape[2]}x{x.shape[3]}; resize or pad the input"
             )
+        if x.shape[2] % self.size_multiple or x.shape[3] % self.size_multiple:
+            raise ValueError(
+                f"{type(self).__name__} needs a height and width divisible by {self.size_multiple} (one per "
+                f"downsampling), got {x.shape[2]}x{x.shape[3]}; crop or pad the input"
+            )
         if not x.is_floating_point():
             raise TypeError(f"expected floating point images, got {x.dtype}; convert with x.float() / 255")
 
@@ -54,6 +63,25 @@ class ZooClassifier(nn.Module):
         old = self.get_classifier()
         head = nn.Linear(old.in_features, num_classes)
         head.to(device=old.weight.device, dtype=old.weight.dtype)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        setattr(self, self.head_name, head)
+        self.num_classes = num_classes
+
+
+class ZooSegmenter(ZooClassifier):
+    """Base class of zoo segmentation models: per-pixel logits ``[B, num_classes, H, W]`` at the input size.
+
+    Subclasses set ``in_chans``, ``num_classes``, ``size_multiple`` (H and W must be multiples of it) and
+    implement ``forward_features`` returning ``[B, num_features, H, W]``; the head is a 1x1 ``nn.Conv2d``.
+    """
+
+    task = "segmentation"
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the 1x1 head with a zero-initialised one for ``num_classes`` classes (fine-tuning)."""
+        old = self.get_classifier()
+        head = nn.Conv2d(old.in_channels, num_classes, 1).to(device=old.weight.device, dtype=old.weight.dtype)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         setattr(self, self.head_name, head)

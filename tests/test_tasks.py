@@ -1,0 +1,73 @@
+"""Tasks (zoo.tasks): the segmentation loss is per sample, the metrics are the textbook ones, bad masks are refused."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zoo
+from zoo.privacy import Ledger, compute_epsilon
+from zoo.tasks import confusion_counts, dice_ce_loss, dice_iou, get_task, task_of
+
+
+def test_dice_and_iou_match_hand_counts():
+    truth = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    pred = torch.tensor([[0, 1, 0], [1, 1, 0]])
+    counts = confusion_counts(pred, truth, 2)  # class 1: TP 2 (two shared ones), FP 1, FN 1
+    assert counts.tolist() == [[2, 1, 1], [2, 1, 1]]
+    dice, iou = dice_iou(counts)
+    assert dice[1].item() == pytest.approx(4 / 6) and iou[1].item() == pytest.approx(2 / 4)
+    absent = dice_iou(confusion_counts(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), 2))
+    assert absent[0][1].item() == 1.0 and absent[1][1].item() == 1.0  # a class absent from both counts as perfect
+
+
+def test_dice_ce_loss_is_per_sample_and_vanishes_on_a_confident_correct_prediction():
+    g = torch.Generator().manual_seed(0)
+    logits, masks = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4, 8, 8), generator=g)
+    batch = dice_ce_loss(logits, masks)
+    assert batch.shape == (4,)
+    for i in range(4):  # sample i's loss does not depend on the other samples
+        assert torch.allclose(dice_ce_loss(logits[i:i + 1], masks[i:i + 1])[0], batch[i])
+    perfect = 50 * torch.nn.functional.one_hot(masks, 3).permute(0, 3, 1, 2).float()
+    assert dice_ce_loss(perfect, masks).max() < 1e-6
+    assert (batch > 0.5).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x, y: (x, y.float()), "int64"),
+    (lambda x, y: (x, y[:, :4]), r"\[B,H,W\]"),
+    (lambda x, y: (x, y + 2), "out of range"),
+    (lambda x, y: (x.masked_fill(x > 2, float("nan")), y), "NaN"),
+    (lambda x, y: (x[:, :1].repeat(1, 3, 1, 1), y), "channels|\\[B,1,H,W\\]"),
+])
+def test_bad_segmentation_batches_are_refused(bad, match):
+    model = zoo.create_model("test-unet-w4")
+    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 2, (2, 8, 8))
+    x[0, 0, 0, 0] = 3.0
+    with pytest.raises((ValueError, TypeError), match=match):
+        zoo.per_sample_gradients(model, *bad(x, y))
+
+
+def test_models_and_tasks_agree():
+    assert task_of(zoo.create_model("test-unet-w4")) is get_task("segmentation")
+    assert task_of(zoo.create_model("test-wrn10-1")) is get_task("classification")
+    assert zoo.model_info("unet-w16")["task"] == "segmentation" and zoo.model_info("wrn16-4")["task"] == "classification"
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("detection")
+
+
+def test_segmenter_input_size_must_be_a_multiple_of_its_downsampling():
+    model = zoo.create_model("test-unet-w4")  # two poolings: multiples of 4
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(1, 1, 18, 18))
+
+
+def test_noise_free_steps_have_no_guarantee():
+    """The epsilon=inf reference (sigma = 0) spends an infinite epsilon, and the ledger says so."""
+    assert compute_epsilon([(0.0, 0.5, 3)], 1e-4) == math.inf
+    ledger = Ledger(dataset="isbi2012", num_samples=20, delta=1e-4, accountant="rdp", clip_norm=1.0,
+                    target_epsilon=math.inf)
+    assert ledger.steps_left(0.0, 0.5, 10) == 10
+    ledger.record(0.0, 0.5, 10)
+    assert ledger.epsilon() == math.inf and Ledger.from_dict(ledger.to_dict()).steps == 10

@@ -1,0 +1,213 @@
+"""Tasks: what a model predicts and how that is checked, scored, augmented and evaluated.
+
+A task is the one place that knows the shape of targets and outputs. The engine, the per-sample gradients and
+the tests ask the task of the model (``model.task``) or of the data set (``DatasetInfo.task``); a new task is
+added by registering it (:func:`register_task`), not by special cases.
+
+DP contract of every task: ``loss(outputs, targets)`` returns one loss per sample, computed from that sample's
+outputs and targets only, so the gradient of entry i is sample i's gradient (see :mod:`zoo.grad_sample`).
+
+* ``classification``: outputs ``[B, K]`` logits, targets int64 ``[B]``; cross-entropy; accuracy.
+* ``segmentation``: outputs ``[B, K, H, W]`` per-pixel logits, targets int64 masks ``[B, H, W]``; loss = mean
+  per-pixel cross-entropy of the sample + (1 - its soft Dice averaged over the classes); metrics: Dice and IoU
+  per class over all pixels of the split, and their mean over the foreground classes (1..K-1).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import augment, check_batch
+
+
+class Task:
+    """Base class; subclasses implement every method."""
+
+    name: str = ""
+    score_name: str = ""  # the per-sample training statistic shown in progress bars
+
+    def check_batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int) -> None:
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``[B]``."""
+        raise NotImplementedError
+
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Sum over the samples of a per-sample quality in [0, 1] (training statistic only)."""
+        raise NotImplementedError
+
+    def views(self, x: torch.Tensor, y: torch.Tensor, k: int, generator: torch.Generator, info, recipe: dict
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training input: each sample as ``k`` consecutive augmented views (augmentation multiplicity)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data, batch_size: int, device, progress: bool) -> dict[str, float]:
+        raise NotImplementedError
+
+    def example_targets(self, batch: int, num_classes: int, size: tuple[int, int],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random valid targets for ``batch`` samples of spatial ``size`` (tests, benchmarks)."""
+        raise NotImplementedError
+
+    def output_shape(self, batch: int, num_classes: int, size: tuple[int, int]) -> tuple[int, ...]:
+        raise NotImplementedError
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        cls.name = name
+        _TASKS[name] = cls()
+        return cls
+    return deco
+
+
+def get_task(name: str) -> Task:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(_TASKS)}") from None
+
+
+def task_of(obj) -> Task:
+    """The task of a model or a data set (``.task``, default classification)."""
+    return get_task(getattr(obj, "task", "classification"))
+
+
+@register_task("classification")
+class Classification(Task):
+    score_name = "acc"
+
+    def check_batch(self, x, y, num_classes, in_chans):
+        check_batch(x, y, num_classes, in_chans)
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def score(self, outputs, targets):
+        return (outputs.argmax(1) == targets).sum().item()
+
+    def views(self, x, y, k, generator, info, recipe):
+        if k == 1:
+            return x, y
+        return augment(x.repeat_interleave(k, 0), generator), y.repeat_interleave(k)
+
+    @torch.no_grad()
+    def evaluate(self, model, data, batch_size, device, progress):
+        correct, loss, n = 0, 0.0, len(data)
+        for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+            x, y = data.batch(slice(start, start + batch_size))
+            logits = model(x.to(device)).float().cpu()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        return {"accuracy": correct / n, "loss": loss / n, "num_samples": n}
+
+    def example_targets(self, batch, num_classes, size, generator=None):
+        return torch.randint(0, num_classes, (batch,), generator=generator)
+
+    def output_shape(self, batch, num_classes, size):
+        return (batch, num_classes)
+
+
+def dice_ce_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Per-sample Dice + cross-entropy ``[B]``: for sample i, the mean over its pixels of the cross-entropy plus
+    ``1 - mean_c (2 sum p_c t_c + s) / (sum p_c + sum t_c + s)`` with softmax probabilities p, one-hot masks t,
+    sums over that sample's pixels only and ``s = smooth`` (which makes a class absent from both 1)."""
+    ce = F.cross_entropy(logits, masks, reduction="none").flatten(1).mean(1)
+    probs = logits.softmax(1)
+    onehot = F.one_hot(masks, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    inter = (probs * onehot).flatten(2).sum(2)
+    total = probs.flatten(2).sum(2) + onehot.flatten(2).sum(2)
+    dice = (2 * inter + smooth) / (total + smooth)
+    return ce + 1 - dice.mean(1)
+
+
+def confusion_counts(pred: torch.Tensor, masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[K, 3]`` counts (true positives, false positives, false negatives) per class over all pixels."""
+    out = torch.zeros(num_classes, 3, dtype=torch.int64)
+    for c in range(num_classes):
+        p, t = pred == c, masks == c
+        out[c] = torch.stack([(p & t).sum(), (p & ~t).sum(), (~p & t).sum()])
+    return out
+
+
+def dice_iou(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class Dice ``2TP / (2TP + FP + FN)`` and IoU ``TP / (TP + FP + FN)`` from :func:`confusion_counts`
+    (1 for a class absent from both prediction and truth)."""
+    tp, fp, fn = counts.double().unbind(1)
+    denom = tp + fp + fn
+    dice = torch.where(denom > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
+    iou = torch.where(denom > 0, tp / denom.clamp_min(1), torch.ones_like(tp))
+    return dice, iou
+
+
+@register_task("segmentation")
+class Segmentation(Task):
+    score_name = "dice"
+
+    def check_batch(self, x, y, num_classes, in_chans):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
+        if x.ndim != 4 or x.shape[1] != in_chans:
+            raise ValueError(f"x must be [B,{in_chans},H,W] images, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (convert and normalise uint8 images)")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or Inf values")
+        if y.dtype != torch.int64:
+            raise TypeError(f"masks must be int64 class indices per pixel, got {y.dtype} (use masks.long())")
+        if y.shape != (x.shape[0], *x.shape[2:]):
+            raise ValueError(f"masks must be [B,H,W] = {(x.shape[0], *x.shape[2:])} to match the images, "
+                             f"got {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"mask values out of range [0, {num_classes}): min {int(y.min())}, max {int(y.max())}")
+
+    def loss(self, outputs, targets):
+        return dice_ce_loss(outputs, targets)
+
+    def score(self, outputs, targets):
+        k = outputs.shape[1]
+        pred = outputs.argmax(1)
+        total = 0.0
+        for i in range(len(pred)):
+            dice, _ = dice_iou(confusion_counts(pred[i], targets[i], k))
+            total += dice[1:].mean().item() if k > 1 else dice.mean().item()
+        return total
+
+    def views(self, x, y, k, generator, info, recipe):
+        from .seg_data import augment_pair
+
+        x, y = (x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)) if k > 1 else (x, y)
+        return augment_pair(x, y, generator, crop=recipe.get("crop"), dihedral=getattr(info, "dihedral", False))
+
+    @torch.no_grad()
+    def evaluate(self, model, data, batch_size, device, progress):
+        k = model.num_classes
+        counts, loss, n = torch.zeros(k, 3, dtype=torch.int64), 0.0, len(data)
+        for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+            x, y = data.batch(slice(start, start + batch_size))
+            logits = model(x.to(device)).float().cpu()
+            loss += dice_ce_loss(logits, y).sum().item()
+            counts += confusion_counts(logits.argmax(1), y, k)
+        dice, iou = dice_iou(counts)
+        names = getattr(data.info, "classes", [str(c) for c in range(k)])
+        out = {"dice": dice[1:].mean().item(), "iou": iou[1:].mean().item(), "loss": loss / n, "num_samples": n}
+        out["pixel_accuracy"] = counts[:, 0].sum().item() / max(1, int(counts[:, 0].sum() + counts[:, 2].sum()))
+        for c, name in enumerate(names):
+            out[f"dice_{name}"], out[f"iou_{name}"] = dice[c].item(), iou[c].item()
+        return out
+
+    def example_targets(self, batch, num_classes, size, generator=None):
+        return torch.randint(0, num_classes, (batch, *size), generator=generator)
+
+    def output_shape(self, batch, num_classes, size):
+        return (batch, num_classes, *size)
