@@ -300,7 +300,7 @@ _HORSE_HELD_OUT = 50  # images each in val and test
 HORSE_NEAR_DUPLICATES = (("horse004", "horse146"), ("horse071", "horse219"), ("horse118", "horse171"),
                          ("horse175", "horse205"), ("horse180", "horse203"), ("horse246", "horse294"),
                          ("horse263", "horse264"))
-_HORSE_SPLIT_VERSION = 2  # part of the cache key: v1 grouped byte-identical files only
+_HORSE_SPLIT_VERSION = 3  # part of the cache key (v1: byte-identical groups only; v2: train kept all copies)
 
 
 def horse_splits(rgb_sha256: Mapping[str, str]) -> dict[str, list[str]]:
@@ -309,7 +309,9 @@ def horse_splits(rgb_sha256: Mapping[str, str]) -> dict[str, list[str]]:
     Images with byte-identical rgb files, and the re-encoded copies in :data:`HORSE_NEAR_DUPLICATES`, form one
     group (a copy must not sit in train and in val/test); the groups, ordered by their first member's name, are visited in the order of
     ``numpy.random.default_rng(0).permutation(n_groups)``; each goes to val if it still fits in 50 images,
-    else to test if that still fits in 50, else to train. Returns sorted names per split.
+    else to test if that still fits in 50, else to train, where only its first member is kept: a photograph
+    that appeared twice in the training set would be protected by DP only as a group of two. Returns sorted
+    names per split.
     """
     parent = {name: name for name in rgb_sha256}  # union-find over "is a copy of"
 
@@ -331,7 +333,7 @@ def horse_splits(rgb_sha256: Mapping[str, str]) -> dict[str, list[str]]:
     for gi in np.random.default_rng(0).permutation(len(ordered)):
         group = ordered[gi]
         key = next((s for s in ("val", "test") if len(out[s]) + len(group) <= _HORSE_HELD_OUT), "train")
-        out[key] += group
+        out[key] += group[:1] if key == "train" else group  # train: one copy of each photograph
     return {s: sorted(v) for s, v in out.items()}
 
 
@@ -359,17 +361,19 @@ class WeizmannHorseInfo(DatasetInfo):
     image with PIL bicubic (antialiased), the JPEG-compressed grayscale mask with PIL bilinear, then
     ``> 127`` = horse. The aspect ratio is not kept, and metrics are computed at 256x256 on these resized masks.
 
-    Split (:func:`horse_splits`): 228 train / 50 val / 50 test. Two pairs of rgb files are byte-identical
+    Split (:func:`horse_splits`): 222 train / 50 val / 50 test (228 train images less the second copies of the
+    6 copied photographs that fall in train). Two pairs of rgb files are byte-identical
     duplicates, (horse006, horse018) and (horse240, horse274), and seven further pairs are the same photograph
     re-encoded at another size (:data:`HORSE_NEAR_DUPLICATES`, found by comparing 24x24 thumbnails of all
-    pairs); each of these nine pairs lies within one split, so no test image has a copy in train. Normalisation
+    pairs); each of these nine pairs lies within one split, so no test image has a copy in train, and train keeps
+    one copy of each (the unit of privacy is a photograph). Normalisation
     constants: train-split per-channel mean and std of the RGB values in [0, 1]. Horses stand upright, so only
     horizontal flips are valid augmentations (``dihedral = False``).
     """
 
     task = "segmentation"
     num_classes, in_chans, image_size = 2, 3, (3, _HORSE_SIZE, _HORSE_SIZE)
-    mean, std = (0.5093, 0.4921, 0.4162), (0.2721, 0.2682, 0.2690)
+    mean, std = (0.5101, 0.4932, 0.4175), (0.2716, 0.2680, 0.2695)
     classes = ("background", "horse")
     dihedral = False
     duplicate_groups = (("horse006", "horse018"), ("horse240", "horse274"))  # byte-identical rgb files
