@@ -14,11 +14,12 @@ After every run ``<out>/dice_vs_epsilon.png`` and ``<out>/results.md`` (mean +- 
 includes it) are rewritten.
 
 Configurations:
-  cpu  every architecture at half its card's width (``model_args``; unet-w32 runs at 16, the others at 8), 1 seed; ISBI resized to 128x128 and trained on 64x64 crops
-       (N=20, expected batch 20 = q 1, 30 steps), horses at 64x64 (N=222, batch 32, 40 steps): tens of minutes on 2 cores. It
-       checks the pipeline and shows first trends; the numbers are not those of the recipes.
+  cpu  every architecture at half its card's width (``model_args``: unet-w32 runs at 16, the others at 8), one
+       seed; ISBI resized to 128x128 and trained on 64x64 crops (N=20, q=1: every slice in every step, 30 steps),
+       horses at 64x64 (N=222, expected batch 32, 40 steps); 2 views per sample: well under an hour on 2 cores.
+       It checks the pipeline and shows first trends; the numbers are not those of the cards' recipes.
   gpu  the cards' architectures at their own width, 3 seeds; ISBI at 512x512 on 256x256 crops, horses at
-       256x256 on 192x192 crops, augmentation multiplicity 4, a few hundred steps.
+       256x256 on 192x192 crops, augmentation multiplicity 4, 300 steps.
 Reproduce:  python eval/study_segmentation.py --config cpu
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _eps_label(e: float) -> str:
     return "∞" if math.isinf(e) else f"{e:g}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, trivial: dict[str, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,8 +90,10 @@ def plot(rows: list[dict], path: Path) -> None:
         for model in sorted({r["model"] for r in rows if r["dataset"] == dataset}):
             pts = _summary(rows, dataset, model)
             xs = [inf_x if math.isinf(e) else e for e, _, _, _ in pts]
+            margs = next(r["model_args"] for r in rows if r["dataset"] == dataset and r["model"] == model)
             ax.errorbar(xs, [m for _, m, _, _ in pts], yerr=[s for _, _, s, _ in pts], marker="o", capsize=3,
-                        label=model)
+                        label=f"{model} ({_args(margs)})")
+        ax.axhline(trivial[dataset], color="gray", linestyle="--", linewidth=1, label="foreground everywhere")
         ticks = finite + [inf_x]
         ax.set_xscale("log")
         ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["∞"])
@@ -115,7 +118,20 @@ def _summary(rows, dataset, model):
     return out
 
 
-def table(rows: list[dict], config: str) -> str:
+def all_foreground_dice(dataset: str, resize: int | None, data_dir) -> float:
+    """Dice of the trivial prediction "every pixel is foreground" on the test split: ``2p / (1 + p)`` for a
+    foreground fraction p. A model under it has learned nothing a constant would not give."""
+    test = get_dataset_info(dataset).load("test", data_dir=data_dir)
+    p = (test.resized(resize) if resize else test).masks.ne(0).double().mean().item()
+    return 2 * p / (1 + p)
+
+
+def _args(text: str) -> str:
+    """``"{'width': 8}"`` (the CSV's model_args) as ``width 8``; the card's own arguments as ``card``."""
+    return text.strip("{}").replace("'", "").replace(":", "") or "card"
+
+
+def table(rows: list[dict], config: str, trivial: dict[str, float]) -> str:
     """Markdown: foreground Dice (mean ± std over seeds) per architecture and epsilon, one table per data set."""
     lines = [f"### Segmentation under DP: `{config}` configuration", "",
              f"Foreground Dice on the test split (mean ± std over seeds), from `eval/study_segmentation.py --config "
@@ -123,18 +139,27 @@ def table(rows: list[dict], config: str) -> str:
     epsilons = sorted({float(r["epsilon"]) for r in rows}, reverse=True)
     for dataset in sorted({r["dataset"] for r in rows}):
         delta = next(r["delta"] for r in rows if r["dataset"] == dataset)
-        lines += [f"**{dataset}** (δ = {delta}, RDP)", "",
-                  "| model | params | per-sample grads (MiB / micro-batch) | "
+        lines += [f"**{dataset}** (δ = {delta}, RDP; predicting foreground everywhere scores "
+                  f"{trivial[dataset]:.3f})", "",
+                  "| model | args | params | per-sample grads (MiB / micro-batch) | "
                   + " | ".join(f"ε = {_eps_label(e)}" for e in epsilons) + " |",
-                  "|---|---:|---:|" + "---:|" * len(epsilons)]
+                  "|---|---|---:|---:|" + "---:|" * len(epsilons)]
         for model in sorted({r["model"] for r in rows if r["dataset"] == dataset}):
             first = next(r for r in rows if r["dataset"] == dataset and r["model"] == model)
             cells = {e: f"{m:.3f} ± {s:.3f} ({n})" if n > 1 else f"{m:.3f}"
                      for e, m, s, n in _summary(rows, dataset, model)}
-            lines.append(f"| `{model}` | {int(first['params']):,} | {float(first['psg_mib']):.1f} | "
+            lines.append(f"| `{model}` | {_args(first['model_args'])} | {int(first['params']):,} | {float(first['psg_mib']):.1f} | "
                          + " | ".join(cells.get(e, "—") for e in epsilons) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def report(rows: list[dict], out: Path, config: str, data_dir) -> None:
+    """Redraw ``dice_vs_epsilon.png`` and rewrite ``results.md`` from all rows."""
+    trivial = {d: all_foreground_dice(d, CONFIGS[config]["recipes"][d]["resize"], data_dir)
+               for d in sorted({r["dataset"] for r in rows})}
+    plot(rows, out / "dice_vs_epsilon.png", trivial)
+    write_text(out / "results.md", table(rows, config, trivial) + "\n")
 
 
 def main() -> int:
@@ -191,13 +216,11 @@ def main() -> int:
             row[f"dice_{c}"], row[f"iou_{c}"] = test[f"dice_{name}"], test[f"iou_{name}"]
         rows.append(row)
         append_row(csv_path, FIELDS, row)
-        plot(rows, out / "dice_vs_epsilon.png")
-        write_text(out / "results.md", table(rows, args.config) + "\n")
+        report(rows, out, args.config, args.data_dir)
         print(f"    Dice {row['dice']:.3f} (IoU {row['iou']:.3f}), epsilon {ledger['epsilon']:.2f}, "
               f"sigma {ledger['noise_multiplier']:.2f}, {row['train_time_s']} s", file=sys.stderr)
     if rows:
-        plot(rows, out / "dice_vs_epsilon.png")
-        write_text(out / "results.md", table(rows, args.config) + "\n")
+        report(rows, out, args.config, args.data_dir)
     print(f"{len(rows)} rows in {csv_path}; plot {out / 'dice_vs_epsilon.png'}; table {out / 'results.md'}")
     return 0
 

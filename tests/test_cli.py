@@ -72,3 +72,16 @@ def test_train_on_another_dataset_with_model_args(data_dir, tmp_path):
     assert (model.in_chans, model.num_classes, model.l0_weight) == (1, 2, 0.2)
     bad = zoo_cli("train", "test-wrn10-1-l0", "--model-arg", "l0_weight", check=False)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+def test_segmentation_train_then_eval_at_the_trained_resolution(data_dir, tmp_path):
+    """The card's recipe resizes ISBI to 64x64; `zoo eval` evaluates the checkpoint at that resolution."""
+    p = zoo_cli("train", "test-unet-w4", "--data-dir", str(data_dir), "--out", str(tmp_path), "--seed", "0",
+                "--steps", "2", "--crop", "32", "--no-progress")
+    assert "test Dice" in p.stdout and "IoU" in p.stdout and "epsilon=" in p.stdout
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["recipe"]["crop"] == 32 and result["recipe"]["resize"] == 64
+    ev = json.loads(zoo_cli("eval", str(tmp_path / "final.safetensors"), "--data-dir", str(data_dir),
+                            "--out", str(tmp_path / "eval.json")).stdout)
+    assert ev["test"]["dice_membrane"] == result["test"]["dice_membrane"]
+    assert ev["test"]["iou_cell"] == result["test"]["iou_cell"]

@@ -51,4 +51,5 @@ def test_segmentation_study_writes_csv_plot_and_table_and_resumes(data_dir, tmp_
     assert float(dp["psg_mib"]) == int(dp["params"]) * 4 * 10 * 2 / 2 ** 20  # physical batch 10 x 2 views, float32
     assert (tmp_path / "dice_vs_epsilon.png").stat().st_size > 0
     table = (tmp_path / "results.md").read_text()
-    assert "| `test-unet-w4` |" in table and "ε = ∞" in table and "ε = 8" in table
+    assert "| `test-unet-w4` | width 2 |" in table and "ε = ∞" in table and "ε = 8" in table
+    assert "predicting foreground everywhere scores 0." in table

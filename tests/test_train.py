@@ -148,6 +148,8 @@ def test_models_and_data_of_different_tasks_are_refused(data_dir):
         zoo.train("test-wrn10-1", dataset="isbi2012", data_dir=data_dir, steps=1, **QUIET)
     with pytest.raises(ValueError, match="segmentation model but cifar10 is a classification data set"):
         zoo.train("test-unet-w4", dataset="cifar10", data_dir=data_dir, steps=1, **QUIET)
+    with pytest.raises(ValueError, match=r"\['crop'\] do not apply to classification"):
+        zoo.train("test-wrn10-1", data_dir=data_dir, steps=1, crop=16, **QUIET)
 
 
 def test_crops_the_model_cannot_take_are_refused_before_training(data_dir):

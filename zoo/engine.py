@@ -15,8 +15,8 @@ sigma is calibrated for the q and step count that training really uses; training
 would exceed the target epsilon. ``epsilon=inf`` is the noise-free reference: sigma = 0 with the same clipping,
 sampling and schedule (so only the noise differs), and the ledger says epsilon = inf.
 What is predicted, the loss per sample, the augmentation and the metrics come from the data set's task
-(:mod:`zoo.tasks`: classification or segmentation); the model must be built for the same task. Randomness (sampling, augmentation, noise) is drawn from generators seeded
-per step from ``seed``; the guarantee assumes that seed stays secret (by default it is drawn from the OS and
+(:mod:`zoo.tasks`: classification or segmentation); the model must be built for the same task.
+Randomness (sampling, augmentation, noise) is drawn from generators seeded per step from ``seed``; the guarantee assumes that seed stays secret (by default it is drawn from the OS and
 never published: the released ``final`` checkpoint omits it).
 """
 from __future__ import annotations
@@ -222,9 +222,13 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     seed_source = state.get("seed_source") or seed_source or source
 
     info = get_dataset_info(recipe["dataset"])
-    if task_of(model) is not task_of(info):
+    task = task_of(info)
+    if task_of(model) is not task:
         raise ValueError(f"{model_name} is a {task_of(model).name} model but {info.name} is a "
-                         f"{task_of(info).name} data set; pick a model of that task (zoo.list_models())")
+                         f"{task.name} data set; pick a model of that task (zoo.list_models())")
+    unused = [k for k in ("crop", "resize") if recipe.get(k) is not None and k not in task.recipe_keys]
+    if unused:
+        raise ValueError(f"recipe setting(s) {unused} do not apply to {task.name} ({info.name}); remove them")
     info, train, test = _load_data(recipe, data_dir, test_subset, download)
     _check_sizes(model, recipe, train, test)
     if model.num_classes != info.num_classes:

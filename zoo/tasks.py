@@ -29,6 +29,7 @@ class Task:
 
     name: str = ""
     score_name: str = ""  # the per-sample training statistic shown in progress bars
+    recipe_keys: tuple[str, ...] = ()  # optional recipe settings this task reads (see zoo.cards.RECIPE_SCHEMA)
 
     def check_batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int) -> None:
         raise NotImplementedError
@@ -153,6 +154,7 @@ def dice_iou(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @register_task("segmentation")
 class Segmentation(Task):
     score_name = "dice"
+    recipe_keys = ("crop", "resize")
 
     def check_batch(self, x, y, num_classes, in_chans):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
