@@ -71,3 +71,28 @@ def test_noise_free_steps_have_no_guarantee():
     assert ledger.steps_left(0.0, 0.5, 10) == 10
     ledger.record(0.0, 0.5, 10)
     assert ledger.epsilon() == math.inf and Ledger.from_dict(ledger.to_dict()).steps == 10
+
+
+def test_roc_auc_equals_the_pairwise_definition_with_ties():
+    from zoo.tasks import binary_auc, roc_auc
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (200,), generator=g).double()  # many ties
+    positive = torch.rand(200, generator=g) < 0.3
+    pos, neg = scores[positive], scores[~positive]
+    pairwise = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+    assert binary_auc(scores, positive) == pytest.approx(pairwise, abs=1e-12)
+    assert binary_auc(torch.tensor([0.1, 0.9]), torch.tensor([False, True])) == 1.0
+    assert math.isnan(binary_auc(scores, torch.zeros(200, dtype=torch.bool)))
+    probs = torch.rand(60, 3, generator=g).softmax(1).double()
+    labels = torch.randint(0, 3, (60,), generator=g)
+    ovr = [binary_auc(probs[:, c], labels == c) for c in range(3)]
+    assert roc_auc(probs, labels) == pytest.approx(sum(ovr) / 3)
+
+
+def test_balanced_accuracy_averages_recall_over_present_classes():
+    from zoo.tasks import balanced_accuracy
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])  # imbalanced: predicting 0 everywhere has accuracy 4/6
+    assert balanced_accuracy(torch.zeros(6, dtype=torch.long), labels, 3) == pytest.approx(0.5)
+    assert balanced_accuracy(torch.tensor([0, 0, 1, 1, 1, 0]), labels, 2) == pytest.approx((2 / 4 + 1 / 2) / 2)

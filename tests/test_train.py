@@ -159,3 +159,17 @@ def test_crops_the_model_cannot_take_are_refused_before_training(data_dir):
         zoo.train("test-unet-w4", data_dir=data_dir, crop=30, steps=1, **QUIET)
     r = zoo.train("test-unet-w4", data_dir=data_dir, crop=None, steps=1, seed=0, **QUIET)  # None: whole images
     assert r["recipe"]["crop"] is None
+
+
+def test_pneumonia_reports_balanced_accuracy_and_roc_auc(data_dir):
+    """PneumoniaMNIST's test split is imbalanced (234 normal, 390 pneumonia): accuracy alone would reward
+    predicting pneumonia everywhere, so the metrics include balanced accuracy and ROC-AUC."""
+    r = zoo.train("test-wrn10-1", dataset="pneumoniamnist", data_dir=data_dir, seed=0, steps=3, batch_size=64,
+                  physical_batch_size=64, augmult=1, train_subset=None, **QUIET)
+    test = r["test"]
+    assert test["num_samples"] == 624 and 0 <= test["balanced_accuracy"] <= 1 and 0 <= test["roc_auc"] <= 1
+    labels = get_dataset_info("pneumoniamnist").load("test", data_dir=data_dir).labels
+    assert labels.bincount().tolist() == [234, 390]
+    model = r["model_object"]
+    again = evaluate(model, get_dataset_info("pneumoniamnist").load("test", data_dir=data_dir))
+    assert again["roc_auc"] == pytest.approx(test["roc_auc"]) and again["accuracy"] == pytest.approx(test["accuracy"])

@@ -43,7 +43,8 @@ def _run_kwargs(a: argparse.Namespace) -> dict:
 
 def _report(result: dict) -> None:
     led, test = result["ledger"], result["test"]
-    metric = (f"test accuracy {test['accuracy']:.4f}" if "accuracy" in test
+    metric = (f"test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}, "
+              f"ROC-AUC {test['roc_auc']:.4f})" if "accuracy" in test
               else f"test Dice {test['dice']:.4f}, IoU {test['iou']:.4f} (foreground)")
     print(f"{result['model']} on {result['dataset']}: {metric} "
           f"({test['num_samples']} images) at epsilon={led['epsilon']:.3f}, delta={led['delta']:g} "

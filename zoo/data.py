@@ -258,8 +258,9 @@ _PNEUMONIA_MD5 = "28209eda62fecd6e6a2d98b1501bb15f"  # medmnist 3.0.2: INFO["pne
 @register_dataset("pneumoniamnist")
 class PneumoniaMNISTInfo(DatasetInfo):
     """PneumoniaMNIST (MedMNIST v2, Yang et al. 2023): pediatric chest X-rays (Kermany et al. 2018) at 28x28,
-    grayscale, normal vs pneumonia; 4,708 train / 524 val / 624 test images (train: 1,214 normal, 3,494
-    pneumonia). Looks for ``<root>/pneumonia/pneumoniamnist.npz`` or ``<root>/pneumoniamnist/...``, the official
+    grayscale, normal vs pneumonia; 4,708 train / 524 val / 624 test images, MedMNIST's shipped split (train:
+    1,214 normal, 3,494 pneumonia; test: 234 normal, 390 pneumonia: imbalanced, so the classification metrics
+    include balanced accuracy and ROC-AUC). Looks for ``<root>/pneumonia/pneumoniamnist.npz`` or ``<root>/pneumoniamnist/...``, the official
     file checked by medmnist's md5; read with ``allow_pickle=False``. Normalisation constants: train-split
     mean and std of the pixel values in [0, 1].
     """

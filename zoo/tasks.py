@@ -7,7 +7,9 @@ added by registering it (:func:`register_task`), not by special cases.
 DP contract of every task: ``loss(outputs, targets)`` returns one loss per sample, computed from that sample's
 outputs and targets only, so the gradient of entry i is sample i's gradient (see :mod:`zoo.grad_sample`).
 
-* ``classification``: outputs ``[B, K]`` logits, targets int64 ``[B]``; cross-entropy; accuracy.
+* ``classification``: outputs ``[B, K]`` logits, targets int64 ``[B]``; cross-entropy; accuracy, balanced
+  accuracy (mean recall over the classes present: what an imbalanced medical set needs) and ROC-AUC (binary: of
+  the class-1 probability; more classes: the mean of the one-vs-rest AUCs).
 * ``segmentation``: outputs ``[B, K, H, W]`` per-pixel logits, targets int64 masks ``[B, H, W]``; loss = mean
   per-pixel cross-entropy of the sample + (1 - its soft Dice averaged over the classes); metrics: Dice and IoU
   per class over all pixels of the split, and their mean over the foreground classes (1..K-1).
@@ -104,19 +106,58 @@ class Classification(Task):
 
     @torch.no_grad()
     def evaluate(self, model, data, batch_size, device, progress):
-        correct, loss, n = 0, 0.0, len(data)
+        n, outs = len(data), []
         for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
-            x, y = data.batch(slice(start, start + batch_size))
-            logits = model(x.to(device)).float().cpu()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-        return {"accuracy": correct / n, "loss": loss / n, "num_samples": n}
+            x, _ = data.batch(slice(start, start + batch_size))
+            outs.append(model(x.to(device)).float().cpu())
+        logits, y = torch.cat(outs), data.targets
+        probs = logits.double().softmax(1)
+        return {"accuracy": (logits.argmax(1) == y).double().mean().item(),
+                "balanced_accuracy": balanced_accuracy(logits.argmax(1), y, logits.shape[1]),
+                "roc_auc": roc_auc(probs, y), "loss": F.cross_entropy(logits, y).item(), "num_samples": n}
 
     def example_targets(self, batch, num_classes, size, generator=None):
         return torch.randint(0, num_classes, (batch,), generator=generator)
 
     def output_shape(self, batch, num_classes, size):
         return (batch, num_classes)
+
+
+def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Mean over the classes present in ``labels`` of the fraction of that class predicted correctly (recall)."""
+    recalls = [(pred[labels == c] == c).double().mean().item() for c in range(num_classes) if (labels == c).any()]
+    return sum(recalls) / len(recalls)
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x``, tied values sharing the mean of their ranks."""
+    sorted_x, order = x.sort()
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = ((ends - counts + 1 + ends) / 2)[inverse]
+    return ranks
+
+
+def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """ROC-AUC = P(score of a random positive > score of a random negative) + P(tie) / 2 (Mann-Whitney U with
+    average ranks); NaN when one of the two groups is empty."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(scores)
+    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def roc_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC-AUC of class probabilities ``[N, K]``: for K = 2 that of class 1, else the mean one-vs-rest AUC over
+    the classes present in ``labels`` (NaN when fewer than two classes are present)."""
+    if probs.shape[1] == 2:
+        return binary_auc(probs[:, 1], labels == 1)
+    aucs = [binary_auc(probs[:, c], labels == c) for c in range(probs.shape[1]) if (labels == c).any()]
+    aucs = [a for a in aucs if a == a]
+    return sum(aucs) / len(aucs) if aucs else float("nan")
 
 
 def dice_ce_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
