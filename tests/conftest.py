@@ -21,6 +21,19 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache root for the data tests of the whole session, so each data set is extracted and decoded once."""
+    return tmp_path_factory.mktemp("zoo_cache")
+
+
+@pytest.fixture
+def isolated_cache(cache_dir, monkeypatch) -> Path:
+    """ZOO_CACHE points at :func:`cache_dir` during the test (data tests: ``pytestmark = usefixtures(...)``)."""
+    monkeypatch.setenv("ZOO_CACHE", str(cache_dir))
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA:
         pytest.skip("ZOO_DATA is not set (CI sets it to ../shared/data)")

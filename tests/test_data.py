@@ -15,31 +15,20 @@ DATA = os.environ.get("ZOO_DATA")
 needs_data = pytest.mark.skipif(not DATA, reason="ZOO_DATA is not set")
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache root for the whole session, so the 170 MB archive is extracted once."""
-    return tmp_path_factory.mktemp("zoo_cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("ZOO_CACHE", str(cache_dir))
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # one session cache: the 170 MB archive is extracted once
 
 
 @pytest.fixture(scope="session")
 def cifar(cache_dir):
     if not DATA:
         pytest.skip("ZOO_DATA is not set")
-    old = os.environ.get("ZOO_CACHE")
-    os.environ["ZOO_CACHE"] = str(cache_dir)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZOO_CACHE", str(cache_dir))
         info = zd.get_dataset_info("cifar10")
         t0 = time.perf_counter()
         train = info.load("train", data_dir=DATA)
         first = time.perf_counter() - t0
         test = info.load("test", data_dir=DATA)
-    finally:
-        os.environ.pop("ZOO_CACHE") if old is None else os.environ.__setitem__("ZOO_CACHE", old)
     return train, test, first
 
 

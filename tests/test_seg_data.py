@@ -17,25 +17,14 @@ import zoo.seg_data as sd
 SPLITS = ("train", "val", "test")
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache root for the whole session, so each data set is decoded once."""
-    return tmp_path_factory.mktemp("zoo_cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("ZOO_CACHE", str(cache_dir))
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # one session cache: each data set is decoded once
 
 
 def _load_all(name: str, data_dir: Path, cache_dir: Path) -> dict[str, sd.SegmentationDataset]:
-    old = os.environ.get("ZOO_CACHE")
-    os.environ["ZOO_CACHE"] = str(cache_dir)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZOO_CACHE", str(cache_dir))
         info = zd.get_dataset_info(name)
         return {s: info.load(s, data_dir=data_dir) for s in SPLITS}
-    finally:
-        os.environ.pop("ZOO_CACHE") if old is None else os.environ.__setitem__("ZOO_CACHE", old)
 
 
 @pytest.fixture(scope="session")

@@ -36,20 +36,28 @@ def _final_tensors(path):
     return load_file(path / "final.safetensors")
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(data_dir, tmp_path):
-    kw = dict(data_dir=data_dir, seed=3, steps=4, checkpoint_every=2, test_subset=200, **QUIET)
-    a = zoo.train("test-wrn10-1", out_dir=tmp_path / "a", **kw)
-    zoo.train("test-wrn10-1", out_dir=tmp_path / "b", **kw)
-    for name in ("step-000004", "final"):  # as if killed after the step-2 checkpoint
+def _interrupted_run_resumes_exactly(name, tmp_path, **kw):
+    """Train ``name`` twice (``kw``: 4 steps, a checkpoint every 2); kill the second as if after its step-2
+    checkpoint (delete step 4 and final), resume it without a seed (the checkpoint holds it) and assert that its
+    final weights equal the uninterrupted run's. Returns ``(uninterrupted result, resumed result, final tensors)``."""
+    a = zoo.train(name, out_dir=tmp_path / "a", **kw)
+    zoo.train(name, out_dir=tmp_path / "b", **kw)
+    for step in ("step-000004", "final"):
         for suffix in (".safetensors", ".json"):
-            (tmp_path / "b" / f"{name}{suffix}").unlink()
-    b = zoo.train("test-wrn10-1", out_dir=tmp_path / "b", resume=True, **{**kw, "seed": None})
-    assert b["ledger"]["steps"] == a["ledger"]["steps"] == 4
-    assert b["ledger"]["epsilon"] == a["ledger"]["epsilon"]
+            (tmp_path / "b" / f"{step}{suffix}").unlink()
+    b = zoo.train(name, out_dir=tmp_path / "b", resume=True, **{**kw, "seed": None})
     ta, tb = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6), k
+    return a, b, ta
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(data_dir, tmp_path):
+    kw = dict(data_dir=data_dir, seed=3, steps=4, checkpoint_every=2, test_subset=200, **QUIET)
+    a, b, _ = _interrupted_run_resumes_exactly("test-wrn10-1", tmp_path, **kw)
+    assert b["ledger"]["steps"] == a["ledger"]["steps"] == 4
+    assert b["ledger"]["epsilon"] == a["ledger"]["epsilon"]
 
 
 def test_budget_is_enforced_and_finetuning_composes(data_dir, tmp_path):
@@ -95,16 +103,8 @@ def test_sparse_model_on_pneumonia_resumes_exactly_and_keeps_its_arguments(data_
     model is built for the data set's channels and classes, and ``model_args`` travel with the checkpoint."""
     kw = dict(data_dir=data_dir, seed=5, steps=4, checkpoint_every=2, dataset="pneumoniamnist", batch_size=64,
               physical_batch_size=64, augmult=2, model_args={"l0_weight": 0.3}, **QUIET)
-    a = zoo.train("test-wrn10-1-l0", out_dir=tmp_path / "a", **kw)
-    zoo.train("test-wrn10-1-l0", out_dir=tmp_path / "b", **kw)
-    for name in ("step-000004", "final"):
-        for suffix in (".safetensors", ".json"):
-            (tmp_path / "b" / f"{name}{suffix}").unlink()
-    zoo.train("test-wrn10-1-l0", out_dir=tmp_path / "b", resume=True, **{**kw, "seed": None})
-    ta, tb = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
+    a, _, ta = _interrupted_run_resumes_exactly("test-wrn10-1-l0", tmp_path, **kw)
     assert any("log_alpha" in k for k in ta)
-    for k in ta:
-        assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6), k
     model, _ = load_checkpoint(tmp_path / "a" / "final.safetensors")
     assert (model.in_chans, model.num_classes, model.l0_weight) == (1, 2, 0.3)
     assert a["dataset"] == "pneumoniamnist"
@@ -115,15 +115,7 @@ def test_segmentation_on_isbi_trains_resumes_exactly_and_reports_dice_per_class(
     (D4 grid actions for EM), 2 views per sample. A resumed run equals an uninterrupted one, the final
     checkpoint evaluates to the reported metrics, and the ledger is within the budget."""
     kw = dict(data_dir=data_dir, seed=2, steps=4, checkpoint_every=2, **QUIET)
-    a = zoo.train("test-eq-unet-c4-w4", out_dir=tmp_path / "a", **kw)
-    zoo.train("test-eq-unet-c4-w4", out_dir=tmp_path / "b", **kw)
-    for name in ("step-000004", "final"):
-        for suffix in (".safetensors", ".json"):
-            (tmp_path / "b" / f"{name}{suffix}").unlink()
-    zoo.train("test-eq-unet-c4-w4", out_dir=tmp_path / "b", resume=True, **{**kw, "seed": None})
-    ta, tb = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
-    for k in ta:
-        assert torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6), k
+    a, _, _ = _interrupted_run_resumes_exactly("test-eq-unet-c4-w4", tmp_path, **kw)
     test = a["test"]
     assert {"dice", "iou", "dice_cell", "dice_membrane", "iou_cell", "iou_membrane"} <= set(test)
     assert all(0 <= test[k] <= 1 for k in ("dice", "iou", "dice_membrane", "iou_cell"))

@@ -137,19 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(a: argparse.Namespace) -> dict:
     from . import checkpoint as ckpt
-    from .data import get_dataset_info
-    from .engine import _resolve_device, evaluate
+    from .engine import _resolve_device, evaluate, load_split
     from .registry import resolve_checkpoint
 
     path, sha = resolve_checkpoint(a.name)
     model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
     recipe = (sidecar.get("train_state") or {}).get("recipe") or sidecar["card"]["recipe"]
     dataset = (sidecar.get("ledger") or {}).get("dataset") or recipe["dataset"]
-    test = get_dataset_info(dataset).load("test", data_dir=a.data_dir)
-    if recipe.get("resize"):  # evaluated at the resolution it was trained at
-        test = test.resized(int(recipe["resize"]))
-    if a.test_subset:
-        test = test.subset(a.test_subset, seed=0)
+    test = load_split(dataset, "test", recipe, a.data_dir, subset=a.test_subset)  # at the trained resolution
     device = _resolve_device(a.device)
     metrics = evaluate(model.to(device), test, device=device)
     return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,

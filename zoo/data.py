@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_write, file_hashes, save_npy, write_text
+from .registry import instance_registrar
 
 Split = Literal["train", "val", "test"]
 _ENV_HELP = "pass --data-dir DIR or set the ZOO_DATA environment variable"
@@ -82,15 +83,12 @@ _REGISTRY: dict[str, DatasetInfo] = {}
 _T = TypeVar("_T", bound=type)
 
 
+_register_dataset = instance_registrar(_REGISTRY, "dataset")
+
+
 def register_dataset(name: str) -> Callable[[_T], _T]:
     """Class decorator: register an instance of a :class:`DatasetInfo` subclass under ``name``."""
-    def deco(cls: _T) -> _T:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls()
-        return cls
-    return deco
+    return _register_dataset(name)
 
 
 def list_datasets() -> list[str]:
@@ -108,19 +106,25 @@ def get_dataset_info(name: str) -> DatasetInfo:
 
 
 # ----------------------------------------------------------------------------- caching helpers
-def _file_hashes(path: Path) -> dict[str, str]:
-    """sha256 and md5 of ``path``, cached in the cache root keyed by (path, size, mtime)."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+def _files_hashes(paths: Sequence[Path]) -> list[dict[str, str]]:
+    """sha256 and md5 of each of ``paths``, cached in the cache root keyed by (path, size, mtime). The cache is
+    read once and written at most once per call, however many files (a data set of 656 images is one call)."""
+    keys = [f"{p.resolve()}|{(st := p.stat()).st_size}|{st.st_mtime_ns}" for p in paths]
     db_path = cache_root() / "data" / "verified.json"
     try:
         db = json.loads(db_path.read_text())
     except (OSError, ValueError):
         db = {}
-    if key not in db:
-        db[key] = file_hashes(path, "sha256", "md5")
+    new = {k: file_hashes(p, "sha256", "md5") for p, k in zip(paths, keys) if k not in db}
+    if new:
+        db.update(new)
         write_text(db_path, json.dumps(db, indent=1))
-    return db[key]
+    return [db[k] for k in keys]
+
+
+def _file_hashes(path: Path) -> dict[str, str]:
+    """:func:`_files_hashes` of one file."""
+    return _files_hashes([path])[0]
 
 
 def _extract_once(archive: Path, dest: Path) -> Path:
@@ -377,10 +381,12 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) 
     return padded[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
-def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int) -> None:
+def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int, per_pixel: bool = False
+                ) -> None:
     """Validate a training batch; raise TypeError (wrong types/dtypes) or ValueError (shapes/values).
 
-    Requires: x float ``[B,in_chans,H,W]`` and finite; y int64 ``[B]`` with values in ``[0, num_classes)``.
+    Requires: x float ``[B,in_chans,H,W]`` and finite; y int64 with values in ``[0, num_classes)``: labels ``[B]``,
+    or with ``per_pixel=True`` segmentation masks ``[B,H,W]`` matching x.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
@@ -393,12 +399,17 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: in
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (convert and normalise uint8 images)")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf values")
+    what = "masks" if per_pixel else "labels y"
     if y.dtype != torch.int64:
-        raise TypeError(f"labels y must be int64 class indices, got {y.dtype} (use y.long())")
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise TypeError(f"{what} must be int64 class indices{' per pixel' * per_pixel}, got {y.dtype} "
+                        "(use y.long())")
+    if per_pixel and tuple(y.shape) != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"masks must be [B,H,W] = {(x.shape[0], *x.shape[2:])} to match the images, "
+                         f"got {tuple(y.shape)}")
+    if not per_pixel and (y.ndim != 1 or y.shape[0] != x.shape[0]):
         raise ValueError(f"batch size mismatch: x has {x.shape[0]} samples, y has shape {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"labels out of range [0, {num_classes}): min {int(y.min())}, max {int(y.max())}")
+        raise ValueError(f"{what} out of range [0, {num_classes}): min {int(y.min())}, max {int(y.max())}")
 
 
 from . import seg_data  # noqa: E402,F401  (registers the segmentation data sets)

@@ -165,17 +165,20 @@ def _recipe(card: dict, overrides: dict) -> dict:
     return recipe
 
 
+def load_split(dataset: str, split: str, recipe: dict, data_dir=None, download: bool = False,
+               subset: int | None = None):
+    """``split`` of ``dataset`` as a run with ``recipe`` sees it: resized to ``recipe["resize"]`` when set
+    (segmentation: train and evaluate at a lower resolution), then the public, fixed (seed 0) subset of
+    ``subset`` samples when given."""
+    data = get_dataset_info(dataset).load(split, data_dir=data_dir, download=download)
+    if recipe.get("resize"):
+        data = data.resized(int(recipe["resize"]))
+    return data.subset(int(subset), seed=0) if subset else data
+
+
 def _load_data(recipe: dict, data_dir, test_subset: int | None, download: bool):
-    info = get_dataset_info(recipe["dataset"])
-    train = info.load("train", data_dir=data_dir, download=download)
-    test = info.load("test", data_dir=data_dir, download=download)
-    if recipe.get("resize"):  # segmentation: train and evaluate at a lower resolution
-        train, test = train.resized(int(recipe["resize"])), test.resized(int(recipe["resize"]))
-    if recipe.get("train_subset"):
-        train = train.subset(int(recipe["train_subset"]), seed=0)  # public, fixed choice of the subset
-    if test_subset:
-        test = test.subset(int(test_subset), seed=0)
-    return info, train, test
+    load = lambda split, subset: load_split(recipe["dataset"], split, recipe, data_dir, download, subset)  # noqa: E731
+    return get_dataset_info(recipe["dataset"]), load("train", recipe.get("train_subset")), load("test", test_subset)
 
 
 def _check_sizes(model: nn.Module, recipe: dict, train, test) -> None:

@@ -92,18 +92,23 @@ def get_act_layer(name: str) -> Callable[[], nn.Module]:
     return _lookup(ACT_LAYERS, name, "activation")
 
 
-def conv3x3(cin: int, cout: int, stride: int = 1, ws: bool = True) -> nn.Conv2d:
+def conv2d(cin: int, cout: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1,
+           ws: bool = False) -> nn.Conv2d:
+    """Bias-free conv with 'same' padding (odd kernels), weight-standardized with ``ws=True``."""
     cls = WSConv2d if ws else nn.Conv2d
-    return cls(cin, cout, 3, stride=stride, padding=1, bias=False)
+    return cls(cin, cout, kernel_size, stride=stride, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
+               bias=False)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, ws: bool = True) -> nn.Conv2d:
+    return conv2d(cin, cout, 3, stride, ws=ws)
 
 
 def conv_norm_act(cin: int, cout: int, norm: Callable[[int], nn.Module], act: Callable[[], nn.Module],
                   kernel_size: int = 3, dilation: int = 1, ws: bool = False) -> nn.Sequential:
     """``Conv(k x k, 'same' padding, no bias) -> norm -> act``: the conv unit of zoo's segmentation families
     (the norm is a per-sample one from :func:`get_norm_layer`; its bias makes the conv's redundant)."""
-    cls = WSConv2d if ws else nn.Conv2d
-    pad = dilation * (kernel_size - 1) // 2
-    return nn.Sequential(cls(cin, cout, kernel_size, padding=pad, dilation=dilation, bias=False), norm(cout), act())
+    return nn.Sequential(conv2d(cin, cout, kernel_size, dilation=dilation, ws=ws), norm(cout), act())
 
 
 def double_conv(cin: int, cout: int, norm: Callable[[int], nn.Module], act: Callable[[], nn.Module],

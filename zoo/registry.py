@@ -43,6 +43,23 @@ def register_family(name: str):
     return deco
 
 
+def instance_registrar(table: dict, kind: str):
+    """``register(name)``, a class decorator for registries of singletons (data sets, tasks): it sets
+    ``cls.name = name`` and stores ``cls()`` in ``table``; registering a name twice is an error."""
+
+    def register(name: str):
+        def deco(cls):
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is already registered")
+            cls.name = name
+            table[name] = cls()
+            return cls
+
+        return deco
+
+    return register
+
+
 def register_model(card: dict) -> dict:
     """Register a model from a card (dict following :data:`zoo.cards.CARD_SCHEMA`)."""
     validate_card(card, f"card {card.get('name', '?')!r}")

@@ -5,7 +5,7 @@ Contract (the same as :mod:`zoo.data`):
   * Everything derived from it (hash results, decoded arrays) goes into the *cache root* (``ZOO_CACHE``).
   * Every source file a loader reads is verified on every load against one *manifest digest* per data set
     embedded here: the sha256 of the text made of the sorted lines ``"<path relative to the data root> <sha256>\\n"``
-    of exactly those files (see :func:`manifest_digest`). Per-file hashes are cached by ``_file_hashes`` keyed
+    of exactly those files (see :func:`manifest_digest`). Per-file hashes are cached by ``_files_hashes`` keyed
     by (path, size, mtime), so the check is cheap after the first load. Unknown bytes raise
     :class:`~zoo.data.DataIntegrityError` naming the changed files; missing files raise
     :class:`~zoo.data.DataNotFoundError`. Neither set can be downloaded.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import (_ENV_HELP, ArrayDataset, DataIntegrityError, DataNotFoundError, DatasetInfo, Split, _cached_arrays,
-                   _file_hashes, cache_root, data_root, register_dataset)
+                   _files_hashes, cache_root, data_root, register_dataset)
 from .io import write_text
 
 _SPLITS = ("train", "val", "test")
@@ -208,7 +208,7 @@ def _verify(root: Path, folder: str, paths: Sequence[str], expected: str, title:
         raise DataNotFoundError(
             f"{title} is incomplete: {len(missing)} of the {len(paths)} expected files are missing under {base}/, "
             f"e.g. {', '.join(str(root / p) for p in missing[:3])}. {fix}")
-    sha = {p: _file_hashes(root / p)["sha256"] for p in paths}
+    sha = {p: h["sha256"] for p, h in zip(paths, _files_hashes([root / p for p in paths]))}
     digest = manifest_digest(sha)
     if digest != expected:
         ref = _trusted_listing(root, folder, paths, expected, cache)

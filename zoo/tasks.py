@@ -16,14 +16,13 @@ outputs and targets only, so the gradient of entry i is sample i's gradient (see
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import augment, check_batch
+from .registry import instance_registrar
 
 
 class Task:
@@ -64,14 +63,7 @@ class Task:
 _TASKS: dict[str, Task] = {}
 
 
-def register_task(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        cls.name = name
-        _TASKS[name] = cls()
-        return cls
-    return deco
+register_task = instance_registrar(_TASKS, "task")  # class decorator: @register_task("name")
 
 
 def get_task(name: str) -> Task:
@@ -198,21 +190,7 @@ class Segmentation(Task):
     recipe_keys = ("crop", "resize")
 
     def check_batch(self, x, y, num_classes, in_chans):
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
-        if x.ndim != 4 or x.shape[1] != in_chans:
-            raise ValueError(f"x must be [B,{in_chans},H,W] images, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (convert and normalise uint8 images)")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or Inf values")
-        if y.dtype != torch.int64:
-            raise TypeError(f"masks must be int64 class indices per pixel, got {y.dtype} (use masks.long())")
-        if y.shape != (x.shape[0], *x.shape[2:]):
-            raise ValueError(f"masks must be [B,H,W] = {(x.shape[0], *x.shape[2:])} to match the images, "
-                             f"got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"mask values out of range [0, {num_classes}): min {int(y.min())}, max {int(y.max())}")
+        check_batch(x, y, num_classes, in_chans, per_pixel=True)
 
     def loss(self, outputs, targets):
         return dice_ce_loss(outputs, targets)

@@ -58,11 +58,14 @@ class ZooClassifier(nn.Module):
     def get_classifier(self) -> nn.Linear:
         return getattr(self, self.head_name)
 
+    def new_head(self, old: nn.Module, num_classes: int) -> nn.Module:
+        """A head like ``old`` for ``num_classes`` classes: a ``nn.Linear`` on the pooled features."""
+        return nn.Linear(old.in_features, num_classes)
+
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` classes (fine-tuning)."""
+        """Replace the head with a zero-initialised one for ``num_classes`` classes (fine-tuning)."""
         old = self.get_classifier()
-        head = nn.Linear(old.in_features, num_classes)
-        head.to(device=old.weight.device, dtype=old.weight.dtype)
+        head = self.new_head(old, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         setattr(self, self.head_name, head)
@@ -78,11 +81,6 @@ class ZooSegmenter(ZooClassifier):
 
     task = "segmentation"
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the 1x1 head with a zero-initialised one for ``num_classes`` classes (fine-tuning)."""
-        old = self.get_classifier()
-        head = nn.Conv2d(old.in_channels, num_classes, 1).to(device=old.weight.device, dtype=old.weight.dtype)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        setattr(self, self.head_name, head)
-        self.num_classes = num_classes
+    def new_head(self, old: nn.Module, num_classes: int) -> nn.Module:
+        """A 1x1 ``nn.Conv2d`` head for ``num_classes`` classes on the per-pixel features."""
+        return nn.Conv2d(old.in_channels, num_classes, 1)
