@@ -1,7 +1,10 @@
 """Results tables shared by the resumable studies in eval/: one CSV row per finished run, appended at once."""
 from __future__ import annotations
 
+import argparse
 import csv
+import sys
+import time
 from pathlib import Path
 
 
@@ -18,3 +21,58 @@ def append_row(path: Path, fields: list[str], row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def study_dirs(name: str, config: str, out: str | None, runs: str | None) -> tuple[Path, Path, Path, list[dict]]:
+    """``(results folder, checkpoints folder, CSV path, finished rows)`` of study ``name`` in ``config``: by default
+    ``eval/results/<name>-<config>`` and ``runs/study-<name>-<config>``."""
+    results = Path(out or Path(__file__).parent / "results" / f"{name}-{config}")
+    results.mkdir(parents=True, exist_ok=True)
+    csv_path = results / "results.csv"
+    return results, Path(runs or Path("runs") / f"study-{name}-{config}"), csv_path, read_rows(csv_path)
+
+
+def record(rows: list[dict], row: dict, csv_path: Path, fields: list[str], redraw, summary: str = "") -> None:
+    """Keep a finished run: append ``row`` to the CSV at once, ``redraw(rows)`` the plot and table, and print the
+    run's ``summary`` line to stderr."""
+    rows.append(row)
+    append_row(csv_path, fields, row)
+    redraw(rows)
+    if summary:
+        print(summary, file=sys.stderr, flush=True)
+
+
+def classification_summary(result: dict, seconds: float) -> str:
+    """One progress line for a finished classification run."""
+    test, ledger = result["test"], result["ledger"]
+    return ("    " + ", ".join(f"{m} {test[m]:.3f}" for m in ("accuracy", "balanced_accuracy", "roc_auc"))
+            + f"; epsilon {ledger['epsilon']:.2f}, sigma {ledger['noise_multiplier']:.2f}, {seconds} s")
+
+
+def study_parser(doc: str, name: str, configs) -> argparse.ArgumentParser:
+    """The arguments every study takes: ``--config --out --runs --data-dir --steps --device``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--config", choices=sorted(configs), default="cpu")
+    ap.add_argument("--out", help=f"CSV, plot and table (default eval/results/{name}-<config>)")
+    ap.add_argument("--runs", help=f"checkpoints of each run (default runs/study-{name}-<config>)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--steps", type=int, help="override the steps of every run (smoke tests)")
+    ap.add_argument("--device", default=None)
+    return ap
+
+
+def classification_fields(result: dict, started: float) -> dict:
+    """The columns every classification study records from a ``zoo.train``/``zoo.finetune`` result."""
+    test, ledger = result["test"], result["ledger"]
+    return {"steps": ledger["steps"], "sigma": ledger["noise_multiplier"], "epsilon_spent": ledger["epsilon"],
+            **{m: test[m] for m in ("accuracy", "balanced_accuracy", "roc_auc")},
+            "train_time_s": round(time.time() - started, 1)}
+
+
+def report(rows: list[dict], out: Path, config: str, plot, table, plot_name: str) -> None:
+    """Redraw ``out/plot_name`` with ``plot(rows, path)`` and rewrite ``out/results.md`` (included in MODEL_CARD.md)
+    with ``table(rows, config)``."""
+    from zoo.io import write_text
+
+    plot(rows, out / plot_name)
+    write_text(out / "results.md", table(rows, config))

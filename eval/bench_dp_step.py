@@ -19,6 +19,9 @@ Progress goes to stderr, the table to stdout. Reproduce (all models; several min
 Only the small models, with JSON output:  ... --models 'wrn16-*' 'test-*' --json bench.json
 Segmentation models (per-pixel loss; the image size is rounded up to each model's size multiple):
     python eval/bench_dp_step.py --models 'unet*' 'eq-unet*' 'linknet*' 'deeplab*' --batch-size 16 --image-size 64
+With ``--align all|subset``, a DP-SGD step with gradient self-alignment (:mod:`zoo.alignment`: per-sample gradients
+of the self-aligned loss, a per-sample Hessian-vector product through ``torch.func``; random public reference) is
+timed too, and its ratio to the plain DP step printed:  ... --models 'wrn16-1' 'eq-resnet9-c4' --align subset
 With ``--compare-vmap``, zoo's per-sample gradients alone are also timed against whole-model ``torch.func``
 ``vmap(grad)`` (the route of Hölzl et al.'s code) at each of ``--chunk-sizes`` (0 = no chunking), and the
 best chunk size is reported:  ... --models 'eq-*' --compare-vmap --chunk-sizes 0 16 32
@@ -37,6 +40,7 @@ import torch
 
 import zoo
 from _timing import timer
+from zoo.alignment import AlignedPerSampleGradients, AlignSettings
 from zoo.engine import dp_gradients
 from zoo.grad_sample import PerSampleGradients
 from zoo.tasks import task_of
@@ -64,8 +68,24 @@ def vmap_step(model, x, y, chunk: int):
     return lambda: f(params, x, y)
 
 
+def dp_step_fn(psg, x, y, batch: int, gen: torch.Generator):
+    """The body of the step loop in ``zoo.engine._run`` (one physical batch, views=1) as a closure."""
+    params = dict(psg.params)
+    opt = torch.optim.SGD(params.values(), lr=LR)
+
+    def step():
+        grads, _, _ = dp_gradients(psg, [(x, y)], clip_norm=CLIP_NORM, sigma=SIGMA, expected_batch=batch, views=1,
+                                   noise_generator=gen)
+        for n, p in params.items():
+            p.grad = grads[n]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.device,
-          chunk_sizes: list[int] | None = None) -> dict:
+          chunk_sizes: list[int] | None = None, align: str | None = None) -> dict:
     """Time every variant once per round, ``repeats`` rounds after a warm-up round, interleaved so that a drift
     of the machine (other load, memory reclaim) hits all of them alike; report medians."""
     torch.manual_seed(0)
@@ -74,11 +94,10 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
     image_size = -(-max(image_size, model.min_size) // m) * m  # rounded up to a multiple of m
     x = torch.randn(batch, model.in_chans, image_size, image_size, device=device)
     y = task.example_targets(batch, model.num_classes, (image_size, image_size)).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
     bare = copy.deepcopy(model)  # the plain step and vmap run on a copy without opacus' hooks
     bare_opt = torch.optim.SGD(bare.parameters(), lr=LR)
+    aligned = copy.deepcopy(model) if align else None  # torch.func runs on a copy without hooks, too
     psg = PerSampleGradients(model)
-    params = dict(psg.params)
     gen = torch.Generator(device=device).manual_seed(0)
     psg_bytes = []
 
@@ -87,19 +106,15 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
         task.loss(bare(x), y).mean().backward()
         bare_opt.step()
 
-    def dp_step():  # the body of the step loop in zoo.engine._run, one physical batch, views=1
-        grads, _, _ = dp_gradients(psg, [(x, y)], clip_norm=CLIP_NORM, sigma=SIGMA, expected_batch=batch, views=1,
-                                   noise_generator=gen)
-        for n, p in params.items():
-            p.grad = grads[n]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     def psg_step():  # per-sample gradients alone; also records their memory
         grads = psg(x, y)[0]
         psg_bytes.append(sum(g.numel() * g.element_size() for g in grads.values()))
 
-    variants = {"plain": plain_step, "dp": dp_step, "psg": psg_step}
+    variants = {"plain": plain_step, "dp": dp_step_fn(psg, x, y, batch, gen), "psg": psg_step}
+    if align:
+        apsg = AlignedPerSampleGradients(aligned, AlignSettings(align))
+        apsg.set_reference({n: torch.randn(p.shape, generator=gen, device=device) for n, p in apsg.params.items()})
+        variants["aligned"] = dp_step_fn(apsg, x, y, batch, gen)
     if chunk_sizes:
         variants.update({f"vmap{c}": vmap_step(bare, x, y, c) for c in chunk_sizes})
     time_ms, times = timer(device), {k: [] for k in variants}
@@ -118,6 +133,8 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
            "plain_ms": med["plain"],
            "dp_ms": med["dp"], "ratio": med["dp"] / med["plain"], "psg_mib": max(psg_bytes) / 2**20,
            "physical_batch": phys, "psg_mib_physical": max(psg_bytes) / 2**20 * phys / batch}
+    if align:
+        row.update(align=align, aligned_ms=med["aligned"], aligned_ratio=med["aligned"] / med["dp"])
     if chunk_sizes:
         chunk = min(chunk_sizes, key=lambda c: med[f"vmap{c}"])
         vm = med[f"vmap{chunk}"]
@@ -135,6 +152,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     ap.add_argument("--compare-vmap", action="store_true", help="also time whole-model torch.func vmap(grad)")
+    ap.add_argument("--align", choices=["all", "subset"], help="also time a DP step with gradient self-alignment")
     ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[0, 16, 32], help="vmap chunk sizes (0: none)")
     args = ap.parse_args()
     names = sorted({n for pat in args.models for n in zoo.list_models(pat)})
@@ -152,7 +170,7 @@ def main() -> int:
         log(f"[{len(rows) + len(failed) + 1}/{len(names)}] {name} ...")
         try:
             rows.append(bench(name, args.batch_size, args.repeats, args.image_size, device,
-                              args.chunk_sizes if args.compare_vmap else None))
+                              args.chunk_sizes if args.compare_vmap else None, args.align))
             log("    non-private {plain_ms:.1f} ms, DP {dp_ms:.1f} ms, x{ratio:.2f}".format(**rows[-1]))
         except Exception as e:
             log(traceback.format_exc())
@@ -165,6 +183,12 @@ def main() -> int:
         print(fmt.format(r["model"], f"{r['params']:,}", f"{r['batch']} x {r['image_size']}", f"{r['plain_ms']:.1f}", f"{r['dp_ms']:.1f}",
                          f"{r['ratio']:.2f}", f"{r['psg_mib']:.1f}",
                          f"{r['psg_mib_physical']:.1f} (B={r['physical_batch']})"))
+    if args.align:
+        print(f"\nDP step with gradient self-alignment ({args.align}) vs the plain DP step")
+        print(f"{'model':<20} {'DP ms':>10} {'aligned ms':>11} {'aligned / DP':>13} {'aligned / non-private':>22}")
+        for r in rows:
+            print(f"{r['model']:<20} {r['dp_ms']:>10.1f} {r['aligned_ms']:>11.1f} {r['aligned_ratio']:>13.2f} "
+                  f"{r['aligned_ms'] / r['plain_ms']:>22.2f}")
     if args.compare_vmap:
         print("\nper-sample gradients alone: zoo (opacus hooks + registered samplers) vs whole-model torch.func vmap")
         print(f"{'model':<20} {'zoo ms':>10} {'vmap ms':>10} {'best chunk':>11} {'vmap / zoo':>11}")

@@ -24,7 +24,6 @@ Reproduce:  python eval/study_segmentation.py --config cpu
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from _results import append_row, read_rows
+from _results import record, study_dirs, study_parser
 from zoo.data import get_dataset_info
 from zoo.engine import load_split
 from zoo.io import write_text
@@ -165,24 +164,14 @@ def report(rows: list[dict], out: Path, config: str, data_dir) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    ap.add_argument("--out", help="CSV, plot and table (default eval/results/segmentation-<config>)")
-    ap.add_argument("--runs", help="checkpoints of each run (default runs/study-segmentation-<config>)")
-    ap.add_argument("--data-dir", default=None)
+    ap = study_parser(__doc__, "segmentation", CONFIGS)
     ap.add_argument("--models", nargs="+", help="subset of the architectures (default: all registered)")
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
     ap.add_argument("--epsilons", nargs="+", type=float, default=EPSILONS)
-    ap.add_argument("--steps", type=int, help="override the steps of every run (smoke tests)")
     ap.add_argument("--limit", type=int, help="stop after this many new runs (smoke tests)")
-    ap.add_argument("--device", default=None)
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
-    out = Path(args.out or Path(__file__).parent / "results" / f"segmentation-{args.config}")
-    runs = Path(args.runs or Path("runs") / f"study-segmentation-{args.config}")
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "results.csv"
-    rows = read_rows(csv_path)
+    out, runs, csv_path, rows = study_dirs("segmentation", args.config, args.out, args.runs)
     done = {key(r["config"], r["dataset"], r["model"], float(r["epsilon"]), int(r["seed"])) for r in rows}
     models = args.models or segmentation_models()
     grid = [(d, m, e, s) for d in args.datasets for m in models for e in args.epsilons for s in cfg["seeds"]]
@@ -216,9 +205,7 @@ def main() -> int:
                "train_time_s": round(time.time() - t0, 1)}
         for c, name in enumerate(classes):
             row[f"dice_{c}"], row[f"iou_{c}"] = test[f"dice_{name}"], test[f"iou_{name}"]
-        rows.append(row)
-        append_row(csv_path, FIELDS, row)
-        report(rows, out, args.config, args.data_dir)
+        record(rows, row, csv_path, FIELDS, lambda rs: report(rs, out, args.config, args.data_dir))
         print(f"    Dice {row['dice']:.3f} (IoU {row['iou']:.3f}), epsilon {ledger['epsilon']:.2f}, "
               f"sigma {ledger['noise_multiplier']:.2f}, {row['train_time_s']} s", file=sys.stderr)
     if rows:

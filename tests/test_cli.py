@@ -85,3 +85,27 @@ def test_segmentation_train_then_eval_at_the_trained_resolution(data_dir, tmp_pa
                             "--out", str(tmp_path / "eval.json")).stdout)
     assert ev["test"]["dice_membrane"] == result["test"]["dice_membrane"]
     assert ev["test"]["iou_cell"] == result["test"]["iou_cell"]
+
+
+def test_finetune_a_cifar10_checkpoint_on_pneumonia_with_alignment_then_eval(data_dir, tmp_path):
+    """`zoo finetune` of an RGB CIFAR-10 checkpoint on grayscale PneumoniaMNIST: the head is reset to 2 classes, the
+    X-rays are repeated to the 3 input channels (in training and in `zoo eval`), a fresh ledger starts with the
+    CIFAR-10 one as its parent, and `--align subset` is taken from the command line."""
+    from zoo.checkpoint import load_checkpoint
+
+    zoo_cli("train", "test-wrn10-1", "--data-dir", str(data_dir), "--out", str(tmp_path / "cifar"), "--seed", "0",
+            "--steps", "1", "--test-subset", "50", "--no-progress")
+    p = zoo_cli("finetune", str(tmp_path / "cifar" / "final.safetensors"), "--dataset", "pneumoniamnist",
+                "--epsilon", "3", "--delta", "1e-4", "--steps", "2", "--batch-size", "32", "--physical-batch-size",
+                "16", "--augmult", "1", "--align", "subset", "--align-fraction", "0.2", "--test-subset", "100",
+                "--seed", "0", "--no-progress", "--data-dir", str(data_dir), "--out", str(tmp_path / "pn"))
+    assert "repeating them to the model's 3 input channels" in p.stdout and "balanced" in p.stdout
+    model, sidecar = load_checkpoint(tmp_path / "pn" / "final.safetensors")
+    assert (model.in_chans, model.num_classes) == (3, 2)
+    led = sidecar["ledger"]
+    assert led["dataset"] == "pneumoniamnist" and led["parent"]["dataset"] == "cifar10" and led["epsilon"] <= 3
+    recipe = sidecar["train_state"]["recipe"]
+    assert (recipe["align"], recipe["align_fraction"]) == ("subset", 0.2)
+    ev = json.loads(zoo_cli("eval", str(tmp_path / "pn" / "final.safetensors"), "--data-dir", str(data_dir),
+                            "--test-subset", "100", "--out", str(tmp_path / "eval.json")).stdout)
+    assert ev["test"]["roc_auc"] == sidecar["metrics"]["roc_auc"]

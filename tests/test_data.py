@@ -161,6 +161,18 @@ def test_batch_normalised():
     assert torch.allclose(x[1, 1], expect)
 
 
+def test_with_channels_repeats_grayscale_only():
+    gray = zd.ImageDataset(torch.randint(0, 256, (4, 1, 6, 6), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
+                           zd.get_dataset_info("pneumoniamnist"))
+    assert gray.with_channels(1) is gray
+    x1, y1 = gray.batch([1, 2])
+    x3, y3 = gray.with_channels(3).batch([1, 2])
+    assert x3.shape == (2, 3, 6, 6) and torch.equal(y1, y3)
+    assert all(torch.equal(x3[:, c], x1[:, 0]) for c in range(3))
+    with pytest.raises(ValueError, match="only grayscale images are repeated"):
+        _toy().with_channels(1)
+
+
 def test_augment():
     x = torch.arange(16 * 3 * 32 * 32, dtype=torch.float32).reshape(16, 3, 32, 32)
     out1 = zd.augment(x, torch.Generator().manual_seed(0))

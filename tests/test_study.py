@@ -53,3 +53,34 @@ def test_segmentation_study_writes_csv_plot_and_table_and_resumes(data_dir, tmp_
     table = (tmp_path / "results.md").read_text()
     assert "| `test-unet-w4` | width 2 |" in table and "ε = ∞" in table and "ε = 8" in table
     assert "predicting foreground everywhere scores 0." in table
+
+
+def _study(script: str, out: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT.parent / script), "--config", "cpu", "--out", str(out),
+                           "--runs", str(out / "runs"), "--data-dir", str(data_dir), "--steps", "2", *args],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=True)
+
+
+def test_alignment_study_compares_the_variants_at_equal_epsilon(data_dir, tmp_path):
+    _study("study_alignment.py", tmp_path, data_dir, "--datasets", "pneumoniamnist")
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["align"] for r in rows] == ["off", "all", "subset"]
+    assert len({(r["sigma"], r["epsilon_spent"], r["steps"]) for r in rows}) == 1  # same privacy cost
+    assert all(0 <= float(r[m]) <= 1 for r in rows for m in ("accuracy", "balanced_accuracy", "roc_auc"))
+    assert (tmp_path / "alignment.png").stat().st_size > 0
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| pneumoniamnist |") == 3 and "| subset | 1.0 | 0.1 |" in table
+    again = _study("study_alignment.py", tmp_path, data_dir, "--datasets", "pneumoniamnist")
+    assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 3 and "[1/3]" not in again.stderr
+
+
+def test_pneumonia_study_fine_tunes_a_cifar10_checkpoint_and_trains_from_scratch(data_dir, tmp_path):
+    _study("study_pneumonia.py", tmp_path, data_dir, "--models", "wrn16-1-pneumonia", "--epsilons", "3")
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["start"] for r in rows] == ["scratch", "cifar10"]
+    assert rows[0]["pretrain_epsilon"] == "" and 0 < float(rows[1]["pretrain_epsilon"]) <= 8
+    assert rows[0]["sigma"] == rows[1]["sigma"] and all(float(r["epsilon_spent"]) <= 3 for r in rows)
+    assert (tmp_path / "runs" / "pretrain-wrn16-1-seed0" / "final.safetensors").exists()
+    table = (tmp_path / "results.md").read_text()
+    assert "| `wrn16-1-pneumonia` | scratch |" in table and "| `wrn16-1-pneumonia` | cifar10 |" in table
+    assert (tmp_path / "metrics_vs_epsilon.png").stat().st_size > 0

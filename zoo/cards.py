@@ -37,6 +37,9 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "train_subset": ((int, type(None)), False),  # use a stratified subset of this many training samples
     "crop": ((int, type(None)), False),          # segmentation: train on random crops of this size
     "resize": ((int, type(None)), False),        # segmentation: resize every split to this size first
+    "align": ((str, type(None)), False),          # gradient self-alignment: off, all or subset (zoo.alignment)
+    "align_weight": ((_num, type(None)), False),  # its lambda (default zoo.alignment.DEFAULT_WEIGHT)
+    "align_fraction": ((_num, type(None)), False),  # its subset fraction (default zoo.alignment.DEFAULT_FRACTION)
     "source": (str, True),               # where the recipe comes from
 }
 RESULT_SCHEMA: dict[str, tuple[Any, bool]] = {

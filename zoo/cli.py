@@ -14,8 +14,10 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     for key, (typ, _) in RECIPE_SCHEMA.items():
         if key in ("source", "dataset"):
             continue
-        t = typ[0] if isinstance(typ, tuple) else typ
-        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float if t is not str and t is not int else t)
+        kinds = set(typ if isinstance(typ, tuple) else (typ,)) - {type(None)}
+        kinds = set().union(*(k if isinstance(k, tuple) else (k,) for k in kinds))  # (int, float) is a number
+        t = str if str in kinds else float if float in kinds else int
+        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=t)
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +146,8 @@ def _evaluate(a: argparse.Namespace) -> dict:
     model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
     recipe = (sidecar.get("train_state") or {}).get("recipe") or sidecar["card"]["recipe"]
     dataset = (sidecar.get("ledger") or {}).get("dataset") or recipe["dataset"]
-    test = load_split(dataset, "test", recipe, a.data_dir, subset=a.test_subset)  # at the trained resolution
+    test = load_split(dataset, "test", recipe, a.data_dir, subset=a.test_subset,  # as trained: resolution,
+                      in_chans=model.in_chans)                                   # channels
     device = _resolve_device(a.device)
     metrics = evaluate(model.to(device), test, device=device)
     return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,

@@ -9,6 +9,8 @@ Contract:
 """
 from __future__ import annotations
 
+import copy
+
 import difflib
 import json
 import os
@@ -304,6 +306,7 @@ class ArrayDataset:
     images: torch.Tensor
     targets: torch.Tensor
     info: DatasetInfo
+    channels: int | None = None  # set by with_channels: batch() repeats grayscale images to this many channels
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,8 +324,25 @@ class ArrayDataset:
             indices = torch.as_tensor(indices, dtype=torch.long)
         mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.info.std).view(1, -1, 1, 1)
-        x = self.images[indices].float().div_(255)
-        return (x - mean) / std, self.targets[indices]
+        x = (self.images[indices].float().div_(255) - mean) / std
+        if self.channels:
+            x = x.expand(-1, self.channels, -1, -1).contiguous()
+        return x, self.targets[indices]
+
+    def with_channels(self, channels: int) -> "ArrayDataset":
+        """This data as a model with ``channels`` input channels takes it: grayscale images are repeated to
+        ``channels`` channels by :meth:`batch` (after normalisation). For a model pretrained on RGB this equals
+        summing its first layer's filters over the input channels (timm's ``adapt_input_conv``), and it holds for
+        every first layer, including weight-standardized and equivariant ones, because the model is unchanged."""
+        have = self.images.shape[1]
+        if channels == have:
+            return self
+        if have != 1:
+            raise ValueError(f"{self.info.name} has {have}-channel images; a model with {channels} input channels "
+                             "cannot take them (only grayscale images are repeated to more channels)")
+        new = copy.copy(self)
+        new.channels = channels
+        return new
 
 
 class ImageDataset(ArrayDataset):

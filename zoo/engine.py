@@ -7,6 +7,8 @@ One DP-SGD step (what the guarantee in :mod:`zoo.privacy` assumes):
      result does not depend on it). Each sample is expanded to ``augmult`` augmented views; its gradient is
      the mean over its views (augmentation multiplicity), computed exactly per sample.
   3. Each sample's whole gradient is clipped to L2 norm ``clip_norm``; the clipped gradients are summed.
+     With ``align`` set (gradient self-alignment, :mod:`zoo.alignment`), the gradient is that of each
+     sample's self-aligned loss, whose extra term reads only that sample and the public earlier updates.
   4. Gaussian noise N(0, (sigma * clip_norm)^2) is added once per step, and the sum is divided by the
      *expected* batch size ``q * N`` (a public constant); the gradient of any data-free penalty (the expected
      L0 of sparse models, :mod:`zoo.sparse`) is added, then the optimizer steps. An EMA of the weights is
@@ -35,6 +37,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
 from .cards import RECIPE_SCHEMA
 from .data import get_dataset_info
 from .eq_layers import export
@@ -162,22 +165,26 @@ def _recipe(card: dict, overrides: dict) -> dict:
             raise ValueError(f"recipe {key} must be >= 1, got {recipe[key]}")
     if recipe["epsilon"] <= 0 or recipe["clip_norm"] <= 0:
         raise ValueError("epsilon and clip_norm must be positive")
+    AlignSettings.from_recipe(recipe)  # refuse bad alignment settings before any data is loaded
     return recipe
 
 
 def load_split(dataset: str, split: str, recipe: dict, data_dir=None, download: bool = False,
-               subset: int | None = None):
+               subset: int | None = None, in_chans: int | None = None):
     """``split`` of ``dataset`` as a run with ``recipe`` sees it: resized to ``recipe["resize"]`` when set
     (segmentation: train and evaluate at a lower resolution), then the public, fixed (seed 0) subset of
-    ``subset`` samples when given."""
+    ``subset`` samples when given; grayscale images are repeated to a model's ``in_chans`` (a model pretrained on
+    RGB fine-tuned on X-rays, :meth:`zoo.data.ArrayDataset.with_channels`)."""
     data = get_dataset_info(dataset).load(split, data_dir=data_dir, download=download)
     if recipe.get("resize"):
         data = data.resized(int(recipe["resize"]))
-    return data.subset(int(subset), seed=0) if subset else data
+    data = data.subset(int(subset), seed=0) if subset else data
+    return data.with_channels(in_chans) if in_chans else data
 
 
-def _load_data(recipe: dict, data_dir, test_subset: int | None, download: bool):
-    load = lambda split, subset: load_split(recipe["dataset"], split, recipe, data_dir, download, subset)  # noqa: E731
+def _load_data(recipe: dict, data_dir, test_subset: int | None, download: bool, in_chans: int | None = None):
+    load = lambda split, subset: load_split(recipe["dataset"], split, recipe, data_dir, download, subset,  # noqa: E731
+                                            in_chans)
     return get_dataset_info(recipe["dataset"]), load("train", recipe.get("train_subset")), load("test", test_subset)
 
 
@@ -232,7 +239,10 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     unused = [k for k in ("crop", "resize") if recipe.get(k) is not None and k not in task.recipe_keys]
     if unused:
         raise ValueError(f"recipe setting(s) {unused} do not apply to {task.name} ({info.name}); remove them")
-    info, train, test = _load_data(recipe, data_dir, test_subset, download)
+    info, train, test = _load_data(recipe, data_dir, test_subset, download, model.in_chans)
+    if model.in_chans != info.in_chans:
+        print(f"{info.name} has {info.in_chans}-channel images: repeating them to the model's {model.in_chans} "
+              "input channels")
     _check_sizes(model, recipe, train, test)
     if model.num_classes != info.num_classes:
         raise ValueError(f"model has {model.num_classes} classes but {info.name} has {info.num_classes}; "
@@ -264,7 +274,9 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
 
     model.to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(recipe["ema_decay"]))  # copy before hooks
-    psg = PerSampleGradients(model)
+    align = AlignSettings.from_recipe(recipe)
+    aligned = align.mode != "off"
+    psg = AlignedPerSampleGradients(model, align) if aligned else PerSampleGradients(model)
     opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
     if tensors is not None:
         ckpt.load_training_state(tensors, model, ema.module, opt)
@@ -291,6 +303,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         aug_gen = _generator(seed, step, "augment", device)
         batches = (_with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
                    for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
+        if aligned:  # the public reference: an EMA of the updates released so far (zoo.alignment)
+            psg.set_reference({name: opt.state[p].get(REFERENCE_SLOT) for name, p in params.items()})
         # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(_generator(seed, step, "model", torch.device("cpu")).initial_seed())
@@ -300,6 +314,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
             p.grad = grads[name]
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if aligned:
+            update_reference(opt.state, params, grads)  # from the released, noisy gradient only
         ema.update_parameters(model)
         ledger.record(sigma, q)
         done = step + 1
@@ -359,7 +375,9 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
              **recipe_overrides: Any) -> dict:
     """Privately fine-tune a checkpoint (a path, or a registered name with a pretrained checkpoint).
 
-    The head is reset when ``dataset`` differs from the checkpoint's or has another number of classes.
+    The head is reset when ``dataset`` differs from the checkpoint's or has another number of classes; grayscale
+    images are repeated to the model's input channels (an RGB checkpoint on X-rays,
+    :meth:`zoo.data.ArrayDataset.with_channels`).
     Privacy: on the *same* data set the inherited ledger composes with this run and ``epsilon`` is the
     total budget; on another data set a fresh ledger starts and the old one is kept as its ``parent``.
     """

@@ -123,10 +123,27 @@ def _escnn_basis(key: str, in_type, out_type, kernel_size, padding, stride, bias
     return _ESCNN_BASES[key, bias]
 
 
+_IDENTITY_HASHED: dict[type, type] = {}
+
+
+def _identity_hashed(cls: type) -> type:
+    """``cls`` with ``nn.Module``'s identity hash. escnn's basis modules hash their content, reading tensor data,
+    which ``torch.func`` transforms cannot do: ``functional_call`` (used by :mod:`zoo.alignment`) hashes every
+    submodule while it walks the model."""
+    if cls.__hash__ is nn.Module.__hash__:
+        return cls
+    if cls not in _IDENTITY_HASHED:
+        _IDENTITY_HASHED[cls] = type(cls.__name__, (cls,), {"__hash__": nn.Module.__hash__,
+                                                            "__module__": cls.__module__})
+    return _IDENTITY_HASHED[cls]
+
+
 def _copy_buffers(module: nn.Module) -> nn.Module:
     """A copy of a buffers-only module tree with its own tensors; the (read-only) Python attributes, such as
-    escnn's basis descriptions, stay shared. Much cheaper than ``copy.deepcopy`` of escnn's basis objects."""
+    escnn's basis descriptions, stay shared. Much cheaper than ``copy.deepcopy`` of escnn's basis objects.
+    The copies hash by identity, as every ``nn.Module`` does (:func:`_identity_hashed`)."""
     new = copy.copy(module)
+    new.__class__ = _identity_hashed(type(module))
     new._buffers = {k: None if v is None else v.clone() for k, v in module._buffers.items()}
     new._modules = {k: None if m is None else _copy_buffers(m) for k, m in module._modules.items()}
     new._parameters = {}

@@ -82,6 +82,26 @@ def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], back
     return ret
 
 
+def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: torch.Tensor, targets: torch.Tensor,
+                  loss_fn: LossFn | None, views: int):
+    """Checks shared by the per-sample gradient computers: ``(loss_fn, samples B, result for an empty batch or
+    None)``. The default loss is the model task's; then ``targets`` are checked like the inputs."""
+    if loss_fn is None and hasattr(model, "num_classes"):
+        task = task_of(model)
+        task.check_batch(inputs, targets, model.num_classes, model.in_chans)
+        loss_fn = task.loss
+    elif not torch.isfinite(inputs).all():
+        raise ValueError("inputs contain NaN or Inf values; clean or re-normalise the data")
+    total = inputs.shape[0]
+    if total % views:
+        raise ValueError(f"batch of {total} inputs is not a whole number of samples with {views} views each")
+    b = total // views
+    empty = None
+    if b == 0:  # an empty Poisson batch: nothing to differentiate
+        empty = ({n: p.new_zeros((0, *p.shape)) for n, p in params.items()}, inputs.new_zeros(0), inputs.new_zeros(0))
+    return loss_fn or per_sample_cross_entropy, b, empty
+
+
 class PerSampleGradients:
     """Computes per-sample gradients of a model; wraps it once with opacus' hooks (``close()`` removes them).
 
@@ -102,26 +122,17 @@ class PerSampleGradients:
         The default loss is the per-sample loss of the model's task (:mod:`zoo.tasks`: cross-entropy for
         classifiers, Dice + cross-entropy per sample for segmenters); then ``targets`` are checked like the
         inputs."""
-        if loss_fn is None and hasattr(self.model, "num_classes"):
-            task = task_of(self.model)
-            task.check_batch(inputs, targets, self.model.num_classes, self.model.in_chans)
-            loss_fn = task.loss
-        elif not torch.isfinite(inputs).all():
-            raise ValueError("inputs contain NaN or Inf values; clean or re-normalise the data")
+        loss_fn, b, empty = prepare_batch(self.model, self.params, inputs, targets, loss_fn, views)
+        if empty is not None:
+            return empty
         total = inputs.shape[0]
-        if total % views:
-            raise ValueError(f"batch of {total} inputs is not a whole number of samples with {views} views each")
-        b = total // views
-        if b == 0:  # an empty Poisson batch: nothing to differentiate
-            return ({n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}, inputs.new_zeros(0),
-                    inputs.new_zeros(0))
         for p in self.params.values():
             p.grad_sample = None
         # differentiate w.r.t. the input only: the hooks still see every layer's backprops, and autograd skips
         # the aggregated weight gradients that DP-SGD never uses
         wrt = [inputs.detach().requires_grad_(True)] if inputs.is_floating_point() else None
         outputs = self.wrapped(wrt[0] if wrt else inputs)
-        losses = (loss_fn or per_sample_cross_entropy)(outputs, targets)
+        losses = loss_fn(outputs, targets)
         if losses.shape != (total,):
             raise ValueError(f"loss_fn must return one loss per sample (shape [{total}]), got {tuple(losses.shape)}")
         with warnings.catch_warnings():  # opacus' full backward hooks warn when inputs need no grad: harmless

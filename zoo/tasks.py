@@ -158,7 +158,8 @@ def dice_ce_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0)
     sums over that sample's pixels only and ``s = smooth`` (which makes a class absent from both 1)."""
     ce = F.cross_entropy(logits, masks, reduction="none").flatten(1).mean(1)
     probs = logits.softmax(1)
-    onehot = F.one_hot(masks, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    classes = torch.arange(logits.shape[1], device=masks.device).view(1, -1, 1, 1)
+    onehot = (masks.unsqueeze(1) == classes).to(probs.dtype)  # F.one_hot checks values: not vmap-able
     inter = (probs * onehot).flatten(2).sum(2)
     total = probs.flatten(2).sum(2) + onehot.flatten(2).sum(2)
     dice = (2 * inter + smooth) / (total + smooth)
