@@ -9,9 +9,9 @@ ROC-AUC, sigma, epsilon spent, time); ``alignment.png`` and ``results.md`` (incl
 redrawn after each. Resumable: finished rows are skipped, interrupted runs resume from their checkpoints.
 
 Configurations:
-  cpu  wrn16-1, epsilon 8, one seed, lambda = 1, f = 0.1. CIFAR-10 (delta 1e-5): B=256 (q=0.005), 50 steps;
-       PneumoniaMNIST (delta 1e-4): B=128 (q=0.027), 50 steps; K=1, lr 2, clip 1. About 15 minutes on 2 cores
-       (an aligned step costs 4-15x a plain one on the CPU: a per-sample Hessian-vector product). A pipeline
+  cpu  wrn16-1, epsilon 8, 3 seeds, lambda = 1, f = 0.1. CIFAR-10 (delta 1e-5): B=256 (q=0.005), 50 steps;
+       PneumoniaMNIST (delta 1e-4): B=128 (q=0.027), 50 steps; K=1, lr 2, clip 1. About 40 minutes on 2 cores
+       (an aligned step costs several plain ones on the CPU: a per-sample Hessian-vector product). A pipeline
        check with first trends, not a verdict.
   gpu  wrn16-4 on CIFAR-10 (B=1024, 1000 steps, K=4) and wrn16-1-pneumonia's recipe (B=512, 400 steps, K=4),
        epsilon 8 and 3, 3 seeds.
@@ -29,10 +29,11 @@ from _results import classification_fields, classification_summary, record, repo
 from zoo.alignment import ALIGN_MODES, DEFAULT_FRACTION, DEFAULT_WEIGHT
 
 METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC-AUC"}
 COMMON = {"clip_norm": 1.0, "lr": 2.0, "momentum": 0.0, "ema_decay": 0.99, "accountant": "rdp",
           "align_weight": DEFAULT_WEIGHT, "align_fraction": DEFAULT_FRACTION}
 CONFIGS = {
-    "cpu": {"seeds": [0], "epsilons": [8.0],
+    "cpu": {"seeds": [0, 1, 2], "epsilons": [8.0],
             "runs": {"cifar10": ("wrn16-1", {"delta": 1e-5, "batch_size": 256, "physical_batch_size": 128,
                                              "steps": 50, "augmult": 1}),
                      "pneumoniamnist": ("wrn16-1-pneumonia", {"delta": 1e-4, "batch_size": 128,
@@ -75,7 +76,7 @@ def plot(rows: list[dict], path: Path) -> None:
             xs = [i + (j - 1) * width for i in range(len(METRICS))]
             ax.bar(xs, [s[0] if s else 0 for s in stats], width, yerr=[s[1] if s else 0 for s in stats],
                    capsize=3, label=f"align={align}")
-        ax.set_xticks(range(len(METRICS)), [m.replace("_", " ") for m in METRICS])
+        ax.set_xticks(range(len(METRICS)), [LABELS[m] for m in METRICS])
         ax.set(title=f"{dataset}, ε = {eps:g} (test)", ylim=(0, 1))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
@@ -136,6 +137,8 @@ def main() -> int:
                **classification_fields(result, t0)}
         record(rows, row, csv_path, FIELDS, lambda rs: report(rs, out, args.config, plot, table, PLOT),
                summary=classification_summary(result, row["train_time_s"]))
+    if rows:
+        report(rows, out, args.config, plot, table, PLOT)  # also after a run that had nothing left to do
     print(f"{len(rows)} rows in {csv_path}; plot {out / PLOT}; table {out / 'results.md'}")
     return 0
 

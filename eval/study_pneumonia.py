@@ -33,6 +33,7 @@ MODELS = {"wrn16-1-pneumonia": "wrn16-1", "eq-resnet9-c4-pneumonia": "eq-resnet9
 EPSILONS = [8.0, 3.0, 1.0]
 STARTS = ["scratch", "cifar10"]
 METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC-AUC"}
 CONFIGS = {
     "cpu": {"seeds": [0],
             "pretrain": {"epsilon": 8.0, "delta": 1e-5, "batch_size": 512, "physical_batch_size": 256, "steps": 60,
@@ -95,7 +96,7 @@ def plot(rows: list[dict], path: Path) -> None:
         eps = sorted({float(r["epsilon"]) for r in rows})
         ax.set_xticks(eps, [f"{e:g}" for e in eps])
         ax.minorticks_off()
-        ax.set(title=f"PneumoniaMNIST test: {metric.replace('_', ' ')}", xlabel="ε (δ = 1e-4, RDP)")
+        ax.set(title=f"PneumoniaMNIST test: {LABELS[metric]}", xlabel="ε (δ = 1e-4, RDP)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -163,6 +164,8 @@ def main() -> int:
                "pretrain_epsilon": pre_eps, "pretrain_accuracy": pre_acc}
         record(rows, row, csv_path, FIELDS, lambda rs: report(rs, out, args.config, plot, table, PLOT),
                summary=classification_summary(result, row["train_time_s"]))
+    if rows:
+        report(rows, out, args.config, plot, table, PLOT)  # also after a run that had nothing left to do
     print(f"{len(rows)} rows in {csv_path}; plot {out / PLOT}; table {out / 'results.md'}")
     return 0
 
