@@ -173,6 +173,17 @@ def test_with_channels_repeats_grayscale_only():
         _toy().with_channels(1)
 
 
+def test_resized_classification_images():
+    ds = _toy()
+    up = ds.resized(12)
+    assert up.images.shape == (len(ds), 3, 12, 12) and up.images.dtype == torch.uint8 and up.labels is ds.labels
+    flat = zd.ImageDataset(torch.full((2, 1, 7, 7), 90, dtype=torch.uint8), torch.tensor([0, 1]),
+                           zd.get_dataset_info("pneumoniamnist"))
+    assert torch.equal(flat.resized(32).images, torch.full((2, 1, 32, 32), 90, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="positive int"):
+        ds.resized(0)
+
+
 def test_augment():
     x = torch.arange(16 * 3 * 32 * 32, dtype=torch.float32).reshape(16, 3, 32, 32)
     out1 = zd.augment(x, torch.Generator().manual_seed(0))

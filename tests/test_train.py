@@ -165,3 +165,16 @@ def test_pneumonia_reports_balanced_accuracy_and_roc_auc(data_dir):
     model = r["model_object"]
     again = evaluate(model, get_dataset_info("pneumoniamnist").load("test", data_dir=data_dir))
     assert again["roc_auc"] == pytest.approx(test["roc_auc"]) and again["accuracy"] == pytest.approx(test["accuracy"])
+
+
+def test_x_rays_are_resized_for_the_equivariant_pneumonia_model_and_28_is_refused(data_dir):
+    """eq-resnet9 is exactly invariant only at sizes divisible by 8: its pneumonia card resizes 28 -> 32, and
+    without the resize training stops before the first step with an error that says what to do."""
+    kw = dict(data_dir=data_dir, seed=0, steps=1, batch_size=16, physical_batch_size=16, augmult=1, test_subset=50,
+              **QUIET)
+    r = zoo.train("test-eq-resnet9-c4", dataset="pneumoniamnist", delta=1e-4, resize=32, **kw)
+    assert r["recipe"]["resize"] == 32 and r["test"]["num_samples"] == 50
+    with pytest.raises(ValueError, match="divisible by 8.*resize"):
+        zoo.train("test-eq-resnet9-c4", dataset="pneumoniamnist", delta=1e-4, **kw)
+    with pytest.raises(ValueError, match="crop.*do not apply to classification"):
+        zoo.train("test-wrn10-1", crop=16, **kw)

@@ -36,7 +36,7 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "ema_decay": (_num, True),
     "train_subset": ((int, type(None)), False),  # use a stratified subset of this many training samples
     "crop": ((int, type(None)), False),          # segmentation: train on random crops of this size
-    "resize": ((int, type(None)), False),        # segmentation: resize every split to this size first
+    "resize": ((int, type(None)), False),        # resize every split to this size first (e.g. X-rays 28 -> 32)
     "align": ((str, type(None)), False),          # gradient self-alignment: off, all or subset (zoo.alignment)
     "align_weight": ((_num, type(None)), False),  # its lambda (default zoo.alignment.DEFAULT_WEIGHT)
     "align_fraction": ((_num, type(None)), False),  # its subset fraction (default zoo.alignment.DEFAULT_FRACTION)

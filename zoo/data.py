@@ -359,6 +359,18 @@ class ImageDataset(ArrayDataset):
     def labels(self) -> torch.Tensor:
         return self.targets
 
+    def resized(self, size: int) -> "ImageDataset":
+        """A new data set with the images resized to ``size x size``: bilinear with antialiasing (area-weighted when
+        shrinking), rounded back to uint8. E.g. 28x28 X-rays to 32x32 for a model whose equivariance needs sizes
+        divisible by 8. ``info`` is shared (its ``image_size`` keeps the stored size)."""
+        if int(size) != size or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        x = torch.nn.functional.interpolate(self.images.float(), size=(int(size), int(size)), mode="bilinear",
+                                            align_corners=False, antialias=True)
+        new = copy.copy(self)
+        new.images = x.round_().clamp_(0, 255).to(torch.uint8)
+        return new
+
     def subset(self, n: int, seed: int = 0) -> "ImageDataset":
         """Class-stratified random subset of exactly ``n`` samples, deterministic given ``seed``.
 

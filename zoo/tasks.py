@@ -80,6 +80,7 @@ def task_of(obj) -> Task:
 
 @register_task("classification")
 class Classification(Task):
+    recipe_keys = ("resize",)
     score_name = "acc"
 
     def check_batch(self, x, y, num_classes, in_chans):

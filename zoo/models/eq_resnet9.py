@@ -69,6 +69,7 @@ class EqResNet9(ZooClassifier):
     """
 
     min_size = 8
+    size_multiple = 8  # three 2x2 max pools: the logits are exactly invariant only when each sees an even size
 
     def __init__(self, group: str = "d4", layout: tuple = (16, 32, 64), restrict: bool = True,
                  num_classes: int = 10, in_chans: int = 3, act: str = "mish", norm: str = "fieldgroupnorm",

@@ -56,6 +56,7 @@ class EqWideResNet(ZooClassifier):
     """
 
     min_size = 4
+    size_multiple = 4  # two stride-2 stages: the logits are exactly invariant only when each sees an even size
 
     def __init__(self, group: str = "d4", depth: int = 16, width: int = 4, num_classes: int = 10,
                  in_chans: int = 3, norm: str = "fieldgroupnorm", norm_groups: int = 16, affine: bool = True,
