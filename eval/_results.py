@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]  # what the classification studies record
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC-AUC"}
+
 
 def read_rows(path: Path) -> list[dict]:
     """The rows of ``path`` (none when it does not exist yet)."""
@@ -45,7 +48,7 @@ def record(rows: list[dict], row: dict, csv_path: Path, fields: list[str], redra
 def classification_summary(result: dict, seconds: float) -> str:
     """One progress line for a finished classification run."""
     test, ledger = result["test"], result["ledger"]
-    return ("    " + ", ".join(f"{m} {test[m]:.3f}" for m in ("accuracy", "balanced_accuracy", "roc_auc"))
+    return ("    " + ", ".join(f"{m} {test[m]:.3f}" for m in METRICS)
             + f"; epsilon {ledger['epsilon']:.2f}, sigma {ledger['noise_multiplier']:.2f}, {seconds} s")
 
 
@@ -65,7 +68,7 @@ def classification_fields(result: dict, started: float) -> dict:
     """The columns every classification study records from a ``zoo.train``/``zoo.finetune`` result."""
     test, ledger = result["test"], result["ledger"]
     return {"steps": ledger["steps"], "sigma": ledger["noise_multiplier"], "epsilon_spent": ledger["epsilon"],
-            **{m: test[m] for m in ("accuracy", "balanced_accuracy", "roc_auc")},
+            **{m: test[m] for m in METRICS},
             "train_time_s": round(time.time() - started, 1)}
 
 
@@ -76,3 +79,11 @@ def report(rows: list[dict], out: Path, config: str, plot, table, plot_name: str
 
     plot(rows, out / plot_name)
     write_text(out / "results.md", table(rows, config))
+
+
+def close(rows: list[dict], csv_path: Path, plot_path: Path, redraw) -> int:
+    """End of a study: ``redraw(rows)`` (also after a run that had nothing left to do), say where it all is."""
+    if rows:
+        redraw(rows)
+    print(f"{len(rows)} rows in {csv_path}; plot {plot_path}; table {csv_path.parent / 'results.md'}")
+    return 0

@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import zoo
-from _results import classification_fields, classification_summary, record, report, study_dirs, study_parser
+from _results import (LABELS, METRICS, classification_fields, classification_summary, close, record, report,
+                      study_dirs, study_parser)
 from zoo.alignment import ALIGN_MODES, DEFAULT_FRACTION, DEFAULT_WEIGHT
 
-METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]
-LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC-AUC"}
 COMMON = {"clip_norm": 1.0, "lr": 2.0, "momentum": 0.0, "ema_decay": 0.99, "accountant": "rdp",
           "align_weight": DEFAULT_WEIGHT, "align_fraction": DEFAULT_FRACTION}
 CONFIGS = {
@@ -136,6 +135,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     out, runs, csv_path, rows = study_dirs("alignment", args.config, args.out, args.runs)
+    redraw = lambda rs: report(rs, out, args.config, plot, table, PLOT)  # noqa: E731
     done = {key(r["config"], r["dataset"], variant(r["align"], r["align_weight"]), float(r["epsilon"]),
                 int(r["seed"])) for r in rows}
     grid = [(d, e, s, v) for d in args.datasets for e in cfg["epsilons"] for s in (args.seeds or cfg["seeds"])
@@ -156,12 +156,8 @@ def main() -> int:
                "align_weight": recipe["align_weight"], "align_fraction": recipe["align_fraction"], "epsilon": eps,
                "delta": recipe["delta"], "seed": seed, "batch_size": recipe["batch_size"],
                **classification_fields(result, t0)}
-        record(rows, row, csv_path, FIELDS, lambda rs: report(rs, out, args.config, plot, table, PLOT),
-               summary=classification_summary(result, row["train_time_s"]))
-    if rows:
-        report(rows, out, args.config, plot, table, PLOT)  # also after a run that had nothing left to do
-    print(f"{len(rows)} rows in {csv_path}; plot {out / PLOT}; table {out / 'results.md'}")
-    return 0
+        record(rows, row, csv_path, FIELDS, redraw, summary=classification_summary(result, row["train_time_s"]))
+    return close(rows, csv_path, out / PLOT, redraw)
 
 
 if __name__ == "__main__":

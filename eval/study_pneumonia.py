@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import zoo
-from _results import classification_fields, classification_summary, record, report, study_dirs, study_parser
+from _results import (LABELS, METRICS, classification_fields, classification_summary, close, record, report,
+                      study_dirs, study_parser)
 
 MODELS = {"wrn16-1-pneumonia": "wrn16-1", "eq-resnet9-c4-pneumonia": "eq-resnet9-c4"}  # card -> CIFAR-10 base
 EPSILONS = [8.0, 3.0, 1.0]
 STARTS = ["scratch", "cifar10"]
-METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]
-LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC-AUC"}
 CONFIGS = {
     "cpu": {"seeds": [0],
             "pretrain": {"epsilon": 8.0, "delta": 1e-5, "batch_size": 512, "physical_batch_size": 256, "steps": 60,
@@ -138,6 +137,7 @@ def main() -> int:
         cfg = {**cfg, "pretrain": {**cfg["pretrain"], "steps": args.steps},
                "recipe": {**cfg["recipe"], "steps": args.steps}}
     out, runs, csv_path, rows = study_dirs("pneumonia", args.config, args.out, args.runs)
+    redraw = lambda rs: report(rs, out, args.config, plot, table, PLOT)  # noqa: E731
     done = {key(r["config"], r["model"], r["start"], float(r["epsilon"]), int(r["seed"])) for r in rows}
     grid = [(m, s, e, seed) for m in args.models for s in args.starts for e in args.epsilons for seed in cfg["seeds"]]
     for i, (model, start, eps, seed) in enumerate(grid, 1):
@@ -162,12 +162,8 @@ def main() -> int:
         row = {"config": args.config, "model": model, "start": start, "epsilon": eps, "delta": delta, "seed": seed,
                "batch_size": result["recipe"]["batch_size"], **classification_fields(result, t0),
                "pretrain_epsilon": pre_eps, "pretrain_accuracy": pre_acc}
-        record(rows, row, csv_path, FIELDS, lambda rs: report(rs, out, args.config, plot, table, PLOT),
-               summary=classification_summary(result, row["train_time_s"]))
-    if rows:
-        report(rows, out, args.config, plot, table, PLOT)  # also after a run that had nothing left to do
-    print(f"{len(rows)} rows in {csv_path}; plot {out / PLOT}; table {out / 'results.md'}")
-    return 0
+        record(rows, row, csv_path, FIELDS, redraw, summary=classification_summary(result, row["train_time_s"]))
+    return close(rows, csv_path, out / PLOT, redraw)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from _results import record, study_dirs, study_parser
+from _results import close, record, study_dirs, study_parser
 from zoo.data import get_dataset_info
 from zoo.engine import load_split
 from zoo.io import write_text
@@ -172,6 +172,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     out, runs, csv_path, rows = study_dirs("segmentation", args.config, args.out, args.runs)
+    redraw = lambda rs: report(rs, out, args.config, args.data_dir)  # noqa: E731
     done = {key(r["config"], r["dataset"], r["model"], float(r["epsilon"]), int(r["seed"])) for r in rows}
     models = args.models or segmentation_models()
     grid = [(d, m, e, s) for d in args.datasets for m in models for e in args.epsilons for s in cfg["seeds"]]
@@ -205,13 +206,10 @@ def main() -> int:
                "train_time_s": round(time.time() - t0, 1)}
         for c, name in enumerate(classes):
             row[f"dice_{c}"], row[f"iou_{c}"] = test[f"dice_{name}"], test[f"iou_{name}"]
-        record(rows, row, csv_path, FIELDS, lambda rs: report(rs, out, args.config, args.data_dir))
+        record(rows, row, csv_path, FIELDS, redraw)
         print(f"    Dice {row['dice']:.3f} (IoU {row['iou']:.3f}), epsilon {ledger['epsilon']:.2f}, "
               f"sigma {ledger['noise_multiplier']:.2f}, {row['train_time_s']} s", file=sys.stderr)
-    if rows:
-        report(rows, out, args.config, args.data_dir)
-    print(f"{len(rows)} rows in {csv_path}; plot {out / 'dice_vs_epsilon.png'}; table {out / 'results.md'}")
-    return 0
+    return close(rows, csv_path, out / "dice_vs_epsilon.png", redraw)
 
 
 if __name__ == "__main__":

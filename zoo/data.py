@@ -10,7 +10,6 @@ Contract:
 from __future__ import annotations
 
 import copy
-
 import difflib
 import json
 import os

@@ -172,7 +172,7 @@ def _recipe(card: dict, overrides: dict) -> dict:
 def load_split(dataset: str, split: str, recipe: dict, data_dir=None, download: bool = False,
                subset: int | None = None, in_chans: int | None = None):
     """``split`` of ``dataset`` as a run with ``recipe`` sees it: resized to ``recipe["resize"]`` when set
-    (segmentation: train and evaluate at a lower resolution), then the public, fixed (seed 0) subset of
+    (segmentation at a lower resolution; X-rays to the size an equivariant model takes exactly), then the public, fixed (seed 0) subset of
     ``subset`` samples when given; grayscale images are repeated to a model's ``in_chans`` (a model pretrained on
     RGB fine-tuned on X-rays, :meth:`zoo.data.ArrayDataset.with_channels`)."""
     data = get_dataset_info(dataset).load(split, data_dir=data_dir, download=download)
