@@ -86,3 +86,14 @@ def test_no_pickle_anywhere_in_zoo():
         text = src.read_text()
         for bad in ("import pickle", "pickle.load", "torch.load(", "allow_pickle=True"):
             assert bad not in text, f"{src}: {bad}"
+
+
+def test_checkpoints_get_the_permissions_of_a_plain_write(saved):
+    """The temporary file of an atomic write is private (0600); the published files are not."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (saved[0], saved[0].with_suffix(".json")):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask

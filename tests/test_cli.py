@@ -109,3 +109,32 @@ def test_finetune_a_cifar10_checkpoint_on_pneumonia_with_alignment_then_eval(dat
     ev = json.loads(zoo_cli("eval", str(tmp_path / "pn" / "final.safetensors"), "--data-dir", str(data_dir),
                             "--test-subset", "100", "--out", str(tmp_path / "eval.json")).stdout)
     assert ev["test"]["roc_auc"] == sidecar["metrics"]["roc_auc"]
+
+
+def test_card_plots_are_deterministic_and_the_card_links_them():
+    from zoo.cards import render_model_card, render_plots
+
+    infos = [zoo.model_info(n) for n in zoo.list_models("*pneumonia")]
+    a, b = render_plots(infos), render_plots(infos)
+    assert a == b and list(a) == ["pneumoniamnist.png"] and a["pneumoniamnist.png"].startswith(b"\x89PNG\r\n\x1a\n")
+    text = render_model_card(infos)
+    assert "![pneumoniamnist: metrics vs ε](models/plots/pneumoniamnist.png)" in text
+    assert "| `eq-resnet9-c4-pneumonia` | classification | eq-resnet9 | C4 (last stage C2) | dense | 163,462 |" in text
+    assert "| `wrn16-1-pneumonia` | classification | wideresnet | - | dense |" in text
+    assert "training time and hardware: CPU x86_64, 2 cores (card results)" in text
+
+
+def test_card_sparsity_counts_the_open_gates_of_an_l0_checkpoint():
+    from zoo.cards import _sparsity
+    from zoo.sparse import expected_l0, gate_modules
+
+    info = zoo.model_info("test-wrn10-1-l0")
+    model = zoo.create_model("test-wrn10-1-l0")
+    gates = gate_modules(model)
+    n = sum(g.log_alpha.numel() for g in gates)
+    assert _sparsity(info, {}) == f"L0, {n} gates (untrained)"
+    gates[0].log_alpha.data[:3] = -10.0  # test-time gate sigmoid(-10) * 1.2 - 0.1 < 0: closed
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    assert _sparsity(info, tensors) == (f"L0, {n - 3}/{n} gates open ({(n - 3) / n:.0%}), "
+                                        f"expected L0 {expected_l0(model).item():.1f}")
+    assert _sparsity(zoo.model_info("test-wrn10-1"), {}) == "dense"

@@ -134,3 +134,11 @@ def test_bad_inputs_get_clear_errors():
         model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="loss_fn must return one loss per sample"):
         zoo.per_sample_gradients(model, torch.randn(2, 3, 32, 32), y, loss_fn=lambda o, t: F.cross_entropy(o, t))
+
+
+def test_a_per_sample_norm_that_overflows_stops_the_step_instead_of_dropping_the_sample():
+    """Finite entries (1e19) whose float32 norm is inf would get a clip factor of 0: refused, not silently dropped."""
+    from zoo.grad_sample import NonFiniteGradientError
+
+    with pytest.raises(NonFiniteGradientError, match="overflow"):
+        clip_per_sample({"w": torch.full((2, 4), 1e19), "b": torch.ones(2, 3)}, 1.0)

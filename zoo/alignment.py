@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .grad_sample import LossFn, prepare_batch
+from .grad_sample import LossFn, check_finite_gradients, prepare_batch
 from .validate import validate_model
 
 ALIGN_MODES = ("off", "all", "subset")
@@ -162,8 +162,9 @@ class AlignedPerSampleGradients:
 
         fn = aligned if ref is not None else grad(sample_loss, has_aux=True)
         grads, (losses, outputs) = vmap(fn, in_dims=(None, 0, 0), randomness="different")(params, x, y)
-        return ({n: g.detach() for n, g in grads.items()}, losses.detach().reshape(-1),
-                outputs.detach().reshape(b * views, *outputs.shape[2:]))
+        grads = {n: g.detach() for n, g in grads.items()}
+        check_finite_gradients(grads, losses.detach().reshape(b, views).mean(1))  # before any clipping or step
+        return grads, losses.detach().reshape(-1), outputs.detach().reshape(b * views, *outputs.shape[2:])
 
     def close(self) -> None:
         """Nothing to remove (no hooks); present for the interface of ``PerSampleGradients``."""

@@ -7,6 +7,8 @@ rendered from the cards by :func:`render_model_card` (``zoo card``) and never ed
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +96,48 @@ def _check(value: Any, spec: Any, where: str) -> None:
         raise CardError(f"{where}: expected {getattr(spec, '__name__', spec)}, got {value!r}")
 
 
+# recipe field -> (test of a valid value, what a valid value is); None values of optional fields are not tested
+_RECIPE_VALUES: dict[str, tuple[Any, str]] = {
+    "epsilon": (lambda v: v > 0, "a number > 0 (inf: the noise-free reference)"),
+    "delta": (lambda v: 0 < v < 1, "a number in (0, 1), below 1/N of the training set"),
+    "accountant": (lambda v: v in ("rdp", "prv"), "'rdp' or 'prv'"),
+    "clip_norm": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "ema_decay": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "align": (lambda v: v in ("off", "all", "subset"), "'off', 'all' or 'subset' (zoo.alignment)"),
+    "align_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "align_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    **{k: (lambda v: v >= 1, "an int >= 1") for k in ("batch_size", "physical_batch_size", "steps", "augmult",
+                                                      "train_subset", "crop", "resize")},
+}
+
+
+def _bad(where: str, value: Any, expected: str) -> CardError:
+    return CardError(f"{where}: got {value!r}, expected {expected}; fix the card")
+
+
 def validate_card(card: dict, source: str = "card") -> dict:
-    """Check ``card`` against the schema; return it unchanged. Raises :class:`CardError`."""
+    """Check ``card`` against the schema, then its values (recipe ranges, a registered data set, an input size of
+    three positive ints, at least 2 classes, a sha256 of 64 hex digits); return it unchanged. Raises
+    :class:`CardError` naming the field, the value and what is expected."""
     _check(card, CARD_SCHEMA, source)
-    if card["recipe"]["accountant"] not in ("rdp", "prv"):
-        raise CardError(f"{source}.recipe.accountant: must be 'rdp' or 'prv', got {card['recipe']['accountant']!r}")
+    recipe = card["recipe"]
+    for key, (ok, expected) in _RECIPE_VALUES.items():
+        if recipe.get(key) is not None and not ok(recipe[key]):
+            raise _bad(f"{source}.recipe.{key}", recipe[key], expected)
+    from .data import list_datasets  # lazily: zoo.data imports the registry, which imports this module
+
+    if recipe["dataset"] not in list_datasets():
+        raise _bad(f"{source}.recipe.dataset", recipe["dataset"], f"a registered data set: {list_datasets()}")
+    size = card["input_size"]
+    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+        raise _bad(f"{source}.input_size", size, "[channels, height, width], three ints >= 1")
+    if card["num_classes"] < 2:
+        raise _bad(f"{source}.num_classes", card["num_classes"], "an int >= 2")
+    sha = (card["checkpoint"] or {}).get("sha256")
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise _bad(f"{source}.checkpoint.sha256", sha, "64 lowercase hex digits (sha256 of the weights file)")
     return card
 
 
@@ -117,37 +156,187 @@ def _fmt(x: Any) -> str:
     return "—" if x is None else (f"{x:g}" if isinstance(x, float) else str(x))
 
 
+PLOTS_DIR = CARDS_DIR / "plots"  # privacy-utility plots written by `zoo card`, linked from MODEL_CARD.md
+
+
+def _group(info: dict) -> str:
+    """The symmetry group of an equivariant model (with the subgroup of a restricted last stage), else "-"."""
+    import inspect
+
+    from .registry import _FAMILIES
+
+    params = inspect.signature(_FAMILIES[info["family"]]).parameters
+    args = {**{k: p.default for k, p in params.items() if p.default is not p.empty}, **info["args"]}
+    group = args.get("group")
+    if not group:
+        return "-"
+    sub = f" (last stage {group[0].upper()}{int(group[1:]) // 2})" if args.get("restrict") else ""
+    return group.upper() + sub
+
+
+def _checkpoint_facts(info: dict) -> tuple[dict | None, dict]:
+    """``(sidecar, tensors)`` of ``info``'s checkpoint, sha256-verified against the card; ``(None, {})`` when the
+    card names none or its file is not there."""
+    from .registry import checkpoint_path
+
+    path = checkpoint_path(info)
+    if path is None or not path.exists():
+        return None, {}
+    from .checkpoint import read_checkpoint
+
+    tensors, sidecar = read_checkpoint(path, expected_sha256=info["checkpoint"]["sha256"])
+    return sidecar, tensors
+
+
+def _sparsity(info: dict, tensors: dict) -> str:
+    """"dense", or for an L0 model the share of open test-time gates and the expected L0 of its checkpoint (the
+    gate count alone without one)."""
+    if not (info["args"].get("l0") or info["args"].get("l0_blocks")):
+        return "dense"
+    import torch
+
+    from .sparse import BETA, GAMMA, ZETA, gate_modules
+
+    alphas = [v.double() for k, v in sorted(tensors.items()) if k.startswith("model.") and k.endswith(".log_alpha")]
+    if not alphas:
+        from .registry import build
+
+        with torch.device("meta"):
+            n = sum(g.log_alpha.numel() for g in gate_modules(build(info)))
+        return f"L0, {n:,} gates (untrained)"
+    la = torch.cat(alphas)
+    gates = (torch.sigmoid(la) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    expected = torch.sigmoid(la - BETA * math.log(-GAMMA / ZETA)).sum().item()
+    return f"L0, {int((gates > 0).sum())}/{la.numel()} gates open ({(gates > 0).double().mean().item():.0%}), " \
+           f"expected L0 {expected:.1f}"
+
+
+def _training(info: dict, sidecar: dict | None) -> str:
+    """Training time and hardware: the checkpoint's sidecar, else the hardware of the card's results, else "-"."""
+    if sidecar is not None:
+        t = (sidecar.get("metrics") or {}).get("train_time_s")
+        return f"{'-' if t is None else f'{t:g} s'} on {sidecar.get('hardware', '-')} (checkpoint)"
+    hardware = sorted({r["hardware"] for r in info["results"]})
+    return "; ".join(hardware) + " (card results)" if hardware else "-"
+
+
+def _plot_series(infos: list[dict]) -> dict[str, dict[str, dict[str, list[tuple[float, float]]]]]:
+    """``{dataset: {metric: {line label: [(epsilon, value), ...]}}}`` of the cards' test results (finite epsilon)."""
+    out: dict = {}
+    for info in sorted(infos, key=lambda i: i["name"]):
+        deltas = {(r["dataset"], r["delta"]) for r in info["results"]}
+        for r in info["results"]:
+            if r["split"] != "test" or not math.isfinite(r["epsilon"]):
+                continue
+            several = len({d for ds, d in deltas if ds == r["dataset"]}) > 1
+            label = info["name"] + (f" (δ={r['delta']:g})" if several else "")
+            out.setdefault(r["dataset"], {}).setdefault(r["metric"], {}).setdefault(label, []).append(
+                (float(r["epsilon"]), float(r["value"])))
+    return {ds: {m: {k: sorted(v) for k, v in lines.items()} for m, lines in sorted(ms.items())}
+            for ds, ms in sorted(out.items())}
+
+
+def render_plots(infos: list[dict]) -> dict[str, bytes]:
+    """``{file name: PNG bytes}``: per data set, one panel per reported metric of its value against epsilon, one
+    line per model (the cards' results). Deterministic: matplotlib's default style, fixed size and dpi, no
+    timestamp or version in the PNG metadata, so unchanged cards give identical bytes."""
+    import io
+
+    import matplotlib.style
+    from matplotlib.figure import Figure
+
+    pngs = {}
+    with matplotlib.style.context("default"):
+        for dataset, metrics in _plot_series(infos).items():
+            fig = Figure(figsize=(4.5 * len(metrics), 3.6))
+            for i, (metric, lines) in enumerate(metrics.items()):
+                ax = fig.add_subplot(1, len(metrics), i + 1)
+                for label, pts in lines.items():
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                eps = sorted({p[0] for pts in lines.values() for p in pts})
+                ax.set_xscale("log")
+                ax.set_xticks(eps, [f"{e:g}" for e in eps])
+                ax.minorticks_off()
+                ax.set(title=f"{dataset} test: {metric}", xlabel="ε (spent)", ylabel=metric)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+            pngs[f"{dataset}.png"] = buf.getvalue()
+    return pngs
+
+
 def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str:
-    """Render MODEL_CARD.md from :func:`zoo.model_info` dicts (deterministic: sorted by name), followed by the
-    results tables of the studies under ``studies_dir`` (``*/results.md``, written by the scripts in eval/)."""
+    """Render MODEL_CARD.md from :func:`zoo.model_info` dicts (deterministic: sorted by name): a table of every
+    model (parameters, group, sparsity, recipe, reported results, checkpoint), links to the privacy-utility plots
+    of :func:`render_plots` (under :data:`PLOTS_DIR`), per-model details (results at each (ε, δ) with their commands,
+    checkpoint sha256, training time and hardware), then the results tables of the studies under ``studies_dir``
+    (``*/results.md``, written by the scripts in eval/). Checkpoints named by cards are read and sha256-verified."""
+    infos = sorted(infos, key=lambda i: i["name"])
+    facts = {i["name"]: _checkpoint_facts(i) for i in infos}
+    plots = PLOTS_DIR.relative_to(MODEL_CARD_PATH.parent)
     lines = [
         "# zoo model card",
         "",
-        "Generated from `models/*.json` by `zoo card`; do not edit by hand (a test fails when it is stale).",
+        "Generated from `models/*.json` by `zoo card`; do not edit by hand (a test fails when it is stale). "
+        "`zoo reproduce NAME` checks a model's reported numbers against its checkpoint (`--retrain`: against a "
+        "rerun of the recorded command).",
         "",
-        "| model | task | family | params | input | recipe (ε, δ, accountant) | B | steps | C | K | results | checkpoint |",
-        "|---|---|---|---:|---|---|---:|---:|---:|---:|---|---|",
+        "| model | task | family | group | sparsity | params | input | recipe (ε, δ, accountant) | B | steps | C | K "
+        "| reported | checkpoint |",
+        "|---|---|---|---|---|---:|---|---|---:|---:|---:|---:|---|---|",
     ]
-    for info in sorted(infos, key=lambda i: i["name"]):
+    sparsity = {i["name"]: _sparsity(i, facts[i["name"]][1]) for i in infos}
+    for info in infos:
         r = info["recipe"]
-        res = "; ".join(f"{x['metric']} {x['value']:.4g} at ε={_fmt(x['epsilon'])} ({x['dataset']})"
-                        for x in info["results"]) or "—"
-        ck = info["checkpoint"]
-        ckpt = f"`{ck['file']}` sha256 `{ck['sha256'][:12]}…`" if ck else "none yet"
-        lines.append(
-            f"| `{info['name']}` | {info['task']} | {info['family']} | {info['num_params']:,} | {'x'.join(map(str, info['input_size']))} "
-            f"| {r['dataset']}: ε={_fmt(r['epsilon'])}, δ={_fmt(r['delta'])}, {r['accountant'].upper()} "
-            f"| {r['batch_size']} | {r['steps']} | {_fmt(r['clip_norm'])} | {r['augmult']} | {res} | {ckpt} |"
-        )
-    lines += ["", "## Details", ""]
-    for info in sorted(infos, key=lambda i: i["name"]):
-        lines += [f"### `{info['name']}`", "", info["summary"], "",
-                  f"- architecture: `{info['family']}` with `{json.dumps(info['args'], sort_keys=True)}`",
-                  f"- recipe source: {info['recipe']['source']}"]
+        by_ds: dict[str, set] = {}
         for x in info["results"]:
-            lines.append(f"- result: {x['metric']} = {x['value']:.4g} on {x['dataset']}/{x['split']} at "
-                         f"(ε={_fmt(x['epsilon'])}, δ={_fmt(x['delta'])}, {x['accountant'].upper()}), "
-                         f"{x['hardware']}, {x['date']}: `{x['command']}`")
+            by_ds.setdefault(x["dataset"], set()).add(x["epsilon"])
+        res = "; ".join(f"{ds} at ε={', '.join(_fmt(float(e)) for e in sorted(eps))}"
+                        for ds, eps in sorted(by_ds.items())) or "—"
+        ck = info["checkpoint"]
+        ck_cell = f"sha256 `{ck['sha256'][:12]}…`" if ck else "none"
+        lines.append(
+            f"| `{info['name']}` | {info['task']} | {info['family']} | {_group(info)} | {sparsity[info['name']]} "
+            f"| {info['num_params']:,} | {'x'.join(map(str, info['input_size']))} "
+            f"| {r['dataset']}: ε={_fmt(r['epsilon'])}, δ={_fmt(r['delta'])}, {r['accountant'].upper()} "
+            f"| {r['batch_size']} | {r['steps']} | {_fmt(r['clip_norm'])} | {r['augmult']} | {res} "
+            f"| {ck_cell} |")
+    series = _plot_series(infos)
+    if series:
+        lines += ["", "## Privacy-utility plots", "",
+                  "Reported test metrics against the spent ε, one line per model (from the cards' results):", ""]
+        lines += [f"![{ds}: metrics vs ε]({plots}/{ds}.png)" for ds in series]
+    lines += ["", "## Details", ""]
+    for info in infos:
+        r, ck, (sidecar, _) = info["recipe"], info["checkpoint"], facts[info["name"]]
+        extra = "".join(f", {k.replace('_', ' ')} {_fmt(r[k])}" for k in ("train_subset", "crop", "resize", "align")
+                        if r.get(k) is not None)
+        lines += [f"### `{info['name']}`", "", info["summary"], "",
+                  f"- architecture: `{info['family']}` with `{json.dumps(info['args'], sort_keys=True)}`; "
+                  f"{info['num_params']:,} trainable parameters; group {_group(info)}; {sparsity[info['name']]}",
+                  f"- recipe: {r['dataset']}, ε={_fmt(r['epsilon'])}, δ={_fmt(r['delta'])}, "
+                  f"{r['accountant'].upper()}; B={r['batch_size']}, {r['steps']} steps, K={r['augmult']}, "
+                  f"clip {_fmt(r['clip_norm'])}, lr {_fmt(r['lr'])}, momentum {_fmt(r['momentum'])}, "
+                  f"EMA {_fmt(r['ema_decay'])}{extra}",
+                  f"- recipe source: {r['source']}",
+                  f"- checkpoint: `{ck['file']}`, sha256 `{ck['sha256']}`" if ck else "- checkpoint: none",
+                  f"- training time and hardware: {_training(info, sidecar)}"]
+        runs: dict[tuple, list[dict]] = {}
+        for x in info["results"]:
+            key = (x["dataset"], x["split"], x["epsilon"], x["delta"], x["accountant"], x["command"], x["hardware"],
+                   x["date"], x.get("note", ""))
+            runs.setdefault(key, []).append(x)
+        if runs:
+            lines += ["", "| data set | ε | δ | accountant | reported | hardware | date | command |",
+                      "|---|---:|---:|---|---|---|---|---|"]
+            for (ds, split, eps, delta, acc, cmd, hw, date, _), xs in runs.items():
+                vals = ", ".join(f"{x['metric']} {x['value']:.4g}" for x in xs)
+                lines.append(f"| {ds}/{split} | {_fmt(float(eps))} | {_fmt(float(delta))} | {acc.upper()} | {vals} "
+                             f"| {hw} | {date} | `{cmd}` |")
+            lines.append("")
+            lines += [f"- note (ε={_fmt(float(k[2]))}): {k[-1]}" for k in runs if k[-1]]
         for x in info.get("literature", []):
             lines.append(f"- literature: {x['metric']} = {x['value']:.4g} on {x['dataset']} at "
                          f"(ε={_fmt(x['epsilon'])}, δ={_fmt(x['delta'])}) — {x['source']} (not reproduced by zoo)")

@@ -4,7 +4,9 @@
 what evaluation uses) and ``optim.`` (optimizer state, for resuming). ``X.json`` holds the model name and
 arguments, its card, the privacy ledger, metrics, the training state, the command, the hardware and the
 sha256 of ``X.safetensors``. The safetensors header in turn carries the sha256 of the sidecar's body, so an
-edit to either file is detected. Both files are written to temporary names and renamed (atomic).
+edit to either file is detected. Both files are written to temporary names and renamed (atomic), the sidecar
+last: its rename commits the checkpoint. A crash leaves the previous checkpoint whole and at worst a temporary
+file or a weights file without its sidecar, which no load accepts (the training engine removes both on resume).
 """
 from __future__ import annotations
 

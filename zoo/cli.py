@@ -1,4 +1,4 @@
-"""The ``zoo`` command line: list, info, train, finetune, eval, card."""
+"""The ``zoo`` command line: list, info, train, finetune, eval, reproduce, card."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from . import distributed
 from .cards import CARDS_DIR, MODEL_CARD_PATH, RECIPE_SCHEMA, render_model_card
+from .reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +58,33 @@ def _report(result: dict) -> None:
         print(f"checkpoint: {result['checkpoint']} (result: {Path(result['checkpoint']).parent / 'result.json'})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_training(a: argparse.Namespace) -> dict:
+    """Run a parsed `zoo train` or `zoo finetune` command (the CLI and `zoo reproduce --retrain`): the result dict."""
+    import zoo
+
+    kw = _run_kwargs(a)
+    kw["out_dir"] = a.out or str(Path("runs") / a.name.replace("/", "_"))
+    if a.cmd == "train":
+        model_args = {}
+        for item in a.model_arg:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            try:
+                model_args[key] = json.loads(value)
+            except ValueError:
+                model_args[key] = value
+        if a.dataset:
+            kw["dataset"] = a.dataset
+        return zoo.train(a.name, model_args=model_args, **kw)
+    eps, delta = kw.pop("epsilon", None), kw.pop("delta", None)
+    if eps is None or delta is None:
+        raise ValueError("finetune needs --epsilon and --delta")
+    return zoo.finetune(a.name, a.dataset, eps, delta, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `zoo` command (also used by `zoo reproduce` to read recorded commands)."""
     parser = argparse.ArgumentParser(prog="zoo", description="DP-SGD model zoo")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("list", help="list registered models")
@@ -83,6 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON result file (default: runs/eval/<model>.json)")
     p = sub.add_parser("card", help=f"regenerate {MODEL_CARD_PATH.name} from {CARDS_DIR.name}/*.json")
     p.add_argument("--check", action="store_true", help="exit 1 if the file is stale instead of writing it")
+    p = sub.add_parser("reproduce", help="check a card's reported numbers against its checkpoint (or a rerun)")
+    p.add_argument("name")
+    p.add_argument("--retrain", action="store_true",
+                   help="rerun the recorded command of each reported result (zoo train/finetune) and compare")
+    p.add_argument("--tolerance", type=float,
+                   help=f"largest allowed |measured - reported| (absolute; default {EVAL_TOLERANCE} for the "
+                        f"checkpoint, {RETRAIN_TOLERANCE} with --retrain: see zoo.reproduce)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device")
+    p.add_argument("--test-subset", type=int, help="evaluate on this subset (default: the one the result's "
+                                                    "command used, else the full test set)")
+    p.add_argument("--epsilon", type=float, help="with --retrain: only the results at this epsilon")
+    p.add_argument("--out", help="with --retrain: folder of the reruns (default runs/reproduce/<name>)")
+    p.add_argument("--report", help="also write the checks as JSON to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     a = parser.parse_args(argv)
 
     import zoo
@@ -94,43 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "info":
             print(json.dumps(zoo.model_info(a.name), indent=2, ensure_ascii=False))
         elif a.cmd in ("train", "finetune"):
-            kw = _run_kwargs(a)
-            kw["out_dir"] = a.out or str(Path("runs") / a.name.replace("/", "_"))
-            if a.cmd == "train":
-                model_args = {}
-                for item in a.model_arg:
-                    key, eq, value = item.partition("=")
-                    if not eq or not key:
-                        parser.error(f"--model-arg expects KEY=VALUE, got {item!r}")
-                    try:
-                        model_args[key] = json.loads(value)
-                    except ValueError:
-                        model_args[key] = value
-                if a.dataset:
-                    kw["dataset"] = a.dataset
-                result = zoo.train(a.name, model_args=model_args, **kw)
-            else:
-                eps, delta = kw.pop("epsilon", None), kw.pop("delta", None)
-                if eps is None or delta is None:
-                    parser.error("finetune needs --epsilon and --delta")
-                result = zoo.finetune(a.name, a.dataset, eps, delta, **kw)
-            _report(result)
+            result = run_training(a)
+            if distributed.is_main():  # under torchrun, rank 0 reports
+                _report(result)
         elif a.cmd == "eval":
             result = _evaluate(a)
             out = Path(a.out or Path("runs") / "eval" / f"{result['model']}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(result, indent=2))
+        elif a.cmd == "reproduce":
+            return _reproduce(a)
         elif a.cmd == "card":
-            text = render_model_card([zoo.model_info(n) for n in zoo.list_models()])
-            if a.check:
-                if not MODEL_CARD_PATH.exists() or MODEL_CARD_PATH.read_text() != text:
-                    print(f"{MODEL_CARD_PATH} is stale: run `zoo card`", file=sys.stderr)
-                    return 1
-                print(f"{MODEL_CARD_PATH} is up to date")
-            else:
-                MODEL_CARD_PATH.write_text(text)
-                print(f"wrote {MODEL_CARD_PATH}")
+            return _card(a.check)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
         print(f"zoo {a.cmd}: error: {e}", file=sys.stderr)
         return 2
@@ -139,20 +162,64 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(a: argparse.Namespace) -> dict:
     from . import checkpoint as ckpt
-    from .engine import _resolve_device, evaluate, load_split
     from .registry import resolve_checkpoint
+    from .reproduce import evaluate_checkpoint
 
     path, sha = resolve_checkpoint(a.name)
     model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
-    recipe = (sidecar.get("train_state") or {}).get("recipe") or sidecar["card"]["recipe"]
-    dataset = (sidecar.get("ledger") or {}).get("dataset") or recipe["dataset"]
-    test = load_split(dataset, "test", recipe, a.data_dir, subset=a.test_subset,  # as trained: resolution,
-                      in_chans=model.in_chans)                                   # channels
-    device = _resolve_device(a.device)
-    metrics = evaluate(model.to(device), test, device=device)
+    dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset)
     return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,
             "ledger": sidecar.get("ledger"), "recorded_metrics": sidecar.get("metrics")}
 
+
+def _card(check: bool) -> int:
+    """`zoo card`: write MODEL_CARD.md and its plots (only files whose bytes change; plots of no data set are
+    removed) from the cards of models/ (not those of $ZOO_CARDS); ``check``: write nothing, 1 if any differs."""
+    import zoo
+
+    from .cards import PLOTS_DIR, render_plots
+    from .io import atomic_write
+    from .registry import _ROOTS
+
+    infos = [zoo.model_info(n) for n in zoo.list_models() if _ROOTS.get(n) == CARDS_DIR.parent]
+    files = {MODEL_CARD_PATH: render_model_card(infos).encode(),
+             **{PLOTS_DIR / name: png for name, png in render_plots(infos).items()}}
+    stale = [p for p, data in files.items() if not p.exists() or p.read_bytes() != data]
+    extra = sorted(p for p in PLOTS_DIR.glob("*.png") if p not in files)
+    if check:
+        if stale or extra:
+            print(f"stale or extra: {', '.join(map(str, stale + extra))}; run `zoo card`", file=sys.stderr)
+            return 1
+        print(f"{MODEL_CARD_PATH} is up to date (and its {len(files) - 1} plots in {PLOTS_DIR})")
+        return 0
+    for p in stale:
+        atomic_write(p, lambda tmp, data=files[p]: Path(tmp).write_bytes(data))
+    for p in extra:
+        p.unlink()
+    print(f"wrote {MODEL_CARD_PATH} and {len(files) - 1} plots in {PLOTS_DIR} ({len(stale)} changed, "
+          f"{len(extra)} removed)")
+    return 0
+
+
+def _reproduce(a: argparse.Namespace) -> int:
+    """`zoo reproduce`: print the checks; 0 when all pass, 1 otherwise (errors raise: 2)."""
+    from .io import write_text
+    from .reproduce import reproduce_by_retraining, reproduce_checkpoint
+
+    tol = {} if a.tolerance is None else {"tolerance": a.tolerance}  # else the defaults of zoo.reproduce
+    if a.retrain:
+        if a.test_subset is not None:
+            raise ValueError("--test-subset does not apply to --retrain: the recorded command sets the test set")
+        report = reproduce_by_retraining(a.name, data_dir=a.data_dir, device=a.device, out_dir=a.out,
+                                         epsilon=a.epsilon, progress=True, **tol)
+    else:
+        if a.out or a.epsilon is not None:
+            raise ValueError("--out and --epsilon apply to --retrain only (the checkpoint fixes the epsilon)")
+        report = reproduce_checkpoint(a.name, data_dir=a.data_dir, device=a.device, test_subset=a.test_subset, **tol)
+    print(report.table())
+    if a.report:
+        write_text(a.report, json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0 if report.ok else 1
 
 if __name__ == "__main__":
     sys.exit(main())

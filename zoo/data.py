@@ -16,6 +16,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Literal, Sequence, TypeVar
 
@@ -82,6 +83,7 @@ class DatasetInfo:
 
 _REGISTRY: dict[str, DatasetInfo] = {}
 _T = TypeVar("_T", bound=type)
+_D = TypeVar("_D")
 
 
 _register_dataset = instance_registrar(_REGISTRY, "dataset")
@@ -146,16 +148,35 @@ def _extract_once(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def _cached_arrays(folder: Path, split: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load ``<folder>/<split>_{images,labels}.npy`` (allow_pickle=False), building them once via ``make``."""
+def _cached_arrays(folder: Path, split: str, make: Callable[[], tuple[np.ndarray, np.ndarray]],
+                   wrap: Callable[[torch.Tensor, torch.Tensor], _D]) -> _D:
+    """``wrap(images, targets)`` of ``<folder>/<split>_{images,labels}.npy`` (allow_pickle=False), building the
+    files once via ``make`` (which reads the verified source).
+
+    The cache is derived data, so a cached file that cannot be read (truncated, corrupt, a pickle) or whose
+    arrays ``wrap`` refuses (wrong shape or dtype, labels out of range: ``wrap`` raises ``ValueError``) is
+    rebuilt from the source, with a warning naming it; a source that still fails raises."""
     xp, yp = folder / f"{split}_images.npy", folder / f"{split}_labels.npy"
-    if not (xp.is_file() and yp.is_file()):
+
+    def build() -> None:
         x, y = make()
         for path, arr in ((yp, y), (xp, x)):
             atomic_write(path, lambda tmp, arr=arr: save_npy(tmp, arr))
-    x, y = np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False)
-    return torch.from_numpy(x), torch.from_numpy(y)
+
+    def read() -> _D:
+        x, y = np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False)
+        return wrap(torch.from_numpy(x), torch.from_numpy(y))
+
+    if not (xp.is_file() and yp.is_file()):
+        build()
+        return read()
+    try:
+        return read()
+    except (OSError, ValueError, EOFError) as e:
+        warnings.warn(f"the cached arrays {xp.name}/{yp.name} in {folder} are unreadable or invalid ({e}); "
+                      "rebuilding them from the verified source", stacklevel=3)
+    build()
+    return read()
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -237,14 +258,16 @@ class CIFAR10Info(DatasetInfo):
                     "(lossless re-pack). The file is probably truncated or corrupted: replace it with "
                     "a fresh copy (or delete it and use --download with network access).")
             extracted = _extract_once(archive, cache / h["sha256"][:16])
-            x, y = _cached_arrays(extracted, split, lambda: _read_cifar(extracted, split == "train", True))
+            return _cached_arrays(extracted, split, lambda: _read_cifar(extracted, split == "train", True),
+                                  lambda x, y: ImageDataset(x, y, self))
         elif folder is not None:
             if not _official_batches_ok(folder):
                 raise DataIntegrityError(
                     f"{folder} does not pass torchvision's md5 check of the official CIFAR-10 batches; "
                     f"provide the archive {folders[0].parent / _CIFAR_TGZ} instead (official or re-pack).")
             out = cache / "official-batches"
-            x, y = _cached_arrays(out, split, lambda: _read_cifar(folder.parent, split == "train", True))
+            return _cached_arrays(out, split, lambda: _read_cifar(folder.parent, split == "train", True),
+                                  lambda x, y: ImageDataset(x, y, self))
         else:
             where = f"{root / 'cifar10' / _CIFAR_TGZ} or an extracted {folders[0]}/ (or {folders[1]}/)"
             raise DataNotFoundError(
@@ -252,7 +275,6 @@ class CIFAR10Info(DatasetInfo):
                 + ("" if root.is_dir() else f" (the data root {root} does not exist)")
                 + f". Fix: {_ENV_HELP} pointing at a folder with cifar10/{_CIFAR_TGZ}, "
                 "or use --download (needs network access).")
-        return ImageDataset(x, y, self)
 
 
 # ----------------------------------------------------------------------------- PneumoniaMNIST
@@ -352,6 +374,9 @@ class ImageDataset(ArrayDataset):
             raise ValueError(f"images must be uint8 [N,{info.in_chans},H,W], got {images.dtype} {tuple(images.shape)}")
         if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
             raise ValueError(f"labels must be int64 [{len(images)}], got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+            raise ValueError(f"labels must lie in [0, {info.num_classes}) ({info.name}: {info.num_classes} classes), "
+                             f"got min {int(labels.min())}, max {int(labels.max())}")
         self.images, self.targets, self.info = images, labels, info
 
     @property

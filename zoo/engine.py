@@ -37,11 +37,12 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
 from .cards import RECIPE_SCHEMA
 from .data import get_dataset_info
 from .eq_layers import export
-from .grad_sample import PerSampleGradients
+from .grad_sample import NonFiniteGradientError, PerSampleGradients
 from .io import write_text
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
 from .sparse import penalty_gradients
@@ -55,6 +56,9 @@ def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[d
     Returns ``(sum over samples of the clipped gradients, per-sample norms before clipping)``.
     """
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
+    if not bool(torch.isfinite(norms).all()):  # finite entries whose float32 norm overflows (entries near 1e19)
+        raise NonFiniteGradientError(f"{int((~torch.isfinite(norms)).sum())} per-sample gradient norm(s) overflow "
+                                     "float32; no update was applied. Normalise the data or lower the learning rate")
     factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
     return {n: torch.einsum("i,i...->...", factor.to(g.dtype), g) for n, g in grads.items()}, norms
 
@@ -103,7 +107,10 @@ def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: f
             summed[name] += clipped[name]
         loss_sum += losses.sum().item() / views
         correct += task.score(outputs, y) / views
-    noisy = add_noise(summed, sigma * clip_norm, noise_generator)
+    stats = torch.tensor([loss_sum, correct], dtype=torch.float64, device=next(iter(summed.values())).device)
+    distributed.all_reduce_sum({**summed, "stats": stats})  # multi-process: the sum over every rank's samples
+    loss_sum, correct = stats.tolist()
+    noisy = add_noise(summed, sigma * clip_norm, noise_generator)  # once, after the sum (zoo.distributed)
     out = {name: noisy[name] / expected_batch for name in summed}
     names = {p: name for name, p in psg.params.items()}
     for p, g in penalty_gradients(psg.model, getattr(psg.model, "l0_weight", 0.0)).items():
@@ -141,16 +148,26 @@ def evaluate(model: nn.Module, data, batch_size: int | None = None, device: str 
 
 
 def _resolve_seed(seed: int | None) -> tuple[int, str]:
-    """Seed torch's global RNG (model init) and return ``(seed, how it was chosen)``."""
-    source = "user-given seed (reproducible; the guarantee assumes it stays secret)"
+    """Seed torch's global RNG (model init) and return ``(seed, how it was chosen)``; the same on every rank of a
+    multi-process run (:func:`zoo.distributed.shared_seed`)."""
+    source = ("user-given seed (reproducible; the guarantee assumes it stays secret)" if seed is not None
+              else "secret seed drawn from the OS")
+    seed = distributed.shared_seed(seed)
     if seed is None:
-        seed, source = secrets.randbits(62), "secret seed drawn from the OS"
+        seed = secrets.randbits(62)
     torch.manual_seed(seed)
     return seed, source
 
 
 def _resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``device``, by default CUDA when available; in a multi-process run each rank's own GPU."""
+    return distributed.local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+def _say(*args) -> None:
+    """Print on the main process only (rank 0 of a multi-process run)."""
+    if distributed.is_main():
+        print(*args)
 
 
 def _recipe(card: dict, overrides: dict) -> dict:
@@ -210,8 +227,31 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
             ckpt.read_checkpoint(path)
             return path
         except (ckpt.CheckpointIntegrityError, FileNotFoundError) as e:
-            print(f"skipping unusable checkpoint {path.name}: {e}")
+            _say(f"skipping unusable checkpoint {path.name}: {e}")
     return None
+
+
+def _remove_uncommitted(out_dir: Path) -> None:
+    """Delete what a crash left of a checkpoint write that never committed: temporary files (``.NAME.*.tmp``,
+    never renamed into place, :func:`zoo.io.atomic_write`) and step weights without their sidecar (the sidecar,
+    written last, commits a checkpoint: :func:`zoo.checkpoint.save_checkpoint`). No committed checkpoint is
+    touched."""
+    if not distributed.is_main():
+        return
+    stale = [*out_dir.glob(".*.tmp"),
+             *(p for p in out_dir.glob("step-*.safetensors") if not p.with_suffix(".json").exists())]
+    for path in stale:
+        _say(f"removing {path.name}, left by an interrupted checkpoint write")
+        path.unlink(missing_ok=True)
+
+
+def _rotate(out_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` step checkpoints; remove the others, sidecar first, so that an interruption leaves
+    at worst a weights file without a sidecar, which no load accepts (:func:`_latest_checkpoint` skips it)."""
+    steps = sorted({p.with_suffix("") for p in [*out_dir.glob("step-*.safetensors"), *out_dir.glob("step-*.json")]})
+    for old in steps[:-keep]:
+        old.with_suffix(".json").unlink(missing_ok=True)
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
 def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
@@ -219,6 +259,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
          test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2) -> dict:
     device = _resolve_device(device)
     out = Path(out_dir) if out_dir else None
+    if resume and out and out.exists():
+        _remove_uncommitted(out)
     resume_from = _latest_checkpoint(out) if (resume and out and out.exists()) else None
     state: dict[str, Any] = {}
     tensors = None
@@ -227,7 +269,11 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         state = sidecar["train_state"]
         recipe, seed = state["recipe"], state["seed"]
         ledger = Ledger.from_dict(sidecar["ledger"])
-        print(f"resuming from {resume_from} (step {state['step']}, epsilon {ledger.epsilon():.3f})")
+        if "ledger_steps_before" in state and ledger.steps != state["ledger_steps_before"] + state["step"]:
+            raise ckpt.CheckpointIntegrityError(
+                f"{resume_from} is inconsistent: its ledger counts {ledger.steps} steps but the run was at step "
+                f"{state['step']} after {state['ledger_steps_before']} inherited ones; do not resume from it")
+        _say(f"resuming from {resume_from} (step {state['step']}, epsilon {ledger.epsilon():.3f})")
     seed, source = _resolve_seed(seed)
     seed_source = state.get("seed_source") or seed_source or source
 
@@ -241,7 +287,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         raise ValueError(f"recipe setting(s) {unused} do not apply to {task.name} ({info.name}); remove them")
     info, train, test = _load_data(recipe, data_dir, test_subset, download, model.in_chans)
     if model.in_chans != info.in_chans:
-        print(f"{info.name} has {info.in_chans}-channel images: repeating them to the model's {model.in_chans} "
+        _say(f"{info.name} has {info.in_chans}-channel images: repeating them to the model's {model.in_chans} "
               "input channels")
     _check_sizes(model, recipe, train, test)
     if model.num_classes != info.num_classes:
@@ -257,6 +303,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     if ledger.num_samples != n:
         raise ValueError(f"the ledger is for N={ledger.num_samples} samples of {ledger.dataset}, this run has {n}")
     done = int(state.get("step", 0))
+    before = int(state.get("ledger_steps_before", ledger.steps))  # steps of an inherited ledger (fine-tuning)
     if "sigma" in state:
         sigma = state["sigma"]
     elif math.isinf(recipe["epsilon"]):
@@ -270,9 +317,10 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         raise BudgetExhaustedError(f"the privacy budget is spent: epsilon {ledger.epsilon():.3f} of "
                                    f"{ledger.target_epsilon} on {ledger.dataset}; no further step is allowed")
     if todo < planned - done:
-        print(f"the budget allows {todo} of the {planned - done} remaining steps; stopping there")
+        _say(f"the budget allows {todo} of the {planned - done} remaining steps; stopping there")
 
     model.to(device)
+    distributed.broadcast_module(model)  # every rank starts from rank 0's weights
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(recipe["ema_decay"]))  # copy before hooks
     align = AlignSettings.from_recipe(recipe)
     aligned = align.mode != "off"
@@ -286,7 +334,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     params = dict(psg.params)
 
     def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
-        st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe, "seed_source": seed_source}
+        st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe, "seed_source": seed_source,
+              "ledger_steps_before": before}
         if not final:
             st["seed"] = seed  # private working state; the released checkpoint omits it
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
@@ -295,14 +344,17 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
 
     every = checkpoint_every or max(1, planned // 10)
     t0 = time.time()
-    bar = tqdm(total=todo, desc=f"DP-SGD {model_name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=todo, desc=f"DP-SGD {model_name}", disable=not (progress and distributed.is_main()),
+               dynamic_ncols=True)
+    writes = out is not None and distributed.is_main()  # one process writes the checkpoints (one ledger)
     model.train()
     end = done + todo
     for step in range(done, end):
         idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
         aug_gen = _generator(seed, step, "augment", device)
-        batches = (_with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
-                   for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
+        batches = distributed.shard(  # this rank's physical batches; every rank draws all views (zoo.distributed)
+            _with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
+            for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
         if aligned:  # the public reference: an EMA of the updates released so far (zoo.alignment)
             psg.set_reference({name: opt.state[p].get(REFERENCE_SLOT) for name, p in params.items()})
         # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
@@ -324,23 +376,29 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
                             **{task_of(info).score_name: f"{correct / max(len(idx), 1):.3f}"},
                             eps=f"{ledger.epsilon():.2f}", refresh=False)
         bar.update()
-        if out and (done % every == 0 or done == end):
+        if writes and (done % every == 0 or done == end):
             save(out / f"step-{done:06d}", final=False)
-            for old in sorted(out.glob("step-*.safetensors"))[:-keep]:
-                old.unlink()
-                old.with_suffix(".json").unlink(missing_ok=True)
+            _rotate(out, keep)
     bar.close()
     psg.close()
     train_time = time.time() - t0
-    metrics = evaluate(ema.module, test, device=device, progress=progress)
-    metrics["train_time_s"] = round(train_time, 1)
+    metrics = None
+    if distributed.is_main():
+        metrics = evaluate(ema.module, test, device=device, progress=progress)
+        metrics["train_time_s"] = round(train_time, 1)
+        if distributed.world()[1] > 1:
+            metrics["processes"] = distributed.world()[1]
+    metrics = distributed.broadcast_json(metrics)
     result = {"model": model_name, "dataset": info.name, "test": metrics, "ledger": ledger.to_dict(),
               "noise_multiplier": sigma, "sample_rate": q, "steps": ledger.steps, "recipe": recipe,
               "rng": seed_source, "hardware": ckpt.hardware(),
               "num_params": sum(p.numel() for p in params.values())}
     if out:
-        result["checkpoint"] = str(save(out / "final", final=True, metrics=metrics))
+        result["checkpoint"] = str(ckpt.paths(out / "final")[0])
+    if writes:
+        save(out / "final", final=True, metrics=metrics)
         write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+    distributed.barrier()  # the other ranks return once the final checkpoint exists
     result["model_object"] = ema.module
     return result
 
@@ -356,16 +414,18 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
     arguments (e.g. ``{"l0_weight": 0.01}``); checkpoints record the arguments used. With ``out_dir``,
     checkpoints ``step-*`` (resumable with ``resume=True``), ``final`` (EMA weights, ledger, metrics) and
     ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model).
+    Started by ``torchrun``, the processes train one model together (:mod:`zoo.distributed`).
     """
-    card = get_card(name)
-    recipe = _recipe(card, recipe_overrides)
-    seed, source = _resolve_seed(seed)  # before building: the initialisation is part of the reproducible run
-    info = get_dataset_info(recipe["dataset"])
-    card = {**card, "args": {**card["args"], **(model_args or {})}}
-    model = build(card, num_classes=info.num_classes, in_chans=info.in_chans)
-    return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source, out_dir=out_dir,
-                data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
-                test_subset=test_subset, progress=progress, resume=resume, download=download)
+    with distributed.process_group(device):  # under torchrun: one DP-SGD run over all processes
+        card = get_card(name)
+        recipe = _recipe(card, recipe_overrides)
+        seed, source = _resolve_seed(seed)  # before building: the initialisation is part of the reproducible run
+        info = get_dataset_info(recipe["dataset"])
+        card = {**card, "args": {**card["args"], **(model_args or {})}}
+        model = build(card, num_classes=info.num_classes, in_chans=info.in_chans)
+        return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source,
+                    out_dir=out_dir, data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
+                    test_subset=test_subset, progress=progress, resume=resume, download=download)
 
 
 def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta: float, *,
@@ -381,20 +441,21 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
     Privacy: on the *same* data set the inherited ledger composes with this run and ``epsilon`` is the
     total budget; on another data set a fresh ledger starts and the old one is kept as its ``parent``.
     """
-    path, sha = resolve_checkpoint(name_or_checkpoint)
-    model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
-    card = sidecar["card"]
-    info = get_dataset_info(dataset)
-    old = sidecar.get("ledger")
-    same = old is not None and old["dataset"] == dataset
-    if not same or model.num_classes != info.num_classes:
-        model.reset_classifier(info.num_classes)
-    recipe = _recipe(card, {**recipe_overrides, "dataset": dataset, "epsilon": epsilon, "delta": delta})
-    ledger = None
-    if same:
-        ledger = Ledger.from_dict(old)
-        ledger.target_epsilon, ledger.delta = epsilon, delta
-    return _run(model, model_name=sidecar["model"], card=card, recipe=recipe, ledger=ledger,
-                parent=None if same else old, out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
-                checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress, resume=resume,
-                download=download)
+    with distributed.process_group(device):
+        path, sha = resolve_checkpoint(name_or_checkpoint)
+        model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
+        card = sidecar["card"]
+        info = get_dataset_info(dataset)
+        old = sidecar.get("ledger")
+        same = old is not None and old["dataset"] == dataset
+        if not same or model.num_classes != info.num_classes:
+            model.reset_classifier(info.num_classes)
+        recipe = _recipe(card, {**recipe_overrides, "dataset": dataset, "epsilon": epsilon, "delta": delta})
+        ledger = None
+        if same:
+            ledger = Ledger.from_dict(old)
+            ledger.target_epsilon, ledger.delta = epsilon, delta
+        return _run(model, model_name=sidecar["model"], card=card, recipe=recipe, ledger=ledger,
+                    parent=None if same else old, out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
+                    checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress, resume=resume,
+                    download=download)

@@ -27,6 +27,41 @@ class MissingPerSampleGradientError(DPCompatibilityError):
     """A trainable parameter received no per-sample gradient (it would be updated without clipping)."""
 
 
+class NonFiniteGradientError(FloatingPointError, ValueError):
+    """A sample's gradient has a NaN or Inf entry. Clipping cannot bound it (its norm is not a number), so a DP
+    step applying it would write NaN into the weights: the step must stop before the optimizer runs. A
+    ``ValueError`` too (bad input or diverged weights), so the command line reports it like other bad input."""
+
+
+def check_finite_gradients(grads: dict[str, torch.Tensor], losses: torch.Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteGradientError` if any per-sample gradient ``{name: [B, *shape]}`` has a NaN or Inf
+    entry, naming the samples (batch positions), the parameters and the samples' losses; return otherwise.
+
+    Called where per-sample gradients are produced (:class:`PerSampleGradients`), so that training stops before
+    the optimizer step: the weights, and every checkpoint written so far, keep their last finite values. A finite
+    input can still overflow inside the model (float32 overflows above about 3.4e38; a squared activation of
+    1e20 already does), so a finite input does not imply a finite gradient. The check reads each gradient once.
+    """
+    bad_samples: torch.Tensor | None = None
+    bad_params = []
+    for name, g in grads.items():
+        ok = torch.isfinite(g).flatten(1).all(1) if g.dim() > 1 else torch.isfinite(g)
+        if not bool(ok.all()):
+            bad_params.append(name)
+            bad_samples = ~ok if bad_samples is None else bad_samples | ~ok
+    if bad_samples is None:
+        return
+    idx = bad_samples.nonzero().flatten().tolist()
+    shown = ", ".join(map(str, idx[:8])) + (f" and {len(idx) - 8} more" if len(idx) > 8 else "")
+    loss = "" if losses is None else f" (their losses: {[round(v, 4) for v in losses.flatten()[idx[:8]].tolist()]})"
+    raise NonFiniteGradientError(
+        f"the per-sample gradients of {len(idx)} of {len(bad_samples)} samples, at batch positions {shown}{loss}, "
+        f"have NaN or Inf entries in {len(bad_params)} parameter(s), e.g. {bad_params[:3]}; clipping cannot bound "
+        "them, so no update was applied. Check those inputs for extreme values (a finite input can overflow inside "
+        "the model: normalise the data), or, if the weights have diverged, lower the learning rate and resume from "
+        "the last checkpoint.")
+
+
 def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Default loss: cross-entropy per sample, shape ``[B]``."""
     return F.cross_entropy(logits, targets, reduction="none")
@@ -85,7 +120,15 @@ def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], back
 def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: torch.Tensor, targets: torch.Tensor,
                   loss_fn: LossFn | None, views: int):
     """Checks shared by the per-sample gradient computers: ``(loss_fn, samples B, result for an empty batch or
-    None)``. The default loss is the model task's; then ``targets`` are checked like the inputs."""
+    None)``. The default loss is the model task's; then ``targets`` are checked like the inputs (shape, channels,
+    dtype, finite values, labels or masks in range: :meth:`zoo.tasks.Task.check_batch`); with a custom ``loss_fn``
+    only the inputs' values are checked here (the model's forward checks their shape and dtype). ``views`` must be
+    a positive int dividing the batch. Errors are ``TypeError``/``ValueError`` saying what to change."""
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views must be a positive int (augmented views per sample), got {views!r}")
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(f"inputs and targets must be torch.Tensors, got {type(inputs).__name__} and "
+                        f"{type(targets).__name__}; convert with torch.as_tensor")
     if loss_fn is None and hasattr(model, "num_classes"):
         task = task_of(model)
         task.check_batch(inputs, targets, model.num_classes, model.in_chans)
@@ -119,6 +162,9 @@ class PerSampleGradients:
                  views: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Return ``({name: [B, *shape]}, per-view losses [B * views], outputs)`` with ``B = len(inputs) // views``.
 
+        Raises :class:`NonFiniteGradientError` when a sample's gradient has a NaN or Inf entry (nothing is
+        returned that an optimizer could apply); bad batches (:func:`prepare_batch`) raise before the forward pass.
+
         The default loss is the per-sample loss of the model's task (:mod:`zoo.tasks`: cross-entropy for
         classifiers, Dice + cross-entropy per sample for segmenters); then ``targets`` are checked like the
         inputs."""
@@ -148,6 +194,7 @@ class PerSampleGradients:
                     "it would be updated without clipping. Is the layer used through a functional call or a "
                     "module opacus cannot hook?")
             grads[name] = gs.view(b, views, *p.shape).mean(1) if views > 1 else gs
+        check_finite_gradients(grads, losses.detach().view(b, views).mean(1))
         return grads, losses.detach(), outputs.detach()
 
     def close(self) -> None:
@@ -160,7 +207,8 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.
 
     ``loss_fn(outputs, targets)`` must return per-sample losses of shape ``[B]`` (default: the model's task loss,
     :mod:`zoo.tasks`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
-    model's ``.grad`` is left untouched.
+    model's ``.grad`` is left untouched. An empty batch gives ``[0, *param.shape]`` tensors; a bad batch raises
+    ``TypeError``/``ValueError`` (:func:`prepare_batch`), a NaN or Inf gradient :class:`NonFiniteGradientError`.
     """
     saved = {n: p.grad for n, p in model.named_parameters()}
     psg = PerSampleGradients(model)

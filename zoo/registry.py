@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from .cards import CARDS_DIR, CardError, load_card, validate_card
 
 _FAMILIES: dict[str, type[nn.Module]] = {}
 _MODELS: dict[str, dict] = {}
+_ROOTS: dict[str, Path] = {}  # model -> folder its card's relative checkpoint path starts from
 
 
 class UnknownModelError(KeyError):
@@ -60,24 +63,62 @@ def instance_registrar(table: dict, kind: str):
     return register
 
 
+def check_family_args(family: type[nn.Module], kwargs: dict[str, Any], where: str) -> None:
+    """Raise ``TypeError`` naming the arguments of ``kwargs`` that ``family``'s constructor does not take (with the
+    closest accepted names), and ``ValueError`` for a ``num_classes`` below 2 or an ``in_chans`` below 1."""
+    params = inspect.signature(family).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            close = {u: difflib.get_close_matches(u, accepted, n=1) for u in unknown}
+            hint = "".join(f" Did you mean {c[0]!r} for {u!r}?" for u, c in close.items() if c)
+            raise TypeError(f"{where}: {family.__name__} (family {getattr(family, 'family_name', '?')!r}) takes no "
+                            f"argument(s) {unknown}.{hint} It takes: {', '.join(accepted)}")
+    for key, low, what in (("num_classes", 2, "classes (a single class has nothing to predict)"),
+                           ("in_chans", 1, "input channels")):
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{where}: {key} must be an int >= {low}, the number of {what}; got {value!r}")
+
+
 def register_model(card: dict) -> dict:
-    """Register a model from a card (dict following :data:`zoo.cards.CARD_SCHEMA`)."""
+    """Register a model from a card (dict following :data:`zoo.cards.CARD_SCHEMA`); its ``args`` must be
+    arguments of its family (a typo is a :class:`~zoo.cards.CardError`, not a silently ignored setting)."""
     validate_card(card, f"card {card.get('name', '?')!r}")
     name = card["name"]
     if name in _MODELS:
         raise DuplicateModelError(f"model {name!r} is already registered; pick another name")
     if card["family"] not in _FAMILIES:
         raise CardError(f"card {name!r}: unknown family {card['family']!r}; known: {sorted(_FAMILIES)}")
+    try:
+        check_family_args(_FAMILIES[card["family"]], card["args"], f"card {name!r}: args")
+    except (TypeError, ValueError) as e:
+        raise CardError(str(e)) from None
     _MODELS[name] = card
     return card
 
 
-def load_cards(directory: Path = CARDS_DIR) -> None:
-    for path in sorted(Path(directory).glob("*.json")):
-        register_model(load_card(path))
+def user_card_dirs() -> list[Path]:
+    """The folders of user cards named by ``$ZOO_CARDS`` (separated by ``os.pathsep``), loaded after ``models/``."""
+    return [Path(d).expanduser() for d in os.environ.get("ZOO_CARDS", "").split(os.pathsep) if d]
+
+
+def load_cards(directory: Path | None = None) -> None:
+    """Register every ``*.json`` card of ``directory``; by default zoo's ``models/`` and then each folder of
+    ``$ZOO_CARDS`` (your own cards: same schema, names must not clash). A card's relative ``checkpoint.file`` is
+    resolved against the parent of its cards folder (``models/`` -> the repository root, where ``weights/`` is)."""
+    for folder in [CARDS_DIR, *user_card_dirs()] if directory is None else [Path(directory)]:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"cards folder {folder} does not exist (check $ZOO_CARDS)")
+        for path in sorted(folder.glob("*.json")):
+            card = register_model(load_card(path))
+            _ROOTS[card["name"]] = folder.resolve().parent
 
 
 def get_card(name: str) -> dict:
+    if not isinstance(name, str):
+        raise TypeError(f"a model name must be a str (see zoo.list_models()), got {type(name).__name__} {name!r}")
     try:
         return _MODELS[name]
     except KeyError:
@@ -89,7 +130,10 @@ def get_card(name: str) -> dict:
 
 
 def checkpoint_path(card: dict) -> Path | None:
-    return None if card["checkpoint"] is None else CARDS_DIR.parent / card["checkpoint"]["file"]
+    """Where ``card``'s checkpoint file is (relative paths: from the parent of the card's folder), or None."""
+    if card["checkpoint"] is None:
+        return None
+    return _ROOTS.get(card["name"], CARDS_DIR.parent) / card["checkpoint"]["file"]
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, str | None]:
@@ -117,10 +161,14 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
 
 
 def build(card: dict, num_classes: int | None = None, **overrides: Any) -> nn.Module:
+    """``family(**card args, num_classes, in_chans, **overrides)``; arguments the family does not take, a
+    ``num_classes`` below 2 or an ``in_chans`` below 1 raise before anything is built (:func:`check_family_args`)."""
     kwargs = {**card["args"], "num_classes": card["num_classes"], "in_chans": card["input_size"][0], **overrides}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return _FAMILIES[card["family"]](**kwargs)
+    family = _FAMILIES[card["family"]]
+    check_family_args(family, kwargs, f"model {card['name']!r}")
+    return family(**kwargs)
 
 
 def create_model(name: str, pretrained: bool = False, num_classes: int | None = None, **overrides: Any) -> nn.Module:

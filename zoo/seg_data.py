@@ -229,6 +229,13 @@ def _verify(root: Path, folder: str, paths: Sequence[str], expected: str, title:
     return sha
 
 
+def _masks(y: torch.Tensor) -> torch.Tensor:
+    """Cached masks (uint8 on disk) as int64; any other dtype is refused (a cache not written by zoo)."""
+    if y.dtype != torch.uint8:
+        raise ValueError(f"cached masks must be uint8, got {y.dtype}")
+    return y.long()
+
+
 def _check_split(split: str) -> None:
     if split not in _SPLITS:
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -285,8 +292,8 @@ class ISBI2012Info(DatasetInfo):
             y = np.stack([(_read_l(base / "label" / f"{i}.png") < 128).astype(np.uint8) for i in idx])
             return np.ascontiguousarray(x), y
 
-        x, y = _cached_arrays(cache, split, make)
-        return SegmentationDataset(x, y.long(), self, [str(i) for i in idx])
+        names = [str(i) for i in idx]
+        return _cached_arrays(cache, split, make, lambda x, y: SegmentationDataset(x, _masks(y), self, names))
 
 
 # ----------------------------------------------------------------------------- Weizmann horses
@@ -393,5 +400,4 @@ class WeizmannHorseInfo(DatasetInfo):
             pairs = [_read_horse(root, n) for n in names]
             return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
-        x, y = _cached_arrays(cache, split, make)
-        return SegmentationDataset(x, y.long(), self, names)
+        return _cached_arrays(cache, split, make, lambda x, y: SegmentationDataset(x, _masks(y), self, names))

@@ -7,8 +7,18 @@ import torch
 from torch import nn
 
 
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    """True inside a torch.func transform (vmap, grad), where a tensor's values cannot decide a branch."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 class ZooClassifier(nn.Module):
     """Base class of zoo classifiers.
+
+    ``forward`` checks its input first (:meth:`check_input`): a ``[B, in_chans, H, W]`` tensor of the
+    parameters' floating dtype, of a size the model takes, with finite values (not checked inside ``torch.func``
+    transforms, whose callers check the batch: :func:`zoo.grad_sample.prepare_batch`); anything else raises
+    ``TypeError``/``ValueError`` saying what to change. A batch of size 0 gives an empty output.
 
     Subclasses set ``in_chans``, ``num_classes``, ``min_size`` (smallest accepted height/width) and
     ``head_name`` (attribute holding the final ``nn.Linear``), and implement ``forward_features`` returning
@@ -47,6 +57,18 @@ class ZooClassifier(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"expected floating point images, got {x.dtype}; convert with x.float() / 255")
+        weight = next(self.parameters(), None)
+        if weight is not None and x.dtype != weight.dtype:
+            raise TypeError(
+                f"{type(self).__name__} has {weight.dtype} parameters but the images are {x.dtype}; convert the "
+                f"images with x.to({weight.dtype}) or the model with model.to({x.dtype})"
+            )
+        if not _functorch_wrapped(x) and not bool(torch.isfinite(x).all()):  # vmap cannot branch on values
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"images contain {bad} NaN or Inf values (of {x.numel()}); the outputs would be NaN. Clean the data "
+                "or fix its normalisation (e.g. a zero std) before calling the model"
+            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -64,6 +86,9 @@ class ZooClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a zero-initialised one for ``num_classes`` classes (fine-tuning)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (a single class has nothing to predict), "
+                             f"got {num_classes!r}")
         old = self.get_classifier()
         head = self.new_head(old, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
         nn.init.zeros_(head.weight)

@@ -1,0 +1,264 @@
+"""``zoo reproduce``: check the numbers a model card reports, against its checkpoint or against a rerun of its recipe.
+
+Which card results are checked, and against what:
+
+* **checkpoint** (default): the card's checkpoint is loaded with its sha256 verified against the card, and
+  evaluated on its test set as ``zoo eval`` does (:func:`evaluate_checkpoint`: the recorded recipe's resolution,
+  the model's input channels). It is compared with the card results *of that checkpoint*: split ``test`` and the
+  dataset, accountant, delta and epsilon of the checkpoint's privacy ledger (epsilon within :data:`EPSILON_MATCH`:
+  cards report the spent epsilon to two decimals). Each result is evaluated on the test subset its recorded command
+  used (``--test-subset N``; the full test set otherwise) unless a subset is given. No matching result, or two for
+  the same metric, is an error: the card does not say which number its checkpoint should give.
+* **retrain**: each distinct ``command`` of the card's results (optionally only those at one epsilon) is parsed
+  with zoo's own CLI parser (a ``zoo train`` or ``zoo finetune`` command; ``VAR=value`` prefixes such as the data
+  root are ignored) and run through the same code as the CLI, into a fresh folder; its test metrics and its
+  ledger's epsilon are compared with the results of that command. A result whose command is not such a command is
+  reported as not reproducible by command (and fails the check).
+
+Tolerances are absolute, in the metric's units (all of zoo's reported metrics lie in [0, 1]); the defaults are the
+constants below, and ``zoo reproduce --tolerance`` overrides them. A check passes when ``|measured - reported| <=
+tolerance``. The exit status of ``zoo reproduce`` is 0 when every check passes, 1 otherwise, 2 when nothing can be
+checked (no checkpoint, no matching result, a tampered checkpoint, missing data).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+EVAL_TOLERANCE = 0.005
+"""Default tolerance for evaluating a fixed checkpoint: 0.5 percentage points of accuracy (50 of CIFAR-10's 10,000
+test images, 3 of PneumoniaMNIST's 624), 0.005 of Dice. Evaluating fixed weights on a fixed test set is
+deterministic up to float rounding: across CPU and GPU kernels rounding can flip the prediction of a few near-tied
+images and move Dice in the fourth decimal, and cards round reported values to 3-4 significant digits (up to 5e-4).
+Other weights, another preprocessing or another test set move the metrics by more than this."""
+
+RETRAIN_TOLERANCE = 0.02
+"""Default tolerance for a rerun of a result's command. On the same hardware, software versions and thread count
+a rerun with the recorded (public) seed repeats every step bit for bit, so the difference is exactly 0. On other
+hardware float rounding differs from the first step on and the run becomes another draw of its randomness:
+agreement is then statistical. 0.02 is about 3 standard deviations of the seed-to-seed spread reported for
+WRN-16-4 on CIFAR-10 (0.7 points, De et al. 2022); small test sets (PneumoniaMNIST's 624 images) spread more,
+so pass a larger ``--tolerance`` when rerunning on other hardware there."""
+
+EPSILON_MATCH = 0.01
+"""Two epsilons are the same when they differ by at most this: cards report the spent epsilon to two decimals, and
+the accountant is deterministic, so a rerun's ledger must give the reported epsilon to this precision."""
+
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+class ReproduceError(ValueError):
+    """Nothing can be checked: no checkpoint, no card result that matches, or an unusable command."""
+
+
+@dataclass
+class Check:
+    """One comparison: ``reported`` (the card's value) against ``measured`` (``None``: could not be measured)."""
+    result: str  # which card result: "dataset, epsilon, delta"
+    metric: str
+    reported: float
+    measured: float | None
+    tolerance: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        if self.measured is None:
+            return False
+        return self.measured == self.reported or abs(self.measured - self.reported) <= self.tolerance  # inf == inf
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class Report:
+    """All checks of one ``zoo reproduce`` run; ``ok`` when there is at least one and every one passes."""
+    name: str
+    mode: str  # "checkpoint" or "retrain"
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "mode": self.mode, "ok": self.ok, "checks": [c.to_dict() for c in self.checks],
+                "notes": self.notes}
+
+    def table(self) -> str:
+        rows = [("result", "metric", "reported", "measured", "difference", "tolerance", "ok")]
+        for c in self.checks:
+            m = "-" if c.measured is None else f"{c.measured:.4f}"
+            d = "-" if c.measured is None else f"{c.measured - c.reported:+.4f}"
+            rows.append((c.result, c.metric, f"{c.reported:.4f}", m, d, f"{c.tolerance:g}",
+                         ("ok" if c.ok else "FAIL") + (f" ({c.note})" if c.note else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+        verdict = "reproduced" if self.ok else "NOT reproduced"
+        return "\n".join([*lines, *self.notes, f"{self.name}: {verdict} ({self.mode})"])
+
+
+def _label(r: dict) -> str:
+    return f"{r['dataset']}, ε={r['epsilon']:g}, δ={r['delta']:g}"
+
+
+def _same_eps(a: float, b: float) -> bool:
+    return a == b if math.isinf(a) or math.isinf(b) else abs(a - b) <= EPSILON_MATCH
+
+
+def parse_command(command: str) -> argparse.Namespace:
+    """Parse a recorded ``[VAR=value ...] zoo train|finetune ...`` command (also ``python -m zoo.cli ...``) with
+    zoo's own parser. Raises :class:`ReproduceError` for anything else."""
+    from .cli import build_parser
+
+    try:
+        words = shlex.split(command)
+    except ValueError as e:
+        raise ReproduceError(f"cannot split the command {command!r}: {e}") from None
+    while words and _ENV.match(words[0]):
+        words.pop(0)  # the recorder's environment (its data root): this machine's --data-dir / ZOO_DATA is used
+    if len(words) >= 3 and Path(words[0]).name.startswith("python") and words[1:3] == ["-m", "zoo.cli"]:
+        words = words[3:]
+    elif words and Path(words[0]).name == "zoo":
+        words = words[1:]
+    else:
+        raise ReproduceError(f"{command!r} is not a zoo command")
+    if not words or words[0] not in ("train", "finetune"):
+        raise ReproduceError(f"{command!r} is not a `zoo train` or `zoo finetune` command")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return build_parser().parse_args(words)
+    except SystemExit:
+        raise ReproduceError(f"zoo's parser refuses {command!r}: {err.getvalue().strip().splitlines()[-1]}") from None
+
+
+def evaluate_checkpoint(model, sidecar: dict, data_dir=None, device: str | None = None,
+                        test_subset: int | None = None) -> tuple[str, dict]:
+    """``(dataset, test metrics)`` of a loaded checkpoint, on the test split prepared as it was trained: the data
+    set of its ledger, the recipe's resolution (``resize``) and the model's input channels (what ``zoo eval``
+    does); ``test_subset``: the public stratified subset of that many images (seed 0), as training evaluates."""
+    from .engine import _resolve_device, evaluate, load_split
+
+    recipe = (sidecar.get("train_state") or {}).get("recipe") or sidecar["card"]["recipe"]
+    dataset = (sidecar.get("ledger") or {}).get("dataset") or recipe["dataset"]
+    test = load_split(dataset, "test", recipe, data_dir, subset=test_subset, in_chans=model.in_chans)
+    dev = _resolve_device(device)
+    return dataset, evaluate(model.to(dev), test, device=dev)
+
+
+def checkpoint_results(card: dict, ledger: dict) -> list[dict]:
+    """The card results of the checkpoint whose ledger is ``ledger`` (the matching rule of the module docstring).
+    Raises :class:`ReproduceError` when none matches or a metric is reported twice."""
+    found = [r for r in card["results"] if r["split"] == "test" and r["dataset"] == ledger["dataset"]
+             and r["accountant"] == ledger["accountant"] and math.isclose(r["delta"], ledger["delta"], rel_tol=1e-9)
+             and _same_eps(r["epsilon"], ledger["epsilon"])]
+    where = f"{ledger['dataset']}, ε={ledger['epsilon']:.4g}, δ={ledger['delta']:g}, {ledger['accountant'].upper()}"
+    if not found:
+        have = "; ".join(sorted({_label(r) for r in card["results"]})) or "none"
+        raise ReproduceError(f"no result of the card of {card['name']!r} matches its checkpoint ({where}); it "
+                             f"reports: {have}. Add the checkpoint's test metrics to the card's results, or "
+                             f"check a rerun instead: `zoo reproduce {card['name']} --retrain`")
+    metrics = [r["metric"] for r in found]
+    twice = sorted({m for m in metrics if metrics.count(m) > 1})
+    if twice:
+        raise ReproduceError(f"the card of {card['name']!r} reports {twice} more than once for its checkpoint "
+                             f"({where}): keep one result per metric at the checkpoint's (dataset, epsilon, delta)")
+    return found
+
+
+def _test_subset(command: str) -> int | None:
+    try:
+        return parse_command(command).test_subset
+    except ReproduceError:
+        return None  # not a zoo command: the number is taken to be on the full test set
+
+
+def reproduce_checkpoint(name: str, *, tolerance: float = EVAL_TOLERANCE, data_dir=None, device: str | None = None,
+                         test_subset: int | None = None) -> Report:
+    """Evaluate ``name``'s published checkpoint (sha256 checked against its card) and compare it with the card's
+    results of that checkpoint (module docstring). Raises :class:`ReproduceError` when there is no checkpoint or
+    no matching result, :class:`zoo.checkpoint.CheckpointIntegrityError` for a tampered file."""
+    from .checkpoint import load_checkpoint
+    from .registry import checkpoint_path, get_card
+
+    card = get_card(name)
+    path = checkpoint_path(card)
+    if path is None:
+        raise ReproduceError(
+            f"no checkpoint is published for {name!r} (its card's checkpoint is null). Rerun the recipe of its "
+            f"reported results and compare: `zoo reproduce {name} --retrain`; or train one: `zoo train {name}`")
+    model, sidecar = load_checkpoint(path, expected_sha256=card["checkpoint"]["sha256"])
+    ledger = sidecar.get("ledger")
+    if not ledger:
+        raise ReproduceError(f"the checkpoint {path} has no privacy ledger: its card results cannot be matched")
+    report = Report(name, "checkpoint", notes=[f"checkpoint {path} (sha256 {card['checkpoint']['sha256']} verified)"])
+    measured: dict[int | None, tuple[str, dict]] = {}
+    for r in checkpoint_results(card, ledger):
+        subset = test_subset or _test_subset(r["command"])
+        if subset not in measured:
+            measured[subset] = evaluate_checkpoint(model, sidecar, data_dir, device, subset)
+            report.notes.append(f"evaluated on {measured[subset][1]['num_samples']} test images of "
+                                f"{measured[subset][0]}" + (f" (--test-subset {subset})" if subset else ""))
+        value = measured[subset][1].get(r["metric"])
+        report.checks.append(Check(_label(r), r["metric"], r["value"], value, tolerance,
+                                   "" if value is not None else f"{r['metric']} is not a metric of zoo's evaluation"))
+    return report
+
+
+def reproduce_by_retraining(name: str, *, tolerance: float = RETRAIN_TOLERANCE, data_dir=None,
+                            device: str | None = None, out_dir: str | Path | None = None,
+                            epsilon: float | None = None, progress: bool = False) -> Report:
+    """Rerun each distinct command of ``name``'s card results (those at ``epsilon`` when given) and compare the new
+    run's metrics and ledger epsilon with the reported ones (module docstring). Runs go to ``out_dir/run-<i>``
+    (default ``runs/reproduce/<name>``); ``data_dir`` and ``device`` replace the command's."""
+    from .checkpoint import hardware
+    from .cli import run_training
+    from .registry import get_card
+
+    card = get_card(name)
+    results = [r for r in card["results"] if epsilon is None or _same_eps(r["epsilon"], epsilon)]
+    if not results:
+        at = "" if epsilon is None else f" at epsilon {epsilon:g}"
+        raise ReproduceError(f"the card of {name!r} reports no result{at}: there is nothing to reproduce")
+    by_command: dict[str, list[dict]] = {}
+    for r in results:
+        by_command.setdefault(r["command"], []).append(r)
+    out = Path(out_dir or Path("runs") / "reproduce" / name)
+    report = Report(name, "retrain", notes=[f"this machine: {hardware()}"])
+    for i, (command, rs) in enumerate(by_command.items()):
+        try:
+            args = parse_command(command)
+        except ReproduceError as e:
+            report.checks += [Check(_label(r), r["metric"], r["value"], None, tolerance,
+                                    f"not reproducible by command: {e}") for r in rs]
+            continue
+        if args.cmd == "train" and args.name != name:
+            report.checks += [Check(_label(r), r["metric"], r["value"], None, tolerance,
+                                    f"its command trains {args.name!r}, not {name!r}") for r in rs]
+            continue
+        args.out, args.resume, args.no_progress = str(out / f"run-{i}"), False, not progress
+        args.data_dir, args.device = data_dir or args.data_dir, device or args.device
+        seeded = "" if args.seed is not None else " (no seed recorded: a fresh secret seed, so not a replay)"
+        report.notes.append(f"run-{i}: `{command}` -> {args.out}{seeded}; recorded on: "
+                            + "; ".join(sorted({r['hardware'] for r in rs})))
+        result = run_training(args)
+        for r in rs:
+            value = result["test"].get(r["metric"]) if result["dataset"] == r["dataset"] else None
+            note = "" if value is not None else (
+                f"the rerun is on {result['dataset']}" if result["dataset"] != r["dataset"]
+                else f"{r['metric']} is not a metric of zoo's evaluation")
+            report.checks.append(Check(_label(r), r["metric"], r["value"], value, tolerance, note))
+        eps = {r["epsilon"] for r in rs}
+        for e in sorted(eps):
+            report.checks.append(Check(f"{rs[0]['dataset']}, ε={e:g}, δ={rs[0]['delta']:g}", "epsilon (ledger)", e,
+                                       result["ledger"]["epsilon"], EPSILON_MATCH))
+    return report
