@@ -39,10 +39,10 @@ def _committed_checkpoints_verify(out: Path) -> list[dict]:
 
 def _kill_when(proc: subprocess.Popen, out: Path, mode: str, rng: random.Random) -> bool:
     """SIGKILL ``proc`` while it trains: ``mode`` "write" kills it the moment its n-th checkpoint write is under
-    way (a temporary file exists: mid-write), "time" at a random moment after its first write. False when the
+    way (a temporary file exists: mid-write), "time" at a random moment (up to 0.5 s) after its first write. False when the
     run ended on its own first."""
     target, seen, started = rng.randint(1, 3), set(), None
-    delay = rng.uniform(0.0, 1.5)
+    delay = rng.uniform(0.0, 0.5)
     listing = lambda: set(os.listdir(out)) if out.exists() else set()  # noqa: E731
     before = listing()
     while proc.poll() is None:
@@ -65,21 +65,25 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(data_d
     out = tmp_path / "crashed"
     cmd = [sys.executable, "-m", "zoo.cli", "train", "test-wrn10-1", "--data-dir", str(data_dir), "--out", str(out),
            "--seed", "0", "--checkpoint-every", "1", "--test-subset", "100", "--no-progress", "--resume", *FLAGS]
-    rng, kills, modes = random.Random(0), [], ["write", "time", "write", "time", "write"]
+    rng, kills, modes = random.Random(0), [], ["write", "write", "time", "write", "time", None]  # None: let it end
+    left, cleaned = set(), []
     for mode in modes:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        if not _kill_when(proc, out, mode, rng):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # a killed run's output is kept
+        killed = mode is not None and _kill_when(proc, out, mode, rng)
+        output = proc.communicate(timeout=600)[0]
+        for name in left:  # what the previous kill left of an uncommitted write is removed on resume
+            assert f"removing {name}" in output, output
+        cleaned += sorted(left)
+        if not killed:
+            assert proc.returncode == 0, output
             break
         kills.append(mode)
         _committed_checkpoints_verify(out)  # whatever the moment, every committed checkpoint is whole
+        left = {p.name for p in out.glob(".*.tmp")} | {
+            p.name for p in out.glob("step-*.safetensors") if not p.with_suffix(".json").exists()}
+    print(f"\nkilled {len(kills)} times ({', '.join(kills)}); uncommitted files removed on resume: {cleaned}")
     assert kills.count("write") >= 2, f"the run ended before it could be killed mid-write: {kills}"
-    leftovers = {p.name for p in out.glob(".*.tmp")} | {
-        p.name for p in out.glob("step-*.safetensors") if not p.with_suffix(".json").exists()}
-    print(f"\nkilled {len(kills)} times ({', '.join(kills)}); uncommitted files left: {sorted(leftovers) or 'none'}")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    for name in leftovers:  # what the kills left of uncommitted writes is cleaned up on resume
-        assert f"removing {name}" in done.stdout and not (out / name).exists()
     assert not list(out.glob(".*.tmp"))
 
     final = _committed_checkpoints_verify(out)

@@ -22,15 +22,16 @@ def _distance(a: dict, b: dict) -> float:
 def test_two_processes_train_the_model_one_process_trains(data_dir, tmp_path):
     """``torchrun --nproc_per_node 2`` and a single process, same seed: the same sigma and ledger, and final weights
     equal up to float summation order. Noise added on both ranks, or on none, or a sample counted on both ranks
-    would move the weights by about the distance between two seeds (about 17 here), not by < 1e-3."""
+    would move the weights by about the distance between two seeds (about 17 here), not by < 1e-3. Then the
+    two-process run is cut back to step 2 and resumed by two processes: again the one-process run."""
     one = zoo.train("test-wrn10-1", out_dir=tmp_path / "one", data_dir=data_dir, seed=0, test_subset=100,
                     progress=False, **RUN)
     zoo.train("test-wrn10-1", out_dir=tmp_path / "other", data_dir=data_dir, seed=1, test_subset=100,
               progress=False, **RUN)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "zoo.cli", "train", "test-wrn10-1", "--data-dir", str(data_dir), "--out", str(tmp_path / "two"),
-           "--seed", "0", "--test-subset", "100", "--no-progress", *FLAGS]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--test-subset", "100", "--no-progress", "--checkpoint-every", "1", *FLAGS]
+    run = subprocess.run([*cmd, "--seed", "0"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("test-wrn10-1 on cifar10:") == 1  # rank 0 reports; rank 1 is silent
 
@@ -42,3 +43,13 @@ def test_two_processes_train_the_model_one_process_trains(data_dir, tmp_path):
     seeds_apart = _distance(a, load_file(tmp_path / "other" / "final.safetensors"))
     assert _distance(a, b) < 1e-3 < seeds_apart / 1000
     assert abs(two["test"]["accuracy"] - one["test"]["accuracy"]) <= 0.02  # 100 images: at most 2 flip
+
+    # interrupted after step 2: both processes resume from rank 0's checkpoint (its seed) and finish the same run
+    for name in ("step-000003", "final"):
+        for suffix in (".safetensors", ".json"):
+            (tmp_path / "two" / f"{name}{suffix}").unlink()
+    run = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.count("resuming from") == 1, run.stdout + run.stderr
+    resumed = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert resumed["ledger"]["history"] == one["ledger"]["history"]  # step 3 counted once
+    assert _distance(a, load_file(tmp_path / "two" / "final.safetensors")) < 1e-3

@@ -155,7 +155,7 @@ def broadcast_module(module: torch.nn.Module) -> None:
 
 def broadcast_json(obj):
     """Rank 0's JSON-serialisable ``obj`` on every rank (e.g. the evaluation metrics); sent as JSON bytes, not
-    pickled (``broadcast_object_list`` would unpickle)."""
+    pickled (torch.distributed's object collectives would unpickle it)."""
     if world()[1] == 1:
         return obj
     on = _device()

@@ -261,6 +261,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     out = Path(out_dir) if out_dir else None
     if resume and out and out.exists():
         _remove_uncommitted(out)
+        distributed.barrier()  # every rank then picks the same newest committed checkpoint
     resume_from = _latest_checkpoint(out) if (resume and out and out.exists()) else None
     state: dict[str, Any] = {}
     tensors = None
