@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -93,3 +94,20 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(data_d
     assert all(s["ledger"]["steps"] <= STEPS for s in final)
     a, b = load_file(tmp_path / "ref" / "final.safetensors"), load_file(out / "final.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same run, draw for draw
+
+
+def test_resume_refuses_a_checkpoint_whose_ledger_and_step_disagree(data_dir, tmp_path):
+    """A verified checkpoint whose ledger counts another number of steps than its training state (a step counted
+    twice or lost) is refused on resume, not silently continued."""
+    from zoo.checkpoint import CheckpointIntegrityError, load_training_state, save_checkpoint
+
+    kw = dict(data_dir=data_dir, seed=0, test_subset=50, progress=False, **{**RUN, "steps": 2})
+    zoo.train("test-wrn10-1", out_dir=tmp_path, checkpoint_every=1, **kw)
+    tensors, sidecar = read_checkpoint(tmp_path / "step-000002")
+    model = zoo.create_model("test-wrn10-1")
+    load_training_state(tensors, model, None, None)
+    state = {**sidecar["train_state"], "step": 1}  # the ledger says 2 steps
+    save_checkpoint(tmp_path / "step-000002", model=model, model_name=sidecar["model"], model_args=sidecar["args"],
+                    card=sidecar["card"], ledger=sidecar["ledger"], train_state=state)
+    with pytest.raises(CheckpointIntegrityError, match="ledger counts 2 steps but the run was at step 1"):
+        zoo.train("test-wrn10-1", out_dir=tmp_path, resume=True, **kw)
