@@ -334,6 +334,9 @@ def test_train_arguments_refused_before_any_data_is_read(tmp_path):
         zoo.train("test-wrn10-1-l0", model_args={"l0_wieght": 0.1}, data_dir=nowhere, progress=False)
     with pytest.raises(UnknownModelError, match="Did you mean 'test-wrn10-1'"):
         zoo.train("test-wrn10_1", data_dir=nowhere, progress=False)
+    for key, value in (("batch_size", 0), ("epsilon", -1.0), ("momentum", 1.5), ("lr", 0.0), ("delta", 1.0)):
+        with pytest.raises(ValueError, match=rf"recipe\.{key}: got {value!r}, expected .*; change that setting"):
+            zoo.train("test-wrn10-1", data_dir=nowhere, progress=False, **{key: value})  # the card's ranges
 
 
 def test_finetune_to_an_unknown_dataset(tmp_path):

@@ -132,9 +132,8 @@ def test_card_sparsity_counts_the_open_gates_of_an_l0_checkpoint():
     model = zoo.create_model("test-wrn10-1-l0")
     gates = gate_modules(model)
     n = sum(g.log_alpha.numel() for g in gates)
-    assert _sparsity(info, {}) == f"L0, {n} gates (untrained)"
+    assert _sparsity(info, None) == f"L0, {n} gates (untrained)"
     gates[0].log_alpha.data[:3] = -10.0  # test-time gate sigmoid(-10) * 1.2 - 0.1 < 0: closed
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    assert _sparsity(info, tensors) == (f"L0, {n - 3}/{n} gates open ({(n - 3) / n:.0%}), "
-                                        f"expected L0 {expected_l0(model).item():.1f}")
-    assert _sparsity(zoo.model_info("test-wrn10-1"), {}) == "dense"
+    assert _sparsity(info, model) == (f"L0, {n - 3}/{n} gates open ({(n - 3) / n:.0%}), "
+                                      f"expected L0 {expected_l0(model).item():.1f}")
+    assert _sparsity(zoo.model_info("test-wrn10-1"), None) == "dense"

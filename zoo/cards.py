@@ -113,8 +113,17 @@ _RECIPE_VALUES: dict[str, tuple[Any, str]] = {
 }
 
 
-def _bad(where: str, value: Any, expected: str) -> CardError:
-    return CardError(f"{where}: got {value!r}, expected {expected}; fix the card")
+def _bad(where: str, value: Any, expected: str, fix: str = "fix the card") -> CardError:
+    return CardError(f"{where}: got {value!r}, expected {expected}; {fix}")
+
+
+def check_recipe_values(recipe: dict, where: str = "recipe", fix: str = "fix the card") -> None:
+    """Raise :class:`CardError` (a ``ValueError``) naming the first recipe value out of its range
+    (:data:`_RECIPE_VALUES`); ``None`` values of optional fields are not tested. The one range check of a card's
+    recipe and of a run's recipe after its overrides (:func:`zoo.engine.train`)."""
+    for key, (ok, expected) in _RECIPE_VALUES.items():
+        if recipe.get(key) is not None and not ok(recipe[key]):
+            raise _bad(f"{where}.{key}", recipe[key], expected, fix)
 
 
 def validate_card(card: dict, source: str = "card") -> dict:
@@ -123,9 +132,7 @@ def validate_card(card: dict, source: str = "card") -> dict:
     :class:`CardError` naming the field, the value and what is expected."""
     _check(card, CARD_SCHEMA, source)
     recipe = card["recipe"]
-    for key, (ok, expected) in _RECIPE_VALUES.items():
-        if recipe.get(key) is not None and not ok(recipe[key]):
-            raise _bad(f"{source}.recipe.{key}", recipe[key], expected)
+    check_recipe_values(recipe, f"{source}.recipe")
     from .data import list_datasets  # lazily: zoo.data imports the registry, which imports this module
 
     if recipe["dataset"] not in list_datasets():
@@ -174,41 +181,39 @@ def _group(info: dict) -> str:
     return group.upper() + sub
 
 
-def _checkpoint_facts(info: dict) -> tuple[dict | None, dict]:
-    """``(sidecar, tensors)`` of ``info``'s checkpoint, sha256-verified against the card; ``(None, {})`` when the
-    card names none or its file is not there."""
+def _checkpoint_facts(info: dict):
+    """``(sidecar, model)`` of ``info``'s checkpoint, loaded with its sha256 verified against the card (the EMA
+    weights evaluation uses); ``(None, None)`` when the card names none or its file is not there."""
     from .registry import checkpoint_path
 
     path = checkpoint_path(info)
     if path is None or not path.exists():
-        return None, {}
-    from .checkpoint import read_checkpoint
+        return None, None
+    from .checkpoint import load_checkpoint
 
-    tensors, sidecar = read_checkpoint(path, expected_sha256=info["checkpoint"]["sha256"])
-    return sidecar, tensors
+    model, sidecar = load_checkpoint(path, expected_sha256=info["checkpoint"]["sha256"])
+    return sidecar, model
 
 
-def _sparsity(info: dict, tensors: dict) -> str:
-    """"dense", or for an L0 model the share of open test-time gates and the expected L0 of its checkpoint (the
-    gate count alone without one)."""
+def _sparsity(info: dict, model) -> str:
+    """"dense", or for an L0 model the share of open test-time gates and the expected L0 of its checkpoint's
+    ``model`` (:mod:`zoo.sparse`); the gate count alone without one (``model`` None)."""
     if not (info["args"].get("l0") or info["args"].get("l0_blocks")):
         return "dense"
     import torch
 
-    from .sparse import BETA, GAMMA, ZETA, gate_modules
+    from .sparse import expected_l0, gate_modules
 
-    alphas = [v.double() for k, v in sorted(tensors.items()) if k.startswith("model.") and k.endswith(".log_alpha")]
-    if not alphas:
+    if model is None:
         from .registry import build
 
         with torch.device("meta"):
             n = sum(g.log_alpha.numel() for g in gate_modules(build(info)))
         return f"L0, {n:,} gates (untrained)"
-    la = torch.cat(alphas)
-    gates = (torch.sigmoid(la) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
-    expected = torch.sigmoid(la - BETA * math.log(-GAMMA / ZETA)).sum().item()
-    return f"L0, {int((gates > 0).sum())}/{la.numel()} gates open ({(gates > 0).double().mean().item():.0%}), " \
-           f"expected L0 {expected:.1f}"
+    with torch.no_grad():
+        gates = torch.cat([g.eval().gates(1).flatten() for g in gate_modules(model)])  # test-time gates
+    n, n_open = gates.numel(), int((gates > 0).sum())
+    return f"L0, {n_open}/{n} gates open ({n_open / n:.0%}), expected L0 {expected_l0(model).item():.1f}"
 
 
 def _training(info: dict, sidecar: dict | None) -> str:

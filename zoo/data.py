@@ -167,14 +167,12 @@ def _cached_arrays(folder: Path, split: str, make: Callable[[], tuple[np.ndarray
         x, y = np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False)
         return wrap(torch.from_numpy(x), torch.from_numpy(y))
 
-    if not (xp.is_file() and yp.is_file()):
-        build()
-        return read()
-    try:
-        return read()
-    except (OSError, ValueError, EOFError) as e:
-        warnings.warn(f"the cached arrays {xp.name}/{yp.name} in {folder} are unreadable or invalid ({e}); "
-                      "rebuilding them from the verified source", stacklevel=3)
+    if xp.is_file() and yp.is_file():
+        try:
+            return read()
+        except (OSError, ValueError, EOFError) as e:
+            warnings.warn(f"the cached arrays {xp.name}/{yp.name} in {folder} are unreadable or invalid ({e}); "
+                          "rebuilding them from the verified source", stacklevel=3)
     build()
     return read()
 

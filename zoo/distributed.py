@@ -126,18 +126,21 @@ def shard(items: Iterable[T]) -> Iterator[T]:
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each tensor over the ranks, in place (one flattened all-reduce); a no-op for a single process."""
+    """Sum each tensor over the ranks, in place: one flattened all-reduce per dtype (float32 gradients are not
+    widened by a float64 counter beside them); a no-op for a single process."""
     if world()[1] == 1 or not tensors:
         return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
     on = _device()
-    reduced = flat.to(on)
-    dist.all_reduce(reduced)
-    reduced = reduced.to(flat.device)
-    start = 0
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors.values():
-        t.copy_(reduced[start:start + t.numel()].view_as(t))
-        start += t.numel()
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        reduced = torch.cat([t.reshape(-1) for t in group]).to(on)
+        dist.all_reduce(reduced)
+        start = 0
+        for t in group:
+            t.copy_(reduced[start:start + t.numel()].view_as(t))
+            start += t.numel()
     return tensors
 
 

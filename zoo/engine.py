@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
-from .cards import RECIPE_SCHEMA
+from .cards import RECIPE_SCHEMA, check_recipe_values
 from .data import get_dataset_info
 from .eq_layers import export
 from .grad_sample import NonFiniteGradientError, PerSampleGradients
@@ -177,12 +177,8 @@ def _recipe(card: dict, overrides: dict) -> dict:
     optional = {k for k, (typ, _) in RECIPE_SCHEMA.items() if isinstance(typ, tuple) and type(None) in typ}
     recipe = {**dict.fromkeys(optional), **card["recipe"],
               **{k: v for k, v in overrides.items() if v is not None or k in optional}}  # None unsets those
-    for key in ("batch_size", "physical_batch_size", "steps", "augmult"):
-        if int(recipe[key]) < 1:
-            raise ValueError(f"recipe {key} must be >= 1, got {recipe[key]}")
-    if recipe["epsilon"] <= 0 or recipe["clip_norm"] <= 0:
-        raise ValueError("epsilon and clip_norm must be positive")
     AlignSettings.from_recipe(recipe)  # refuse bad alignment settings before any data is loaded
+    check_recipe_values(recipe, "recipe", "change that setting")  # the ranges a card's recipe is held to
     return recipe
 
 

@@ -42,15 +42,14 @@ def check_finite_gradients(grads: dict[str, torch.Tensor], losses: torch.Tensor 
     input can still overflow inside the model (float32 overflows above about 3.4e38; a squared activation of
     1e20 already does), so a finite input does not imply a finite gradient. The check reads each gradient once.
     """
-    bad_samples: torch.Tensor | None = None
-    bad_params = []
-    for name, g in grads.items():
-        ok = torch.isfinite(g).flatten(1).all(1) if g.dim() > 1 else torch.isfinite(g)
-        if not bool(ok.all()):
-            bad_params.append(name)
-            bad_samples = ~ok if bad_samples is None else bad_samples | ~ok
-    if bad_samples is None:
+    if not grads:
         return
+    finite = {name: torch.isfinite(g).reshape(len(g), -1).all(1) for name, g in grads.items()}  # [B] each
+    ok = torch.stack(list(finite.values())).all(0)
+    if bool(ok.all()):  # one device sync per batch, whatever the number of parameters
+        return
+    bad_params = [name for name, f in finite.items() if not bool(f.all())]
+    bad_samples = ~ok
     idx = bad_samples.nonzero().flatten().tolist()
     shown = ", ".join(map(str, idx[:8])) + (f" and {len(idx) - 8} more" if len(idx) > 8 else "")
     loss = "" if losses is None else f" (their losses: {[round(v, 4) for v in losses.flatten()[idx[:8]].tolist()]})"

@@ -257,8 +257,7 @@ def reproduce_by_retraining(name: str, *, tolerance: float = RETRAIN_TOLERANCE, 
                 f"the rerun is on {result['dataset']}" if result["dataset"] != r["dataset"]
                 else f"{r['metric']} is not a metric of zoo's evaluation")
             report.checks.append(Check(_label(r), r["metric"], r["value"], value, tolerance, note))
-        eps = {r["epsilon"] for r in rs}
-        for e in sorted(eps):
-            report.checks.append(Check(f"{rs[0]['dataset']}, ε={e:g}, δ={rs[0]['delta']:g}", "epsilon (ledger)", e,
+        for e in sorted({r["epsilon"] for r in rs}):
+            report.checks.append(Check(_label({**rs[0], "epsilon": e}), "epsilon (ledger)", e,
                                        result["ledger"]["epsilon"], EPSILON_MATCH))
     return report
