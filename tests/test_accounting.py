@@ -29,17 +29,21 @@ and the larger grid of eval/crosscheck_accountants.py):
 from __future__ import annotations
 
 import math
+import sys
 import warnings
+from pathlib import Path
 
-import dp_accounting
 import mpmath
 import numpy as np
 import pytest
-from dp_accounting import pld, rdp
+from dp_accounting import rdp
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
 from zoo.privacy import ACCOUNTANTS, compute_epsilon
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+from crosscheck_accountants import google_pld, google_rdp  # noqa: E402  (one copy of the dp-accounting calls)
 
 ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
 INT_ORDERS = [a for a in ORDERS if float(a).is_integer()]
@@ -63,22 +67,9 @@ CASES = [pytest.param([(s, q, n)], d, id=f"q{q:.3g}-sigma{s:g}-steps{n}-delta{d:
     pytest.param(h, d, id="+".join(f"({s:g},{q:g},{n})" for s, q, n in h) + f"-delta{d:g}") for h, d in MULTI]
 
 
-def dp_event(history: list) -> dp_accounting.DpEvent:
-    """dp-accounting's event for opacus' history [(sigma, q, steps), ...] (Poisson sampling, Gaussian noise)."""
-    return dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), int(n)) for s, q, n in history])
-
-
 def dp_rdp(history: list, delta: float, orders=ORDERS) -> float:
-    acc = rdp.RdpAccountant(orders)
-    acc.compose(dp_event(history))
-    return acc.get_epsilon(delta)
-
-
-def dp_pld(history: list, delta: float) -> float:
-    acc = pld.PLDAccountant(value_discretization_interval=1e-4)
-    acc.compose(dp_event(history))
-    return acc.get_epsilon(delta)
+    """dp-accounting's RDP epsilon on ``orders`` (default: opacus' orders, like with like)."""
+    return google_rdp(history, delta, orders)[0]
 
 
 def opacus_rdp_curve(history: list) -> np.ndarray:
@@ -133,7 +124,7 @@ def test_opacus_fractional_order_rdp_is_exact(q, sigma, alpha):
 
 @pytest.mark.parametrize("history,delta", CASES)
 def test_prv_matches_pld_and_rdp_bounds_it(history, delta):
-    tight = dp_pld(history, delta)
+    tight = google_pld(history, delta)
     prv = compute_epsilon(history, delta, "prv")
     assert 0 <= prv - tight <= PRV_EPS_ERROR + 0.005, (prv, tight)
     assert compute_epsilon(history, delta, "rdp") >= tight - 1e-3  # RDP is an upper bound on the tight epsilon
@@ -143,10 +134,10 @@ def test_prv_matches_pld_and_rdp_bounds_it(history, delta):
 def test_no_steps_and_no_noise(accountant):
     """Empty history and zero-step segments spend nothing; one noise-free segment anywhere voids the guarantee, as
     in dp-accounting (test_tasks covers sigma = 0 alone for "rdp")."""
-    assert compute_epsilon([], 1e-5, accountant) == 0.0 == dp_rdp([], 1e-5) == dp_pld([], 1e-5)
+    assert compute_epsilon([], 1e-5, accountant) == 0.0 == dp_rdp([], 1e-5) == google_pld([], 1e-5)
     assert compute_epsilon([(1.0, 0.1, 0), (0.0, 0.1, 0)], 1e-5, accountant) == 0.0
     assert compute_epsilon([(2.0, 0.02, 0)] + [(1.0, 0.02, 30)], 1e-5, accountant) == pytest.approx(
         compute_epsilon([(1.0, 0.02, 30)], 1e-5, accountant), rel=1e-12)
     noisy_then_free = [(1.0, 0.02, 30), (0.0, 0.02, 5)]
     assert compute_epsilon(noisy_then_free, 1e-5, accountant) == math.inf
-    assert dp_rdp(noisy_then_free, 1e-5) == math.inf == dp_pld(noisy_then_free, 1e-5)
+    assert dp_rdp(noisy_then_free, 1e-5) == math.inf == google_pld(noisy_then_free, 1e-5)
