@@ -58,12 +58,29 @@ def _report(result: dict) -> None:
         print(f"checkpoint: {result['checkpoint']} (result: {Path(result['checkpoint']).parent / 'result.json'})")
 
 
+def _default_out(name: str, resume: bool) -> str:
+    """``runs/<name>``; for a new run, the first of ``runs/<name>``, ``runs/<name>-2``, ... that holds no run (an
+    explicit ``--out`` that holds one is refused instead: :class:`zoo.engine.RunFolderError`)."""
+    from .engine import run_files
+
+    base = Path("runs") / name.replace("/", "_")
+    if resume:
+        return str(base)
+    out, i = base, 1
+    while run_files(out):
+        i += 1
+        out = base.with_name(f"{base.name}-{i}")
+    if i > 1:
+        print(f"{base} holds an earlier run: writing this one to {out}", file=sys.stderr)
+    return str(out)
+
+
 def run_training(a: argparse.Namespace) -> dict:
     """Run a parsed `zoo train` or `zoo finetune` command (the CLI and `zoo reproduce --retrain`): the result dict."""
     import zoo
 
     kw = _run_kwargs(a)
-    kw["out_dir"] = a.out or str(Path("runs") / a.name.replace("/", "_"))
+    kw["out_dir"] = a.out or _default_out(a.name, a.resume)
     if a.cmd == "train":
         model_args = {}
         for item in a.model_arg:

@@ -250,21 +250,93 @@ def _rotate(out_dir: Path, keep: int) -> None:
         old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
+class RunFolderError(ValueError):
+    """A run folder holds another run's files (a fresh run would mix with them), a resumed run was asked for
+    settings other than its own, or the run to resume is already complete."""
+
+
+_RUN_FILES = ("step-*.safetensors", "step-*.json", "final.safetensors", "final.json", "result.json")
+
+
+def run_files(out_dir: str | Path) -> list[str]:
+    """Names of the files in ``out_dir`` that belong to a training run (checkpoints, ``final``, ``result.json``)."""
+    out = Path(out_dir)
+    return sorted({p.name for pattern in _RUN_FILES for p in out.glob(pattern)}) if out.is_dir() else []
+
+
+def _refuse_mixing(out: Path) -> None:
+    """A fresh run must not write into a folder that holds another run: its ``final`` would replace that run's,
+    and that run's step checkpoints would stay beside it (a later ``resume`` would pick them up)."""
+    files = run_files(out)
+    if files:
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise RunFolderError(
+            f"{out} already holds a training run ({shown}); a new run there would mix with it. Continue that run "
+            f"with --resume (resume=True), or train into another folder (--out / out_dir), or remove {out} first")
+
+
+def _resume_differences(sidecar: dict, requested: dict) -> list[str]:
+    """The settings in ``requested`` (what the caller asked for explicitly: recipe values, ``seed``, ``model``,
+    ``model_args``, ``init``, ``test_subset``) that differ from those of the run being resumed, in words."""
+    state = sidecar["train_state"]
+    stored = {**{k: v for k, v in state["recipe"].items()}, "seed": state.get("seed"), "model": sidecar["model"],
+              "init": state.get("init"), "test_subset": state.get("test_subset")}
+    diffs = []
+    for key, want in requested.items():
+        if key == "model_args":
+            for arg, value in (want or {}).items():
+                if sidecar["args"].get(arg) != value:
+                    diffs.append(f"model argument {arg}: the run has {sidecar['args'].get(arg)!r}, asked {value!r}")
+        elif want is not None and stored.get(key) != want:
+            diffs.append(f"{key}: the run has {stored.get(key)!r}, asked {want!r}")
+    return diffs
+
+
 def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
          parent: dict | None = None, seed_source: str | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
-         test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2) -> dict:
+         test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2,
+         requested: dict | None = None, init: dict | None = None) -> dict:
+    """The training loop of :func:`train` and :func:`finetune`. ``out_dir`` holds one run: a fresh run refuses a
+    folder with another run's files (:class:`RunFolderError`); ``resume`` continues the run there with its own
+    recipe and seed, and refuses ``requested`` settings that differ from them, naming each, and a run that is
+    already complete. ``init``: what the weights started from (a fine-tuned checkpoint), recorded and compared."""
     device = _resolve_device(device)
     out = Path(out_dir) if out_dir else None
+    if out is not None and not resume and distributed.is_main():
+        _refuse_mixing(out)
     if resume and out and out.exists():
         _remove_uncommitted(out)
         distributed.barrier()  # every rank then picks the same newest committed checkpoint
     resume_from = _latest_checkpoint(out) if (resume and out and out.exists()) else None
+    if resume and out is not None and resume_from is None:
+        if (out / "final.json").exists():
+            raise RunFolderError(f"the run in {out} is complete (final checkpoint {out / 'final.safetensors'}, result "
+                                 f"{out / 'result.json'}); there is nothing to resume. Train a new run into another "
+                                 "folder")
+        if run_files(out):
+            raise RunFolderError(f"{out} holds run files ({', '.join(run_files(out))}) but no step checkpoint that "
+                                 "verifies; nothing can be resumed. Move them away or train into another folder")
+        _say(f"nothing to resume in {out}: starting a new run there")
     state: dict[str, Any] = {}
     tensors = None
     if resume_from is not None:
         tensors, sidecar = ckpt.read_checkpoint(resume_from)
         state = sidecar["train_state"]
+        if int(state["step"]) >= int(state.get("planned_steps", state["recipe"]["steps"])) \
+                and (out / "final.json").exists():
+            raise RunFolderError(f"the run in {out} is complete (step {state['step']} of "
+                                 f"{state.get('planned_steps')}; final checkpoint {out / 'final.safetensors'}); "
+                                 "there is nothing to resume")
+        diffs = _resume_differences(sidecar, {"seed": seed, **(requested or {}), "model": model_name, "init": init,
+                                              "test_subset": test_subset})
+        if diffs:
+            raise RunFolderError(f"--resume continues the run in {out} with its own settings, but this call asks "
+                                 f"for others: {'; '.join(diffs)}. Resume without those settings (or with the "
+                                 "run's values), or start a new run in another folder")
         recipe, seed = state["recipe"], state["seed"]
+        test_subset = state.get("test_subset", test_subset)
+        card = sidecar["card"]  # the run's own architecture arguments, not the ones of this call's defaults
+        model = build(card, **sidecar["args"])
         ledger = Ledger.from_dict(sidecar["ledger"])
         if "ledger_steps_before" in state and ledger.steps != state["ledger_steps_before"] + state["step"]:
             raise ckpt.CheckpointIntegrityError(
@@ -332,7 +404,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
 
     def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
         st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe, "seed_source": seed_source,
-              "ledger_steps_before": before}
+              "ledger_steps_before": before, "init": init, "test_subset": test_subset}
         if not final:
             st["seed"] = seed  # private working state; the released checkpoint omits it
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
@@ -416,13 +488,17 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
     with distributed.process_group(device):  # under torchrun: one DP-SGD run over all processes
         card = get_card(name)
         recipe = _recipe(card, recipe_overrides)
+        given_seed = seed
         seed, source = _resolve_seed(seed)  # before building: the initialisation is part of the reproducible run
         info = get_dataset_info(recipe["dataset"])
         card = {**card, "args": {**card["args"], **(model_args or {})}}
         model = build(card, num_classes=info.num_classes, in_chans=info.in_chans)
+        requested = {**{k: v for k, v in recipe_overrides.items() if v is not None}, "model_args": model_args,
+                     "seed": given_seed}
         return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source,
                     out_dir=out_dir, data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
-                    test_subset=test_subset, progress=progress, resume=resume, download=download)
+                    test_subset=test_subset, progress=progress, resume=resume, download=download,
+                    requested=requested)
 
 
 def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta: float, *,
@@ -452,7 +528,10 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
         if same:
             ledger = Ledger.from_dict(old)
             ledger.target_epsilon, ledger.delta = epsilon, delta
+        requested = {k: v for k, v in {**recipe_overrides, "dataset": dataset, "epsilon": epsilon,
+                                       "delta": delta}.items() if v is not None}
         return _run(model, model_name=sidecar["model"], card=card, recipe=recipe, ledger=ledger,
                     parent=None if same else old, out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
                     checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress, resume=resume,
-                    download=download)
+                    download=download, requested=requested,
+                    init={"checkpoint_sha256": sidecar["sha256"], "model": sidecar["model"]})

@@ -28,6 +28,7 @@ import io
 import math
 import re
 import shlex
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -232,7 +233,7 @@ def reproduce_by_retraining(name: str, *, tolerance: float = RETRAIN_TOLERANCE, 
     by_command: dict[str, list[dict]] = {}
     for r in results:
         by_command.setdefault(r["command"], []).append(r)
-    out = Path(out_dir or Path("runs") / "reproduce" / name)
+    out = Path(out_dir or Path("runs") / "reproduce" / name / time.strftime("%Y%m%d-%H%M%S"))  # a fresh folder
     report = Report(name, "retrain", notes=[f"this machine: {hardware()}"])
     for i, (command, rs) in enumerate(by_command.items()):
         try:
