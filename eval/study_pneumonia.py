@@ -15,6 +15,10 @@ MODEL_CARD.md) are redrawn after each. Resumable: finished rows are skipped, int
 Configurations:
   cpu  CIFAR-10 pre-training at epsilon 8 (delta 1e-5, B=512, 60 steps); pneumonia B=128 (q=0.027), 60 steps,
        K=1; one seed. About 20 minutes on 2 cores: it checks the pipeline and shows first trends.
+  release  the CPU release tier (issue 15): wrn16-1-pneumonia from scratch vs fine-tuned from the published
+       non-private CIFAR-10 checkpoint ``wrn16-1.nonprivate_cifar10`` (``public``: CIFAR-10 is public data with
+       respect to chest X-rays; the ledger records it as such); B=256 (q=0.054), 200 steps (51,200 samples, about
+       11 epochs), K=1, lr 2, EMA 0.99; 3 seeds. About 2.5 minutes per run on an idle 2-core CPU.
   gpu  the cards' recipes (B=512, 400 steps, K=4); CIFAR-10 pre-training at epsilon 8 with B=4096, 500 steps, K=4
        (both architectures alike); 3 seeds.
 Reproduce:  python eval/study_pneumonia.py --config cpu
@@ -32,12 +36,16 @@ from _results import (LABELS, METRICS, classification_fields, classification_sum
 
 MODELS = {"wrn16-1-pneumonia": "wrn16-1", "eq-resnet9-c4-pneumonia": "eq-resnet9-c4"}  # card -> CIFAR-10 base
 EPSILONS = [8.0, 3.0, 1.0]
-STARTS = ["scratch", "cifar10"]
+STARTS = ["scratch", "cifar10", "public"]
 CONFIGS = {
     "cpu": {"seeds": [0],
             "pretrain": {"epsilon": 8.0, "delta": 1e-5, "batch_size": 512, "physical_batch_size": 256, "steps": 60,
                          "augmult": 1, "clip_norm": 1.0, "lr": 2.0, "momentum": 0.0, "ema_decay": 0.99},
             "recipe": {"batch_size": 128, "physical_batch_size": 128, "steps": 60, "augmult": 1, "ema_decay": 0.99}},
+    "release": {"seeds": [0, 1, 2], "models": ["wrn16-1-pneumonia"], "starts": ["scratch", "public"],
+                "public_backbone": "wrn16-1.nonprivate_cifar10",
+                "recipe": {"batch_size": 256, "physical_batch_size": 128, "steps": 200, "augmult": 1, "lr": 2.0,
+                           "ema_decay": 0.99}},
     "gpu": {"seeds": [0, 1, 2],
             "pretrain": {"epsilon": 8.0, "delta": 1e-5, "batch_size": 4096, "physical_batch_size": 256,
                          "steps": 500, "augmult": 4, "clip_norm": 1.0, "lr": 2.0, "momentum": 0.0,
@@ -109,7 +117,7 @@ def table(rows: list[dict], config: str) -> str:
     lines = [f"### Private pneumonia classification: `{config}` configuration", "",
              f"PneumoniaMNIST test split (234 normal / 390 pneumonia; \"always pneumonia\" scores accuracy 0.625, "
              f"balanced accuracy 0.5, ROC-AUC 0.5), from `eval/study_pneumonia.py --config {config}` (settings in "
-             "its docstring). Cells: accuracy / balanced accuracy / ROC-AUC (mean over seeds). `cifar10`: "
+             "its docstring). Cells: accuracy / balanced accuracy / ROC-AUC (mean ± std over seeds). `cifar10`: "
              "`zoo finetune` of a checkpoint trained privately on CIFAR-10"
              + (" (" + "; ".join(f"{m}: ε = {float(e):.2f}, CIFAR-10 test accuracy {float(a):.3f}"
                                 for m, (e, a) in sorted(pre.items())) + ")" if pre else "") + ".", "",
@@ -120,19 +128,22 @@ def table(rows: list[dict], config: str) -> str:
             per = {m: {e: v for e, v, _, _ in _summary(rows, model, start, m)} for m in METRICS}
             if not per["accuracy"]:
                 continue
-            cells = [" / ".join(f"{per[m][e]:.3f}" for m in METRICS) if e in per["accuracy"] else "—"
-                     for e in epsilons]
+            sd = {m: {e: (s, n) for e, _, s, n in _summary(rows, model, start, m)} for m in METRICS}
+            cells = [" / ".join(f"{per[m][e]:.3f}" + (f" ± {sd[m][e][0]:.3f}" if sd[m][e][1] > 1 else "")
+                                for m in METRICS) if e in per["accuracy"] else "—" for e in epsilons]
             lines.append(f"| `{model}` | {start} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = study_parser(__doc__, "pneumonia", CONFIGS)
-    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS))
     ap.add_argument("--epsilons", nargs="+", type=float, default=EPSILONS)
-    ap.add_argument("--starts", nargs="+", choices=STARTS, default=STARTS)
+    ap.add_argument("--starts", nargs="+", choices=STARTS)
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
+    args.models = args.models or cfg.get("models", sorted(MODELS))
+    args.starts = args.starts or cfg.get("starts", ["scratch", "cifar10"])
     if args.steps:
         cfg = {**cfg, "pretrain": {**cfg["pretrain"], "steps": args.steps},
                "recipe": {**cfg["recipe"], "steps": args.steps}}
@@ -152,6 +163,12 @@ def main() -> int:
         pre_eps = pre_acc = ""
         if start == "scratch":
             result = zoo.train(model, epsilon=eps, delta=delta, **common)
+        elif start == "public":  # the published non-private CIFAR-10 checkpoint: no privacy cost on the X-rays
+            pre = zoo.model_info(cfg["public_backbone"])["pretrained"][cfg["public_backbone"]]
+            pre_eps, pre_acc = "inf", pre["metrics"].get("accuracy", "")
+            card = zoo.model_info(model)["recipe"]
+            recipe = {k2: v for k2, v in card.items() if k2 not in ("dataset", "epsilon", "delta", "source")}
+            result = zoo.finetune(cfg["public_backbone"], "pneumoniamnist", eps, delta, **{**recipe, **common})
         else:
             checkpoint, pre = pretrain(MODELS[model], cfg, runs, seed, args.data_dir, args.device)
             pre_eps, pre_acc = pre["ledger"]["epsilon"], pre["test"]["accuracy"]

@@ -448,7 +448,18 @@ CARD_CASES = [  # (id, edit of a valid card, message pattern); schema keys and t
     ("input-size-zero", _set("input_size", [3, 32, 0]), r"input_size: got \[3, 32, 0\]"),
     ("input-size-float", _set("input_size", [3, 32.0, 32]), r"input_size: got \[3, 32.0, 32\]"),
     ("one-class", _set("num_classes", 1), r"num_classes: got 1, expected an int >= 2"),
-    ("sha256-short", _set("checkpoint", {"file": "weights/x.safetensors", "sha256": "abc"}), r"sha256: got 'abc'"),
+    ("sha256-short", _set("checkpoints", [{"tag": "x", "file": "weights/x.safetensors", "sha256": "abc"}]),
+     r"sha256: got 'abc'"),
+    ("tag-duplicate", _set("checkpoints", [{"tag": "dp", "file": "a", "sha256": "a" * 64},
+                                           {"tag": "dp", "file": "b", "sha256": "b" * 64}]),
+     r"checkpoints\[1\]\.tag: got 'dp', expected a unique tag"),
+    ("tag-with-dot", _set("checkpoints", [{"tag": "dp.8", "file": "a", "sha256": "a" * 64}]), r"tag: got 'dp.8'"),
+    ("name-with-dot", _set("name", "test.wrn"), r"name: got 'test.wrn', expected a name without '.'"),
+    ("result-of-no-checkpoint", _set("results", [{"dataset": "cifar10", "split": "test", "metric": "accuracy",
+                                                  "value": 0.5, "epsilon": 8.0, "delta": 1e-5, "accountant": "rdp",
+                                                  "command": "zoo train x", "hardware": "CPU", "date": "2026-12-01",
+                                                  "checkpoint": "dp_eps8"}]),
+     r"results\[0\]\.checkpoint: got 'dp_eps8', expected one of the card's tags \[\]"),
 ]
 
 

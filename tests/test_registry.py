@@ -64,7 +64,7 @@ def test_card_on_disk_is_schema_checked(tmp_path):
 
 
 def test_pretrained_without_checkpoint_explains():
-    name = next(n for n in zoo.list_models() if get_card(n)["checkpoint"] is None)
+    name = next(n for n in zoo.list_models() if not get_card(n)["checkpoints"])
     with pytest.raises(FileNotFoundError, match="no pretrained checkpoint"):
         zoo.create_model(name, pretrained=True)
 

@@ -30,7 +30,8 @@ def zoo_cli(*args, cards: Path | None = None):
 
 def write_card(folder: Path, checkpoint: dict | None, results: list[dict]) -> Path:
     card = json.loads((CARDS_DIR / "test-wrn10-1.json").read_text())
-    card.update(name=NAME, summary="TEST ONLY: a user card (ZOO_CARDS)", checkpoint=checkpoint, results=results)
+    card.update(name=NAME, summary="TEST ONLY: a user card (ZOO_CARDS)", results=results,
+                checkpoints=[] if checkpoint is None else [{"tag": "dp_test", **checkpoint}])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{NAME}.json").write_text(json.dumps(card, indent=2))
     return folder
@@ -80,13 +81,13 @@ def test_checkpoint_reproduces_and_a_value_off_by_more_than_the_tolerance_fails(
     for c in report["checks"]:  # same machine, same weights, same 100 images: the run's own numbers
         assert c["measured"] == result["test"][c["metric"]] and c["tolerance"] == EVAL_TOLERANCE
 
-    ck = json.loads((root / "cards" / f"{NAME}.json").read_text())["checkpoint"]
+    ck = json.loads((root / "cards" / f"{NAME}.json").read_text())["checkpoints"][0]
     ck["file"] = str(root / "run" / "final.safetensors")  # an absolute path works too
     off = write_card(tmp_path / "off", ck, card_results(result, accuracy=2 * EVAL_TOLERANCE))
     p = zoo_cli("reproduce", NAME, "--data-dir", str(data_dir), cards=off)
     assert p.returncode == 1 and "NOT reproduced" in p.stdout
     acc, reported = result["test"]["accuracy"], round(result["test"]["accuracy"], 4) + 2 * EVAL_TOLERANCE
-    fails = [line.split()[3:] for line in p.stdout.splitlines() if "FAIL" in line]  # after "cifar10, ε=.., δ=..,"
+    fails = [line.split()[4:] for line in p.stdout.splitlines() if "FAIL" in line]  # after "dp_test: cifar10, ε=.., δ=..,"
     assert fails == [["accuracy", f"{reported:.4f}", f"{acc:.4f}", f"{acc - reported:+.4f}", f"{EVAL_TOLERANCE:g}",
                       "FAIL"]]
 

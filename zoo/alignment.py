@@ -119,6 +119,7 @@ class AlignedPerSampleGradients:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._ref: dict[str, torch.Tensor] | None = None
         self._mask: dict[str, torch.Tensor] | None = None
+        self.norms: torch.Tensor | None = None  # the last call's per-sample gradient norms (clipping reuses them)
 
     def set_reference(self, reference: dict[str, torch.Tensor | None] | None) -> None:
         """Use ``reference`` (``{name: r}``, public) for the next calls; ``None`` or all-zero: no alignment term."""
@@ -137,6 +138,7 @@ class AlignedPerSampleGradients:
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn | None = None,
                  views: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         loss_fn, b, empty = prepare_batch(self.model, self.params, inputs, targets, loss_fn, views)
+        self.norms = None
         if empty is not None:
             return empty
         x = inputs.reshape(b, views, *inputs.shape[1:])
@@ -163,7 +165,7 @@ class AlignedPerSampleGradients:
         fn = aligned if ref is not None else grad(sample_loss, has_aux=True)
         grads, (losses, outputs) = vmap(fn, in_dims=(None, 0, 0), randomness="different")(params, x, y)
         grads = {n: g.detach() for n, g in grads.items()}
-        check_finite_gradients(grads, losses.detach().reshape(b, views).mean(1))  # before any clipping or step
+        self.norms = check_finite_gradients(grads, losses.detach().reshape(b, views).mean(1))  # before clipping
         return grads, losses.detach().reshape(-1), outputs.detach().reshape(b * views, *outputs.shape[2:])
 
     def close(self) -> None:

@@ -49,12 +49,20 @@ RESULT_SCHEMA: dict[str, tuple[Any, bool]] = {
     "epsilon": (_num, True), "delta": (_num, True), "accountant": (str, True),
     "command": (str, True),              # the command that produced this number
     "hardware": (str, True), "date": (str, True), "note": (str, False),
+    "checkpoint": (str, False),          # the tag of the card's checkpoint this number was measured on
+    "seed_std": (_num, False),           # std of this metric over seeds of the same recipe (a study)
+    "seed_n": (int, False),              # how many seeds that std is over
+    "seed_spread_source": (str, False),  # which study
 }
 LITERATURE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "source": (str, True), "dataset": (str, True), "metric": (str, True), "value": (_num, True),
     "epsilon": (_num, True), "delta": (_num, True), "note": (str, False),
 }
-CHECKPOINT_SCHEMA: dict[str, tuple[Any, bool]] = {"file": (str, True), "sha256": (str, True)}
+CHECKPOINT_SCHEMA: dict[str, tuple[Any, bool]] = {
+    "tag": (str, True),     # addressed as NAME.TAG (timm's arch.tag); the first checkpoint is NAME's default
+    "file": (str, True),    # relative to the parent of the cards folder (weights/...)
+    "sha256": (str, True),  # of the safetensors file; verified on every load
+}
 CARD_SCHEMA: dict[str, tuple[Any, bool]] = {
     "name": (str, True),
     "summary": (str, True),
@@ -65,7 +73,7 @@ CARD_SCHEMA: dict[str, tuple[Any, bool]] = {
     "recipe": (RECIPE_SCHEMA, True),
     "results": ([RESULT_SCHEMA], True),
     "literature": ([LITERATURE_SCHEMA], False),
-    "checkpoint": ((CHECKPOINT_SCHEMA, type(None)), True),
+    "checkpoints": ([CHECKPOINT_SCHEMA], True),  # published checkpoints, the default first (may be empty)
     "references": ([str], False),
 }
 
@@ -142,9 +150,18 @@ def validate_card(card: dict, source: str = "card") -> dict:
         raise _bad(f"{source}.input_size", size, "[channels, height, width], three ints >= 1")
     if card["num_classes"] < 2:
         raise _bad(f"{source}.num_classes", card["num_classes"], "an int >= 2")
-    sha = (card["checkpoint"] or {}).get("sha256")
-    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise _bad(f"{source}.checkpoint.sha256", sha, "64 lowercase hex digits (sha256 of the weights file)")
+    if "." in card["name"]:
+        raise _bad(f"{source}.name", card["name"], "a name without '.' (NAME.TAG addresses a checkpoint)")
+    tags = [ck["tag"] for ck in card["checkpoints"]]
+    for i, ck in enumerate(card["checkpoints"]):
+        if not re.fullmatch(r"[0-9a-f]{64}", ck["sha256"]):
+            raise _bad(f"{source}.checkpoints[{i}].sha256", ck["sha256"],
+                       "64 lowercase hex digits (sha256 of the weights file)")
+        if not re.fullmatch(r"[a-z0-9_]+", ck["tag"]) or tags.count(ck["tag"]) > 1:
+            raise _bad(f"{source}.checkpoints[{i}].tag", ck["tag"], "a unique tag of [a-z0-9_] (e.g. dp_eps8)")
+    for i, r in enumerate(card["results"]):
+        if "checkpoint" in r and r["checkpoint"] not in tags:
+            raise _bad(f"{source}.results[{i}].checkpoint", r["checkpoint"], f"one of the card's tags {tags}")
     return card
 
 
@@ -182,16 +199,14 @@ def _group(info: dict) -> str:
 
 
 def _checkpoint_facts(info: dict):
-    """``(sidecar, model)`` of ``info``'s checkpoint, loaded with its sha256 verified against the card (the EMA
-    weights evaluation uses); ``(None, None)`` when the card names none or its file is not there."""
-    from .registry import checkpoint_path
+    """``(sidecar, model)`` of ``info``'s default checkpoint, loaded verified (:func:`zoo.registry.load_published`:
+    the EMA weights evaluation uses); ``(None, None)`` when the card names none or its file is not there."""
+    from .registry import checkpoint_path, load_published
 
     path = checkpoint_path(info)
     if path is None or not path.exists():
         return None, None
-    from .checkpoint import load_checkpoint
-
-    model, sidecar = load_checkpoint(path, expected_sha256=info["checkpoint"]["sha256"])
+    model, sidecar = load_published(info["name"])
     return sidecar, model
 
 
@@ -219,8 +234,12 @@ def _sparsity(info: dict, model) -> str:
 def _training(info: dict, sidecar: dict | None) -> str:
     """Training time and hardware: the checkpoint's sidecar, else the hardware of the card's results, else "-"."""
     if sidecar is not None:
-        t = (sidecar.get("metrics") or {}).get("train_time_s")
-        return f"{'-' if t is None else f'{t:g} s'} on {sidecar.get('hardware', '-')} (checkpoint)"
+        tr = sidecar.get("training") or {}
+        t = tr.get("wall_time_s", (sidecar.get("metrics") or {}).get("train_time_s"))
+        n = tr.get("samples_processed")
+        return (f"{'-' if t is None else f'{t:g} s'}{'' if n is None else f' ({n:,} samples x views)'} on "
+                f"{tr.get('hardware', sidecar.get('hardware', '-'))} (default checkpoint; seed "
+                f"{tr.get('seed', 'not recorded')})")
     hardware = sorted({r["hardware"] for r in info["results"]})
     return "; ".join(hardware) + " (card results)" if hardware else "-"
 
@@ -300,8 +319,7 @@ def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str
             by_ds.setdefault(x["dataset"], set()).add(x["epsilon"])
         res = "; ".join(f"{ds} at ε={', '.join(_fmt(float(e)) for e in sorted(eps))}"
                         for ds, eps in sorted(by_ds.items())) or "—"
-        ck = info["checkpoint"]
-        ck_cell = f"sha256 `{ck['sha256'][:12]}…`" if ck else "none"
+        ck_cell = ", ".join(f"`.{ck['tag']}`" for ck in info["checkpoints"]) or "none"
         lines.append(
             f"| `{info['name']}` | {info['task']} | {info['family']} | {_group(info)} | {sparsity[info['name']]} "
             f"| {info['num_params']:,} | {'x'.join(map(str, info['input_size']))} "
@@ -315,7 +333,7 @@ def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str
         lines += [f"![{ds}: metrics vs ε]({plots}/{ds}.png)" for ds in series]
     lines += ["", "## Details", ""]
     for info in infos:
-        r, ck, (sidecar, _) = info["recipe"], info["checkpoint"], facts[info["name"]]
+        r, (sidecar, _) = info["recipe"], facts[info["name"]]
         extra = "".join(f", {k.replace('_', ' ')} {_fmt(r[k])}" for k in ("train_subset", "crop", "resize", "align")
                         if r.get(k) is not None)
         lines += [f"### `{info['name']}`", "", info["summary"], "",
@@ -326,20 +344,21 @@ def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str
                   f"clip {_fmt(r['clip_norm'])}, lr {_fmt(r['lr'])}, momentum {_fmt(r['momentum'])}, "
                   f"EMA {_fmt(r['ema_decay'])}{extra}",
                   f"- recipe source: {r['source']}",
-                  f"- checkpoint: `{ck['file']}`, sha256 `{ck['sha256']}`" if ck else "- checkpoint: none",
+                  *([f"- checkpoint `{info['name']}.{ck['tag']}`{' (default)' if i == 0 else ''}: `{ck['file']}`, "
+                     f"sha256 `{ck['sha256']}`" for i, ck in enumerate(info["checkpoints"])] or ["- checkpoint: none"]),
                   f"- training time and hardware: {_training(info, sidecar)}"]
         runs: dict[tuple, list[dict]] = {}
         for x in info["results"]:
             key = (x["dataset"], x["split"], x["epsilon"], x["delta"], x["accountant"], x["command"], x["hardware"],
-                   x["date"], x.get("note", ""))
+                   x["date"], x.get("checkpoint"), x.get("note", ""))
             runs.setdefault(key, []).append(x)
         if runs:
-            lines += ["", "| data set | ε | δ | accountant | reported | hardware | date | command |",
-                      "|---|---:|---:|---|---|---|---|---|"]
-            for (ds, split, eps, delta, acc, cmd, hw, date, _), xs in runs.items():
+            lines += ["", "| data set | ε | δ | accountant | reported | checkpoint | hardware | date | command |",
+                      "|---|---:|---:|---|---|---|---|---|---|"]
+            for (ds, split, eps, delta, acc, cmd, hw, date, tag, _), xs in runs.items():
                 vals = ", ".join(f"{x['metric']} {x['value']:.4g}" for x in xs)
                 lines.append(f"| {ds}/{split} | {_fmt(float(eps))} | {_fmt(float(delta))} | {acc.upper()} | {vals} "
-                             f"| {hw} | {date} | `{cmd}` |")
+                             f"| {f'`.{tag}`' if tag else '—'} | {hw} | {date} | `{cmd}` |")
             lines.append("")
             lines += [f"- note (ε={_fmt(float(k[2]))}): {k[-1]}" for k in runs if k[-1]]
         for x in info.get("literature", []):

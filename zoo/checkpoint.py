@@ -42,7 +42,7 @@ def paths(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
-    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")  # "NAME.TAG": keep the tag
 
 
 def hardware() -> str:
@@ -63,16 +63,21 @@ def git_commit() -> str | None:
 def save_checkpoint(path: str | Path, *, model: nn.Module, model_name: str, model_args: dict, card: dict,
                     ledger: dict | None, metrics: dict | None = None, ema: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None,
-                    weights_only_ema: bool = False) -> Path:
+                    weights_only_ema: bool = False, preparation: dict | None = None, training: dict | None = None,
+                    half: bool = False) -> Path:
     """Write ``path.safetensors`` + ``path.json`` atomically; return the safetensors path.
 
     ``weights_only_ema``: publish the EMA weights as the model and nothing else (the form for ``weights/``).
+    ``preparation``: how to prepare the input (:func:`zoo.data.preparation`); ``training``: wall time, hardware,
+    samples processed, how the seed was chosen. ``half``: store the model's parameters in float16 (buffers stay
+    as they are); loading casts them back to the model's dtype.
     """
     st_path, json_path = paths(path)
     tensors: dict[str, torch.Tensor] = {}
     source = ema if (weights_only_ema and ema is not None) else model
+    param_names = {n for n, _ in source.named_parameters()}
     for k, v in source.state_dict().items():
-        tensors[f"model.{k}"] = v
+        tensors[f"model.{k}"] = v.half() if half and k in param_names and v.is_floating_point() else v
     if ema is not None and not weights_only_ema:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     if optimizer is not None and not weights_only_ema:
@@ -86,6 +91,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, model_name: str, mode
     body = {
         "format": FORMAT, "model": model_name, "args": model_args, "card": card, "ledger": ledger,
         "metrics": metrics or {}, "train_state": train_state or {}, "file": st_path.name,
+        "preparation": preparation, "training": training or {},
+        "dtype": "float16 parameters" if half else "as trained",
         "command": " ".join(sys.argv), "hardware": hardware(), "git_commit": git_commit(),
         "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -128,6 +135,39 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tup
             f"{json_path} does not match the sidecar recorded inside {st_path.name}: the sidecar (ledger, "
             "metrics or model arguments) was edited after saving")
     return tensors, sidecar
+
+
+PUBLISHED_KEYS = {
+    "ledger": "the privacy ledger (epsilon, delta, accountant, sigma, q, steps, clip norm, any public pretraining)",
+    "preparation": "how to prepare the input (size, channels, mean/std, resize)",
+}
+"""What the sidecar of a published checkpoint must carry (:func:`check_published`)."""
+
+
+def check_published(sidecar: dict, where: str | Path) -> dict:
+    """Refuse (:class:`CheckpointIntegrityError`) the sidecar of a published checkpoint that lacks the privacy
+    ledger or the input preparation: a user could neither state its guarantee nor feed it correctly."""
+    missing = [f"{k} ({what})" for k, what in PUBLISHED_KEYS.items() if not sidecar.get(k)]
+    if missing:
+        raise CheckpointIntegrityError(
+            f"{where} is not a publishable checkpoint: its sidecar has no {' and no '.join(missing)}. Publish runs "
+            "with `zoo publish RUN_DIR NAME --tag TAG`, which writes both")
+    return sidecar
+
+
+def published_facts(path: str | Path) -> dict:
+    """What ``zoo.model_info`` shows of a published checkpoint, from its sidecar alone (no weights are read): the
+    input preparation, the ledger's (epsilon, delta, accountant, steps, pretraining), the metrics and the training
+    facts. A sidecar that is not valid JSON or lacks the ledger or the preparation gives ``{"error": ...}``."""
+    json_path = paths(path)[1]
+    try:
+        sidecar = check_published(json.loads(json_path.read_text()), json_path)
+    except (OSError, json.JSONDecodeError, CheckpointIntegrityError) as e:
+        return {"error": str(e)}
+    led = sidecar["ledger"]
+    return {"preparation": sidecar["preparation"], "metrics": sidecar.get("metrics", {}),
+            "training": sidecar.get("training", {}),
+            "privacy": {k: led.get(k) for k in ("dataset", "epsilon", "delta", "accountant", "steps", "pretraining")}}
 
 
 def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

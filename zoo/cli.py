@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--test-subset", type=int)
     p.add_argument("--out", help="JSON result file (default: runs/eval/<model>.json)")
+    p = sub.add_parser("publish", help="publish a finished run (secret seed) as a card's checkpoint NAME.TAG")
+    p.add_argument("run", help="the run folder (holds final.safetensors/.json)")
+    p.add_argument("name", help="the card to publish it under")
+    p.add_argument("--tag", required=True, help="e.g. dp_eps8 (the checkpoint is then NAME.TAG)")
+    p.add_argument("--default", action="store_true", help="make it the card's default checkpoint")
+    p.add_argument("--note", default="", help="added to the note of each card result")
+    p.add_argument("--data-dir")
     p = sub.add_parser("card", help=f"regenerate {MODEL_CARD_PATH.name} from {CARDS_DIR.name}/*.json")
     p.add_argument("--check", action="store_true", help="exit 1 if the file is stale instead of writing it")
     p = sub.add_parser("reproduce", help="check a card's reported numbers against its checkpoint (or a rerun)")
@@ -153,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if a.cmd == "list":
-            for name in zoo.list_models(a.pattern, pretrained=a.pretrained):
+            names = zoo.list_models(a.pattern, pretrained=a.pretrained)
+            for name in names:
                 print(name)
+            if not names:
+                what = "published checkpoint" if a.pretrained else "registered model"
+                print(f"no {what} matches {a.pattern!r}" + (
+                    "; `zoo list` shows every registered model" if a.pretrained else ""), file=sys.stderr)
         elif a.cmd == "info":
             print(json.dumps(zoo.model_info(a.name), indent=2, ensure_ascii=False))
         elif a.cmd in ("train", "finetune"):
@@ -171,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             return _reproduce(a)
         elif a.cmd == "card":
             return _card(a.check)
+        elif a.cmd == "publish":
+            from .publish import publish
+
+            print(json.dumps(publish(a.run, a.name, a.tag, default=a.default, data_dir=a.data_dir, note=a.note),
+                             indent=2))
     except (KeyError, ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
         print(f"zoo {a.cmd}: error: {e}", file=sys.stderr)
         return 2
@@ -179,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(a: argparse.Namespace) -> dict:
     from . import checkpoint as ckpt
-    from .registry import resolve_checkpoint
+    from .registry import load_published, resolve_checkpoint
     from .reproduce import evaluate_checkpoint
 
     path, sha = resolve_checkpoint(a.name)
-    model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
+    if sha is None:  # a checkpoint file given by path (a run's own)
+        model, sidecar = ckpt.load_checkpoint(path)
+    else:  # a registered NAME or NAME.TAG: the published, verified checkpoint
+        model, sidecar = load_published(a.name)
     dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset)
     return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,
             "ledger": sidecar.get("ledger"), "recorded_metrics": sidecar.get("metrics")}

@@ -435,6 +435,60 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) 
     return padded[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
+# ----------------------------------------------------------------------------- input preparation of a checkpoint
+def preparation(info: DatasetInfo, recipe: dict, in_chans: int) -> dict:
+    """How an image must be prepared for a model trained on ``info`` with ``recipe`` (the ``preparation`` block of
+    a checkpoint's sidecar, timm's ``pretrained_cfg``): 8-bit pixels divided by 255, resized to ``input_size``
+    (when the run resized: bilinear with antialiasing, as :meth:`ImageDataset.resized`), normalised per channel of
+    the *data* with ``mean``/``std``, then a single channel repeated to the model's ``in_chans``
+    (:meth:`ArrayDataset.with_channels`). :func:`prepare_input` applies it."""
+    size = recipe.get("resize")
+    h, w = (int(size), int(size)) if size else tuple(info.image_size[1:])
+    return {"input_size": [int(in_chans), h, w], "data_channels": int(info.in_chans),
+            "channel_conversion": "repeat" if in_chans != info.in_chans else "none",
+            "pixel_scale": "uint8 / 255", "resize": None if not size else {"size": [h, w], "mode": "bilinear",
+                                                                           "antialias": True},
+            "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
+            "normalisation_source": f"{info.name} (the data set the model was trained on)",
+            "dataset": info.name, "task": info.task, "num_classes": int(info.num_classes),
+            "classes": list(getattr(info, "classes", ()) or ())}
+
+
+def prepare_input(images: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Raw images ``[N, H, W]``, ``[N, C, H, W]`` (uint8 0-255, or float in [0, 1]) prepared as ``cfg`` (a
+    checkpoint's ``preparation``, ``model.pretrained_cfg``) says: the float32 ``[N, *input_size]`` batch the
+    model takes. Segmentation models take any size that is a multiple of theirs; classifiers get the image
+    resized to ``input_size`` (printed nowhere: pass images of that size to avoid it)."""
+    x = torch.as_tensor(images)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [N, H, W] or [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    elif x.is_floating_point():
+        if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1:
+            raise ValueError("float images must hold values in [0, 1] (or pass uint8 0-255)")
+        x = x.float()
+    else:
+        raise TypeError(f"images must be uint8 or float, got {x.dtype}")
+    c = cfg["data_channels"]
+    if x.shape[1] != c:
+        if x.shape[1] == 3 and c == 1:  # RGB to gray: ITU-R BT.601 luma
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        elif x.shape[1] == 1:
+            x = x.repeat(1, c, 1, 1)
+        else:
+            raise ValueError(f"images have {x.shape[1]} channels; this model was trained on {c}-channel data")
+    h, w = cfg["input_size"][1:]
+    if cfg["task"] == "classification" and tuple(x.shape[-2:]) != (h, w):  # a segmenter keeps the image's size
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    x = (x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    if cfg["input_size"][0] != c:
+        x = x.repeat(1, cfg["input_size"][0] // c, 1, 1)
+    return x
+
+
 def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int, per_pixel: bool = False
                 ) -> None:
     """Validate a training batch; raise TypeError (wrong types/dtypes) or ValueError (shapes/values).

@@ -40,9 +40,9 @@ from . import checkpoint as ckpt
 from . import distributed
 from .alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
 from .cards import RECIPE_SCHEMA, check_recipe_values
-from .data import get_dataset_info
+from .data import get_dataset_info, preparation
 from .eq_layers import export
-from .grad_sample import NonFiniteGradientError, PerSampleGradients
+from .grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_norms
 from .io import write_text
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
 from .sparse import penalty_gradients
@@ -50,12 +50,14 @@ from .registry import build, get_card, resolve_checkpoint
 from .tasks import task_of
 
 
-def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float,
+                    norms: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Scale each sample's whole gradient (all parameters together) to L2 norm at most ``clip_norm``.
 
-    Returns ``(sum over samples of the clipped gradients, per-sample norms before clipping)``.
+    Returns ``(sum over samples of the clipped gradients, per-sample norms before clipping)``. ``norms``: those
+    norms when already computed from these very ``grads`` (``PerSampleGradients.norms``), else computed here.
     """
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
+    norms = per_sample_norms(grads) if norms is None else norms
     if not bool(torch.isfinite(norms).all()):  # finite entries whose float32 norm overflows (entries near 1e19)
         raise NonFiniteGradientError(f"{int((~torch.isfinite(norms)).sum())} per-sample gradient norm(s) overflow "
                                      "float32; no update was applied. Normalise the data or lower the learning rate")
@@ -102,7 +104,7 @@ def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: f
     task = task_of(psg.model)
     for x, y in batches:
         grads, losses, outputs = psg(x, y, views=views)  # the model task's per-sample loss
-        clipped, _ = clip_per_sample(grads, clip_norm)
+        clipped, _ = clip_per_sample(grads, clip_norm, psg.norms)  # the norms the finite check computed
         for name in summed:
             summed[name] += clipped[name]
         loss_sum += losses.sum().item() / views
@@ -292,6 +294,19 @@ def _resume_differences(sidecar: dict, requested: dict) -> list[str]:
     return diffs
 
 
+def pretraining_record(parent: dict | None, init: dict, dataset: str) -> dict:
+    """The ledger's account of what a fine-tuned model started from: the other data set, whether that training was
+    private (its epsilon) or not (public data with respect to ``dataset``: no guarantee is claimed for it, and
+    none is needed if it holds no record of ``dataset``'s people), and the starting checkpoint's sha256."""
+    eps = None if parent is None else parent.get("epsilon")
+    private = eps is not None and math.isfinite(eps)
+    return {"dataset": None if parent is None else parent.get("dataset"), "private": private, "epsilon": eps,
+            "checkpoint_sha256": init.get("checkpoint_sha256"), "model": init.get("model"),
+            "note": (f"trained privately on another data set (epsilon {eps:.3g} there); that guarantee does not "
+                     f"compose with this one" if private else
+                     f"not private: used as public data with respect to {dataset}")}
+
+
 def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
          parent: dict | None = None, seed_source: str | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
          test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2,
@@ -359,6 +374,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         _say(f"{info.name} has {info.in_chans}-channel images: repeating them to the model's {model.in_chans} "
               "input channels")
     _check_sizes(model, recipe, train, test)
+    prep = preparation(info, recipe, model.in_chans)
     if model.num_classes != info.num_classes:
         raise ValueError(f"model has {model.num_classes} classes but {info.name} has {info.num_classes}; "
                          f"create it with num_classes={info.num_classes} or fine-tune with zoo.finetune")
@@ -368,7 +384,9 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         raise ValueError(f"batch_size {recipe['batch_size']} exceeds the {n} training samples")
     if ledger is None:
         ledger = Ledger(dataset=info.name, num_samples=n, delta=recipe["delta"], accountant=recipe["accountant"],
-                        clip_norm=recipe["clip_norm"], target_epsilon=recipe["epsilon"], parent=parent)
+                        clip_norm=recipe["clip_norm"], target_epsilon=recipe["epsilon"], parent=parent,
+                        pretraining=pretraining_record(parent, init, info.name) if init else None,
+                        augmult=recipe["augmult"])
     if ledger.num_samples != n:
         raise ValueError(f"the ledger is for N={ledger.num_samples} samples of {ledger.dataset}, this run has {n}")
     done = int(state.get("step", 0))
@@ -404,13 +422,20 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
 
     def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
         st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe, "seed_source": seed_source,
-              "ledger_steps_before": before, "init": init, "test_subset": test_subset}
+              "ledger_steps_before": before, "init": init, "test_subset": test_subset,
+              "train_time_s": round(time.time() - t0 + state.get("train_time_s", 0.0), 1),
+              "samples_processed": samples + int(state.get("samples_processed", 0))}
         if not final:
             st["seed"] = seed  # private working state; the released checkpoint omits it
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
                                     ledger=ledger.to_dict(), metrics=metrics, ema=ema.module,
-                                    optimizer=None if final else opt, train_state=st, weights_only_ema=final)
+                                    optimizer=None if final else opt, train_state=st, weights_only_ema=final,
+                                    preparation=prep, training=facts)
 
+    facts = {"hardware": ckpt.hardware(), "seed": "withheld: drawn from the OS, never published" if
+             seed_source.startswith("secret") else "a user-given seed (a measurement, not a private release)",
+             "wall_time_s": None, "samples_processed": None}
+    samples = 0  # training samples x views through the per-sample gradient, this session
     every = checkpoint_every or max(1, planned // 10)
     t0 = time.time()
     bar = tqdm(total=todo, desc=f"DP-SGD {model_name}", disable=not (progress and distributed.is_main()),
@@ -420,6 +445,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     end = done + todo
     for step in range(done, end):
         idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
+        samples += len(idx) * k
         aug_gen = _generator(seed, step, "augment", device)
         batches = distributed.shard(  # this rank's physical batches; every rank draws all views (zoo.distributed)
             _with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
@@ -451,6 +477,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     bar.close()
     psg.close()
     train_time = time.time() - t0
+    facts.update(wall_time_s=round(train_time + state.get("train_time_s", 0.0), 1),
+                 samples_processed=samples + int(state.get("samples_processed", 0)))
     metrics = None
     if distributed.is_main():
         metrics = evaluate(ema.module, test, device=device, progress=progress)
@@ -460,7 +488,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     metrics = distributed.broadcast_json(metrics)
     result = {"model": model_name, "dataset": info.name, "test": metrics, "ledger": ledger.to_dict(),
               "noise_multiplier": sigma, "sample_rate": q, "steps": ledger.steps, "recipe": recipe,
-              "rng": seed_source, "hardware": ckpt.hardware(),
+              "rng": seed_source, "hardware": ckpt.hardware(), "training": facts, "preparation": prep,
               "num_params": sum(p.numel() for p in params.values())}
     if out:
         result["checkpoint"] = str(ckpt.paths(out / "final")[0])
@@ -517,6 +545,8 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
     with distributed.process_group(device):
         path, sha = resolve_checkpoint(name_or_checkpoint)
         model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
+        if sha is not None:  # a published NAME.TAG: its sidecar must state its ledger and input preparation
+            ckpt.check_published(sidecar, path)
         card = sidecar["card"]
         info = get_dataset_info(dataset)
         old = sidecar.get("ledger")

@@ -81,7 +81,10 @@ class Ledger:
 
     ``history`` is opacus' accountant history ``[(sigma, q, steps), ...]``; epsilon is recomputed from it,
     never stored alone. ``parent`` holds the ledger of pre-training on another data set (for the record: its
-    guarantee is about that other data set and does not compose with this one).
+    guarantee is about that other data set and does not compose with this one). ``pretraining`` says what the
+    weights started from when that was another data set: its name, whether it was trained privately (its epsilon)
+    or is public data with respect to this data set, and the starting checkpoint's sha256. ``augmult`` is the
+    number K of augmented views per sample (averaged before clipping: it does not change the sensitivity).
     """
 
     dataset: str
@@ -92,6 +95,8 @@ class Ledger:
     target_epsilon: float
     history: list = field(default_factory=list)
     parent: dict | None = None
+    pretraining: dict | None = None
+    augmult: int | None = None
 
     def __post_init__(self):
         if not 0 < self.delta < 1:
@@ -134,7 +139,7 @@ class Ledger:
     @classmethod
     def from_dict(cls, d: dict) -> "Ledger":
         keys = {"dataset", "num_samples", "delta", "accountant", "clip_norm", "target_epsilon", "history", "parent"}
-        ledger = cls(**{k: d[k] for k in keys})
+        ledger = cls(**{k: d[k] for k in keys}, pretraining=d.get("pretraining"), augmult=d.get("augmult"))
         if "epsilon" in d and not math.isclose(ledger.epsilon(), d["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
             raise ValueError(f"ledger says epsilon={d['epsilon']} but its history gives {ledger.epsilon()}: "
                              "the ledger was edited")

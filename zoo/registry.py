@@ -116,48 +116,100 @@ def load_cards(directory: Path | None = None) -> None:
             _ROOTS[card["name"]] = folder.resolve().parent
 
 
+class UnknownTagError(UnknownModelError):
+    """``NAME.TAG`` names a checkpoint tag that the card of NAME does not have."""
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"wrn16-1.dp_eps8"`` -> ``("wrn16-1", "dp_eps8")``; a name without a tag -> ``(name, None)`` (timm's
+    ``arch.tag``: model names contain no '.')."""
+    model, dot, tag = name.partition(".")
+    return model, (tag if dot else None)
+
+
 def get_card(name: str) -> dict:
+    """The card of ``name`` (``NAME`` or ``NAME.TAG``; a tag must be one of the card's checkpoints)."""
     if not isinstance(name, str):
         raise TypeError(f"a model name must be a str (see zoo.list_models()), got {type(name).__name__} {name!r}")
+    model, tag = split_name(name)
     try:
-        return _MODELS[name]
+        card = _MODELS[model]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.4)
+        close = difflib.get_close_matches(model, list(_MODELS), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise UnknownModelError(
-            f"unknown model {name!r}.{hint} See zoo.list_models() or `zoo list` for the {len(_MODELS)} models."
+            f"unknown model {model!r}.{hint} See zoo.list_models() or `zoo list` for the {len(_MODELS)} models."
         ) from None
+    if tag is not None:
+        checkpoint_entry(card, tag)  # an unknown tag is an error that lists the tags
+    return card
 
 
-def checkpoint_path(card: dict) -> Path | None:
-    """Where ``card``'s checkpoint file is (relative paths: from the parent of the card's folder), or None."""
-    if card["checkpoint"] is None:
+def checkpoint_entry(card: dict, tag: str | None = None) -> dict | None:
+    """The card's checkpoint ``{tag, file, sha256}`` with ``tag`` (default: the first, the card's default), or None
+    when the card publishes none; an unknown tag raises :class:`UnknownTagError` listing the card's tags."""
+    entries = card["checkpoints"]
+    if tag is None:
+        return entries[0] if entries else None
+    for entry in entries:
+        if entry["tag"] == tag:
+            return entry
+    tags = [f"{card['name']}.{e['tag']}" for e in entries]
+    raise UnknownTagError(f"model {card['name']!r} has no checkpoint tagged {tag!r}; its checkpoints: "
+                          f"{', '.join(tags) if tags else 'none published yet'}")
+
+
+def checkpoint_path(card: dict, tag: str | None = None) -> Path | None:
+    """Where ``card``'s checkpoint ``tag`` (default: its default one) is (relative paths: from the parent of the
+    card's folder), or None when the card publishes none."""
+    entry = checkpoint_entry(card, tag)
+    if entry is None:
         return None
-    return _ROOTS.get(card["name"], CARDS_DIR.parent) / card["checkpoint"]["file"]
+    return _ROOTS.get(card["name"], CARDS_DIR.parent) / entry["file"]
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, str | None]:
-    """``(checkpoint path, sha256 the card expects or None)`` for a checkpoint path or a registered name."""
+    """``(checkpoint path, sha256 the card expects or None)`` for a checkpoint path or a registered ``NAME`` or
+    ``NAME.TAG``."""
     path = Path(name_or_path)
     if path.exists() or path.with_suffix(".safetensors").exists():
         return path, None
     card = get_card(str(name_or_path))
-    found = checkpoint_path(card)
+    _, tag = split_name(str(name_or_path))
+    found = checkpoint_path(card, tag)
     if found is None:
         raise FileNotFoundError(
             f"model {card['name']!r} has no pretrained checkpoint yet; pretrained models: "
-            f"{list_models(pretrained=True)}. Pass a checkpoint path (e.g. runs/{card['name']}/final.safetensors) "
-            f"or train one with `zoo train {card['name']}`.")
-    return found, card["checkpoint"]["sha256"]
+            f"{list_models(pretrained=True) or 'none published'}. Pass a checkpoint path (e.g. "
+            f"runs/{card['name']}/final.safetensors) or train one with `zoo train {card['name']}`.")
+    return found, checkpoint_entry(card, tag)["sha256"]
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
-    """Names of registered models matching the shell-style ``pattern``; with ``pretrained=True`` only those
-    with a checkpoint file present."""
-    names = sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
-    if pretrained:
-        names = [n for n in names if (p := checkpoint_path(_MODELS[n])) is not None and p.exists()]
-    return names
+    """Names of registered models matching the shell-style ``pattern``. With ``pretrained=True``, one
+    ``NAME.TAG`` per published checkpoint whose file is present (the pattern may match ``NAME`` or ``NAME.TAG``),
+    as timm lists ``arch.tag``; the first tag of a model is what ``NAME`` alone loads."""
+    if not pretrained:
+        return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+    out = []
+    for n in sorted(_MODELS):
+        for entry in _MODELS[n]["checkpoints"]:
+            full = f"{n}.{entry['tag']}"
+            if (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(full, pattern)) \
+                    and checkpoint_path(_MODELS[n], entry["tag"]).exists():
+                out.append(full)
+    return out
+
+
+def load_published(name: str, **overrides: Any) -> tuple[nn.Module, dict]:
+    """The one path from a registered ``NAME`` or ``NAME.TAG`` to its verified published model: ``(model with the
+    checkpoint's EMA weights, sidecar)``. The weights' sha256 is checked against the card and the sidecar, and the
+    sidecar must carry the privacy ledger and the input preparation (:func:`zoo.checkpoint.check_published`)."""
+    from .checkpoint import check_published, load_checkpoint
+
+    path, sha = resolve_checkpoint(name)
+    model, sidecar = load_checkpoint(path, expected_sha256=sha, **overrides)
+    return model, check_published(sidecar, path)
 
 
 def build(card: dict, num_classes: int | None = None, **overrides: Any) -> nn.Module:
@@ -175,18 +227,20 @@ def create_model(name: str, pretrained: bool = False, num_classes: int | None = 
     """Build a registered model.
 
     Args:
-        name: registered name (see :func:`list_models`).
-        pretrained: load the card's private checkpoint (sha256-verified). With ``num_classes`` different from
-            the checkpoint's, the head is reset afterwards (fine-tuning).
+        name: registered name (see :func:`list_models`), or ``NAME.TAG`` for one of its checkpoints.
+        pretrained: load the card's private checkpoint (the default one, or ``TAG``'s; sha256-verified, and its
+            sidecar must carry the privacy ledger and the input preparation). ``model.pretrained_cfg`` then holds
+            that preparation (input size, channels, mean/std, resize), as timm's ``pretrained_cfg``, plus the tag
+            and the ledger; :func:`zoo.data.prepare_input` applies it to raw images. With ``num_classes``
+            different from the checkpoint's, the head is reset afterwards (fine-tuning).
         num_classes: override the card's number of classes.
         **overrides: family arguments overriding the card's (e.g. ``in_chans=1``).
     """
     if not pretrained:
         return build(get_card(name), num_classes, **overrides)
-    from .checkpoint import load_checkpoint
-
-    path, sha = resolve_checkpoint(name)
-    model, _ = load_checkpoint(path, expected_sha256=sha, **overrides)
+    model, sidecar = load_published(name, **overrides)
+    model.pretrained_cfg = {**sidecar["preparation"], "tag": split_name(name)[1] or checkpoint_entry(
+        get_card(name))["tag"], "ledger": sidecar["ledger"]}
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
@@ -202,13 +256,24 @@ def count_params(card: dict, **overrides: Any) -> int:
 
 
 def model_info(name: str) -> dict:
-    """Card of ``name`` plus its task (``'classification'`` or ``'segmentation'``, :mod:`zoo.tasks`), the
-    trainable parameter count and the checkpoint status."""
+    """Card of ``name`` (``NAME`` or ``NAME.TAG``) plus its task (``'classification'`` or ``'segmentation'``,
+    :mod:`zoo.tasks`), the trainable parameter count, the default checkpoint's status and ``pretrained``: per
+    published tag its file, sha256, status and, when the file is present, the input preparation and the ledger's
+    (ε, δ) from its sidecar (read without loading the weights; the weights are verified when they are loaded)."""
     card = get_card(name)
     info = {**card, "task": getattr(_FAMILIES[card["family"]], "task", "classification"),
             "num_params": count_params(card)}
     info.setdefault("literature", [])
     info.setdefault("references", [])
-    path = checkpoint_path(card)
+    path = checkpoint_path(card, split_name(name)[1])
     info["checkpoint_status"] = "none" if path is None else ("available" if path.exists() else f"missing: {path}")
+    info["pretrained"] = {}
+    for entry in card["checkpoints"]:
+        p = checkpoint_path(card, entry["tag"])
+        item = {"file": str(p), "sha256": entry["sha256"], "status": "available" if p.exists() else "missing"}
+        if p.exists():
+            from .checkpoint import published_facts
+
+            item.update(published_facts(p))
+        info["pretrained"][f"{card['name']}.{entry['tag']}"] = item
     return info

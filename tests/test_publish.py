@@ -1,0 +1,149 @@
+"""Publishing: a finished secret-seed run becomes ``NAME.TAG`` (timm's ``arch.tag``) with a sidecar that carries the
+ledger, the input preparation and the training facts; loading, listing, ``model_info`` and ``zoo reproduce`` work
+by tag; bad tags and incomplete sidecars are refused with a message. Every published checkpoint of the repository
+is checked the same way (parametrized over ``zoo.list_models(pretrained=True)``)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoo
+from zoo.cards import CARDS_DIR
+from zoo.checkpoint import CheckpointIntegrityError, load_checkpoint, save_checkpoint
+from zoo.cli import main
+from zoo.data import get_dataset_info, prepare_input
+from zoo.publish import PublishError, publish
+from zoo.registry import UnknownTagError, load_published
+from zoo.reproduce import reproduce_checkpoint
+
+NAME = "test-user-wrn10-1"
+
+
+@pytest.fixture
+def register(monkeypatch):
+    """``register(folder)``: load a cards folder with the registry's own loader, for this test only."""
+    from zoo import registry
+
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry, "_ROOTS", dict(registry._ROOTS))
+    return registry.load_cards
+
+
+@pytest.fixture(scope="module")
+def secret_run(data_dir, tmp_path_factory):
+    """A 2-step run of test-wrn10-1 with a secret (OS) seed: what a release is trained with."""
+    out = tmp_path_factory.mktemp("run") / "r"
+    zoo.train("test-wrn10-1", out_dir=out, data_dir=data_dir, steps=2, test_subset=50, progress=False)
+    return out
+
+
+@pytest.fixture
+def user_card(tmp_path, register):
+    cards = tmp_path / "models"
+    cards.mkdir()
+    card = json.loads((CARDS_DIR / "test-wrn10-1.json").read_text())
+    card.update(name=NAME, summary="TEST ONLY: a user card", results=[], checkpoints=[])
+    (cards / f"{NAME}.json").write_text(json.dumps(card, indent=2) + "\n")
+    register(cards)
+    return cards
+
+
+def _publish(secret_run, user_card, data_dir, register, tag="dp_test", **kw):
+    out = publish(secret_run, NAME, tag, data_dir=data_dir, cards_dir=user_card,
+                  weights_dir=user_card.parent / "weights", **kw)
+    from zoo import registry
+
+    registry._MODELS.pop(NAME)
+    register(user_card)  # the card as written
+    return out
+
+
+def test_a_published_run_loads_by_tag_with_its_preparation_and_reproduces(secret_run, user_card, data_dir,
+                                                                          register):
+    out = _publish(secret_run, user_card, data_dir, register)
+    assert f"{NAME}.dp_test" in zoo.list_models(pretrained=True)
+    assert zoo.list_models("test-user-*", pretrained=True) == [f"{NAME}.dp_test"]
+    model = zoo.create_model(f"{NAME}.dp_test", pretrained=True)
+    same = zoo.create_model(NAME, pretrained=True)  # the name alone: the default (first) checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == [3, 32, 32] and cfg["tag"] == "dp_test" and len(cfg["mean"]) == 3
+    assert cfg["ledger"]["dataset"] == "cifar10" and cfg["ledger"]["augmult"] == zoo.model_info(NAME)["recipe"]["augmult"]
+    # the preparation turns raw 8-bit images into exactly what training fed the model
+    test = get_dataset_info("cifar10").load("test", data_dir=data_dir)
+    assert torch.equal(prepare_input(test.images[:6], cfg), test.batch(torch.arange(6))[0])
+    info = zoo.model_info(f"{NAME}.dp_test")["pretrained"][f"{NAME}.dp_test"]
+    assert info["status"] == "available" and info["preparation"] == {k: v for k, v in cfg.items()
+                                                                     if k not in ("tag", "ledger")}
+    assert info["training"]["seed"].startswith("withheld") and info["training"]["samples_processed"] > 0
+    side = json.loads((user_card.parent / "weights" / f"{NAME}.dp_test.json").read_text())
+    assert "seed" not in side["train_state"] and side["ledger"]["steps"] == 2
+    # float16 storage only with the test metrics unchanged, and the card reports the stored weights' metrics
+    check = side["training"]["precision_check"]
+    assert check["largest_metric_change_fp16"] <= check["tolerance"] or check["stored"] == "float32"
+    tensors = load_file(out["file"])
+    assert {v.dtype for k, v in tensors.items() if k.endswith("weight")} == {
+        torch.float16 if check["stored"] == "float16" else torch.float32}
+    card = zoo.model_info(NAME)
+    assert {r["checkpoint"] for r in card["results"]} == {"dp_test"}
+    report = reproduce_checkpoint(NAME, data_dir=data_dir)
+    assert report.ok and len(report.checks) == 3, report.table()
+
+
+def test_unknown_tag_lists_the_tags(secret_run, user_card, data_dir, register):
+    _publish(secret_run, user_card, data_dir, register)
+    with pytest.raises(UnknownTagError, match=rf"no checkpoint tagged 'dp_eps9'; its checkpoints: {NAME}.dp_test"):
+        zoo.create_model(f"{NAME}.dp_eps9", pretrained=True)
+    with pytest.raises(UnknownTagError, match="none published yet"):
+        zoo.model_info("test-wrn10-1.dp_eps8")
+
+
+@pytest.mark.parametrize("missing", ["preparation", "ledger"])
+def test_a_sidecar_without_preparation_or_ledger_is_refused(missing, secret_run, user_card, register):
+    model, side = load_checkpoint(secret_run / "final.safetensors")
+    kw = {"ledger": side["ledger"], "preparation": side["preparation"], missing: None}
+    weights = user_card.parent / "weights"
+    st = save_checkpoint(weights / f"{NAME}.bare", model=model, model_name=NAME, model_args=side["args"],
+                         card=side["card"], **kw)  # a valid, hash-consistent checkpoint, but incomplete
+    card = json.loads((user_card / f"{NAME}.json").read_text())
+    from zoo.io import sha256_file
+
+    card["checkpoints"] = [{"tag": "bare", "file": f"weights/{st.name}", "sha256": sha256_file(st)}]
+    (user_card / f"{NAME}.json").write_text(json.dumps(card, indent=2) + "\n")
+    from zoo import registry
+
+    registry._MODELS.pop(NAME)
+    register(user_card)
+    with pytest.raises(CheckpointIntegrityError, match=f"not a publishable checkpoint: its sidecar has no {missing}"):
+        load_published(f"{NAME}.bare")
+    assert "error" in zoo.model_info(NAME)["pretrained"][f"{NAME}.bare"]
+
+
+def test_a_seeded_run_is_not_a_release(data_dir, tmp_path, user_card):
+    zoo.train("test-wrn10-1", out_dir=tmp_path / "s", data_dir=data_dir, seed=0, steps=1, test_subset=20,
+              progress=False)
+    with pytest.raises(PublishError, match="user-given seed.*measurement, not a private release"):
+        publish(tmp_path / "s", NAME, "dp", data_dir=data_dir, cards_dir=user_card, weights_dir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_list_pretrained_with_nothing_published_says_so(capsys):
+    assert main(["list", "test-*", "--pretrained"]) == 0
+    io = capsys.readouterr()
+    assert io.out == "" and "no published checkpoint matches 'test-*'" in io.err
+
+
+# ----------------------------------------------------------------------------- every published checkpoint
+@pytest.mark.parametrize("full", zoo.list_models(pretrained=True))
+def test_every_published_checkpoint_is_complete_and_reproduces(full, data_dir):
+    model, side = load_published(full)
+    assert side["training"]["seed"].startswith("withheld") and "seed" not in side["train_state"]
+    assert side["preparation"]["input_size"][0] == model.in_chans
+    name, tag = full.split(".")
+    card = zoo.model_info(name)
+    assert any(r.get("checkpoint") == tag for r in card["results"]), "every published checkpoint has card results"
+    report = reproduce_checkpoint(full, data_dir=data_dir)
+    assert report.ok, report.table()
