@@ -10,7 +10,7 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
   pneumonia  for each epsilon, the start with the higher mean balanced accuracy in the study, trained once more
              with a secret seed through the ``zoo`` command line and published as ``wrn16-1-pneumonia.dp_epsE``
              (epsilon 8 the default), each result carrying the study's seed spread for ``zoo reproduce --retrain``.
-  cifar10    ``wrn16-1`` at epsilon 8 (B=1024, 600 steps = 614,400 samples, K=1), secret seed, published as
+  cifar10    ``wrn16-1`` at epsilon 8 (B=1024, 400 steps = 409,600 samples, K=1), secret seed, published as
              ``wrn16-1.dp_eps8`` (the default).
 Budgets are in samples processed; wall times are printed. Reproduce:  python eval/release_cpu.py [--stages ...]
 """
@@ -32,7 +32,7 @@ ZOO = [str(Path(sys.executable).with_name("zoo"))]
 STUDY_CSV = ROOT / "eval" / "results" / "pneumonia-release" / "results.csv"
 BACKBONE = "wrn16-1.nonprivate_cifar10"
 PNEUMONIA = {"batch-size": 256, "physical-batch-size": 128, "steps": 200, "augmult": 1, "lr": 2, "ema-decay": 0.99}
-CIFAR = {"epsilon": 8, "batch-size": 1024, "physical-batch-size": 64, "steps": 600, "augmult": 1, "ema-decay": 0.999}
+CIFAR = {"epsilon": 8, "batch-size": 1024, "physical-batch-size": 64, "steps": 400, "augmult": 1, "ema-decay": 0.999}
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 
 

@@ -53,6 +53,9 @@ CONFIGS = {
             "recipe": {}},  # the pneumonia cards' recipes
 }
 PLOT = "metrics_vs_epsilon.png"
+BUDGETS = {"release": "Budget per run: 51,200 samples (B=256, 200 steps, K=1), about 145 s of training on 2 CPU cores "
+                      "(x86_64, torch 2.14.1; measured with other work on the machine); seeds 0, 1, 2 (public: "
+                      "measurements, not releases)."}
 FIELDS = ["config", "model", "start", "epsilon", "delta", "seed", "batch_size", "steps", "sigma", "epsilon_spent",
           *METRICS, "train_time_s", "pretrain_epsilon", "pretrain_accuracy"]
 
@@ -117,8 +120,11 @@ def table(rows: list[dict], config: str) -> str:
     lines = [f"### Private pneumonia classification: `{config}` configuration", "",
              f"PneumoniaMNIST test split (234 normal / 390 pneumonia; \"always pneumonia\" scores accuracy 0.625, "
              f"balanced accuracy 0.5, ROC-AUC 0.5), from `eval/study_pneumonia.py --config {config}` (settings in "
-             "its docstring). Cells: accuracy / balanced accuracy / ROC-AUC (mean ± std over seeds). `cifar10`: "
-             "`zoo finetune` of a checkpoint trained privately on CIFAR-10"
+             "its docstring). Cells: accuracy / balanced accuracy / ROC-AUC (mean ± std over seeds). "
+             + (BUDGETS[config] + " " if config in BUDGETS else "")
+             + "`public`: `zoo finetune` of the published non-private CIFAR-10 checkpoint `wrn16-1.nonprivate_cifar10` "
+             "(CIFAR-10 is public data with respect to chest X-rays; the ledger records it under `pretraining`). "
+             "`cifar10`: `zoo finetune` of a checkpoint trained privately on CIFAR-10"
              + (" (" + "; ".join(f"{m}: ε = {float(e):.2f}, CIFAR-10 test accuracy {float(a):.3f}"
                                 for m, (e, a) in sorted(pre.items())) + ")" if pre else "") + ".", "",
              "| model | start | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " |",

@@ -130,6 +130,18 @@ def test_a_seeded_run_is_not_a_release(data_dir, tmp_path, user_card):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_nonprivate_checkpoint_is_tagged_so_and_never_the_default(data_dir, tmp_path, user_card, register):
+    zoo.train("test-wrn10-1", out_dir=tmp_path / "inf", data_dir=data_dir, steps=1, test_subset=20, progress=False,
+              epsilon=float("inf"))
+    with pytest.raises(PublishError, match="must be tagged nonprivate_"):
+        publish(tmp_path / "inf", NAME, "dp", data_dir=data_dir, cards_dir=user_card, weights_dir=tmp_path / "w")
+    _publish(tmp_path / "inf", user_card, data_dir, register, tag="nonprivate_cifar10")
+    with pytest.raises(FileNotFoundError, match="only non-private checkpoints .* loaded only when named"):
+        zoo.create_model(NAME, pretrained=True)
+    model = zoo.create_model(f"{NAME}.nonprivate_cifar10", pretrained=True)
+    assert model.pretrained_cfg["ledger"]["epsilon"] == float("inf")
+
+
 def test_list_pretrained_with_nothing_published_says_so(capsys):
     assert main(["list", "test-*", "--pretrained"]) == 0
     io = capsys.readouterr()

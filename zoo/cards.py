@@ -59,7 +59,7 @@ LITERATURE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "epsilon": (_num, True), "delta": (_num, True), "note": (str, False),
 }
 CHECKPOINT_SCHEMA: dict[str, tuple[Any, bool]] = {
-    "tag": (str, True),     # addressed as NAME.TAG (timm's arch.tag); the first checkpoint is NAME's default
+    "tag": (str, True),     # addressed as NAME.TAG (timm's arch.tag); the first private one is NAME's default
     "file": (str, True),    # relative to the parent of the cards folder (weights/...)
     "sha256": (str, True),  # of the safetensors file; verified on every load
 }
@@ -203,7 +203,10 @@ def _checkpoint_facts(info: dict):
     the EMA weights evaluation uses); ``(None, None)`` when the card names none or its file is not there."""
     from .registry import checkpoint_path, load_published
 
-    path = checkpoint_path(info)
+    try:
+        path = checkpoint_path(info)
+    except FileNotFoundError:  # only non-private checkpoints: none is the default
+        return None, None
     if path is None or not path.exists():
         return None, None
     model, sidecar = load_published(info["name"])

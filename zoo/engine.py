@@ -104,7 +104,8 @@ def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: f
     task = task_of(psg.model)
     for x, y in batches:
         grads, losses, outputs = psg(x, y, views=views)  # the model task's per-sample loss
-        clipped, _ = clip_per_sample(grads, clip_norm, psg.norms)  # the norms the finite check computed
+        # the norms the finite check of this call computed, when the gradient computer keeps them
+        clipped, _ = clip_per_sample(grads, clip_norm, getattr(psg, "norms", None))
         for name in summed:
             summed[name] += clipped[name]
         loss_sum += losses.sum().item() / views

@@ -26,7 +26,7 @@ import torch
 from .cards import CARDS_DIR, load_card
 from .checkpoint import check_published, load_checkpoint, paths, read_checkpoint, save_checkpoint
 from .io import sha256_file, write_text
-from .registry import get_card
+from .registry import NONPRIVATE_PREFIX, get_card
 
 FP16_TOLERANCE = 1e-3
 """Largest change of any test metric that float16 storage may cause (0.1 points; on a 624-image test set that is
@@ -88,6 +88,12 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
                            "architecture")
     if not side.get("ledger"):
         raise PublishError(f"{final} has no privacy ledger")
+    private = math.isfinite(side["ledger"]["epsilon"])
+    if private == tag.startswith(NONPRIVATE_PREFIX):
+        raise PublishError(f"{run} has epsilon {side['ledger']['epsilon']}: " + (
+            f"a private checkpoint's tag must not start with {NONPRIVATE_PREFIX!r}" if private else
+            f"a checkpoint without a privacy guarantee must be tagged {NONPRIVATE_PREFIX}_..., so that it is never "
+            "a card's default and is loaded only when named"))
     model, _ = load_checkpoint(final)
     recipe = state.get("recipe") or side["card"]["recipe"]
     dataset = side["ledger"]["dataset"]

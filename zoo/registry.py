@@ -116,6 +116,11 @@ def load_cards(directory: Path | None = None) -> None:
             _ROOTS[card["name"]] = folder.resolve().parent
 
 
+NONPRIVATE_PREFIX = "nonprivate"
+"""Tags of checkpoints trained without a privacy guarantee (epsilon = inf: public pretraining) start with this; such
+a checkpoint is never a card's default, it is loaded only as ``NAME.TAG`` (:func:`checkpoint_entry`)."""
+
+
 class UnknownTagError(UnknownModelError):
     """``NAME.TAG`` names a checkpoint tag that the card of NAME does not have."""
 
@@ -149,8 +154,14 @@ def checkpoint_entry(card: dict, tag: str | None = None) -> dict | None:
     """The card's checkpoint ``{tag, file, sha256}`` with ``tag`` (default: the first, the card's default), or None
     when the card publishes none; an unknown tag raises :class:`UnknownTagError` listing the card's tags."""
     entries = card["checkpoints"]
-    if tag is None:
-        return entries[0] if entries else None
+    if tag is None:  # the default: the first private checkpoint; a non-private one only when named
+        private = [e for e in entries if not e["tag"].startswith(NONPRIVATE_PREFIX)]
+        if entries and not private:
+            raise FileNotFoundError(
+                f"model {card['name']!r} publishes only non-private checkpoints "
+                f"({', '.join(card['name'] + '.' + e['tag'] for e in entries)}); one is loaded only when named "
+                "explicitly, as NAME.TAG")
+        return private[0] if private else None
     for entry in entries:
         if entry["tag"] == tag:
             return entry
@@ -265,8 +276,11 @@ def model_info(name: str) -> dict:
             "num_params": count_params(card)}
     info.setdefault("literature", [])
     info.setdefault("references", [])
-    path = checkpoint_path(card, split_name(name)[1])
-    info["checkpoint_status"] = "none" if path is None else ("available" if path.exists() else f"missing: {path}")
+    try:
+        path = checkpoint_path(card, split_name(name)[1])
+        info["checkpoint_status"] = "none" if path is None else ("available" if path.exists() else f"missing: {path}")
+    except FileNotFoundError:
+        info["checkpoint_status"] = "only non-private checkpoints (load one as NAME.TAG)"
     info["pretrained"] = {}
     for entry in card["checkpoints"]:
         p = checkpoint_path(card, entry["tag"])
