@@ -297,9 +297,10 @@ def test_dp_step_on_overflowing_data_stops_before_the_update(tmp_path):
         psg.close()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
-    # a whole run: a checkpoint already in out_dir stays byte-identical and loadable, and nothing is written
+    # a whole run: a checkpoint already in out_dir stays byte-identical and loadable, and nothing is written (not
+    # a run's step or final checkpoint: a fresh run refuses a folder holding those, tests/test_run_folder.py)
     card = get_card("test-wrn10-1")
-    saved = save_checkpoint(tmp_path / "step-000001", model=model, model_name="test-wrn10-1", card=card,
+    saved = save_checkpoint(tmp_path / "earlier-model", model=model, model_name="test-wrn10-1", card=card,
                             model_args={**card["args"], "num_classes": 2, "in_chans": 3}, ledger=None)
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(NonFiniteGradientError):

@@ -157,7 +157,7 @@ def validate_card(card: dict, source: str = "card") -> dict:
         if not re.fullmatch(r"[0-9a-f]{64}", ck["sha256"]):
             raise _bad(f"{source}.checkpoints[{i}].sha256", ck["sha256"],
                        "64 lowercase hex digits (sha256 of the weights file)")
-        if not re.fullmatch(r"[a-z0-9_]+", ck["tag"]) or tags.count(ck["tag"]) > 1:
+        if not re.fullmatch(r"[a-z0-9_]+", ck["tag"]) or ck["tag"] in tags[:i]:
             raise _bad(f"{source}.checkpoints[{i}].tag", ck["tag"], "a unique tag of [a-z0-9_] (e.g. dp_eps8)")
     for i, r in enumerate(card["results"]):
         if "checkpoint" in r and r["checkpoint"] not in tags:
