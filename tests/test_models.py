@@ -109,5 +109,6 @@ def test_model_info(name):
     info = zoo.model_info(name)
     model = zoo.create_model(name)
     assert info["num_params"] == sum(p.numel() for p in model.parameters())
-    assert info["checkpoint_status"] in ("none", "available")
+    assert info["checkpoint_status"] in ("none", "available") or info["checkpoint_status"].startswith(
+        "only non-private checkpoints")  # a public backbone is not a default (zoo.registry.checkpoint_entry)
     assert info["recipe"]["delta"] < 1 / 1000

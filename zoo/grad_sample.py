@@ -35,7 +35,7 @@ class NonFiniteGradientError(FloatingPointError, ValueError):
 
 def per_sample_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """The L2 norm ``[B]`` of each sample's whole gradient (all parameters together), what clipping bounds."""
-    return torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
+    return torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
 
 
 def check_finite_gradients(grads: dict[str, torch.Tensor], losses: torch.Tensor | None = None) -> torch.Tensor | None:
