@@ -77,6 +77,12 @@ def pretrain(base: str, cfg: dict, runs: Path, seed: int, data_dir, device) -> t
     return final, result
 
 
+def card_recipe(model: str) -> dict:
+    """The pneumonia card's recipe as fine-tuning overrides, so that every start trains alike."""
+    return {k: v for k, v in zoo.model_info(model)["recipe"].items()
+            if k not in ("dataset", "epsilon", "delta", "source")}
+
+
 def _summary(rows, model, start, metric):
     """``[(epsilon, mean, std, n)]`` over seeds."""
     out = []
@@ -172,16 +178,13 @@ def main() -> int:
         elif start == "public":  # the published non-private CIFAR-10 checkpoint: no privacy cost on the X-rays
             pre = zoo.model_info(cfg["public_backbone"])["pretrained"][cfg["public_backbone"]]
             pre_eps, pre_acc = "inf", pre["metrics"].get("accuracy", "")
-            card = zoo.model_info(model)["recipe"]
-            recipe = {k2: v for k2, v in card.items() if k2 not in ("dataset", "epsilon", "delta", "source")}
-            result = zoo.finetune(cfg["public_backbone"], "pneumoniamnist", eps, delta, **{**recipe, **common})
+            result = zoo.finetune(cfg["public_backbone"], "pneumoniamnist", eps, delta,
+                                  **{**card_recipe(model), **common})
         else:
             checkpoint, pre = pretrain(MODELS[model], cfg, runs, seed, args.data_dir, args.device)
             pre_eps, pre_acc = pre["ledger"]["epsilon"], pre["test"]["accuracy"]
             t0 = time.time()
-            card = zoo.model_info(model)["recipe"]  # the pneumonia card's recipe, so both starts train alike
-            recipe = {k2: v for k2, v in card.items() if k2 not in ("dataset", "epsilon", "delta", "source")}
-            result = zoo.finetune(checkpoint, "pneumoniamnist", eps, delta, **{**recipe, **common})
+            result = zoo.finetune(checkpoint, "pneumoniamnist", eps, delta, **{**card_recipe(model), **common})
         row = {"config": args.config, "model": model, "start": start, "epsilon": eps, "delta": delta, "seed": seed,
                "batch_size": result["recipe"]["batch_size"], **classification_fields(result, t0),
                "pretrain_epsilon": pre_eps, "pretrain_accuracy": pre_acc}

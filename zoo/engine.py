@@ -282,7 +282,7 @@ def _resume_differences(sidecar: dict, requested: dict) -> list[str]:
     """The settings in ``requested`` (what the caller asked for explicitly: recipe values, ``seed``, ``model``,
     ``model_args``, ``init``, ``test_subset``) that differ from those of the run being resumed, in words."""
     state = sidecar["train_state"]
-    stored = {**{k: v for k, v in state["recipe"].items()}, "seed": state.get("seed"), "model": sidecar["model"],
+    stored = {**state["recipe"], "seed": state.get("seed"), "model": sidecar["model"],
               "init": state.get("init"), "test_subset": state.get("test_subset")}
     diffs = []
     for key, want in requested.items():
@@ -329,9 +329,10 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
             raise RunFolderError(f"the run in {out} is complete (final checkpoint {out / 'final.safetensors'}, result "
                                  f"{out / 'result.json'}); there is nothing to resume. Train a new run into another "
                                  "folder")
-        if run_files(out):
-            raise RunFolderError(f"{out} holds run files ({', '.join(run_files(out))}) but no step checkpoint that "
-                                 "verifies; nothing can be resumed. Move them away or train into another folder")
+        left = run_files(out)
+        if left:
+            raise RunFolderError(f"{out} holds run files ({', '.join(left)}) but no step checkpoint that verifies; "
+                                 "nothing can be resumed. Move them away or train into another folder")
         _say(f"nothing to resume in {out}: starting a new run there")
     state: dict[str, Any] = {}
     tensors = None
@@ -422,20 +423,24 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     params = dict(psg.params)
 
     def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
+        wall, seen = totals()
         st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe, "seed_source": seed_source,
-              "ledger_steps_before": before, "init": init, "test_subset": test_subset,
-              "train_time_s": round(time.time() - t0 + state.get("train_time_s", 0.0), 1),
-              "samples_processed": samples + int(state.get("samples_processed", 0))}
+              "ledger_steps_before": before, "init": init, "test_subset": test_subset, "train_time_s": wall,
+              "samples_processed": seen}
         if not final:
             st["seed"] = seed  # private working state; the released checkpoint omits it
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
                                     ledger=ledger.to_dict(), metrics=metrics, ema=ema.module,
                                     optimizer=None if final else opt, train_state=st, weights_only_ema=final,
-                                    preparation=prep, training=facts)
+                                    preparation=prep, training={**facts, "wall_time_s": wall, "samples_processed": seen})
+
+    def totals() -> tuple[float, int]:
+        """Training wall time (s) and samples x views so far, this session's plus the resumed checkpoint's."""
+        return (round(time.time() - t0 + state.get("train_time_s", 0.0), 1),
+                samples + int(state.get("samples_processed", 0)))
 
     facts = {"hardware": ckpt.hardware(), "seed": "withheld: drawn from the OS, never published" if
-             seed_source.startswith("secret") else "a user-given seed (a measurement, not a private release)",
-             "wall_time_s": None, "samples_processed": None}
+             seed_source.startswith("secret") else "a user-given seed (a measurement, not a private release)"}
     samples = 0  # training samples x views through the per-sample gradient, this session
     every = checkpoint_every or max(1, planned // 10)
     t0 = time.time()
@@ -478,8 +483,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     bar.close()
     psg.close()
     train_time = time.time() - t0
-    facts.update(wall_time_s=round(train_time + state.get("train_time_s", 0.0), 1),
-                 samples_processed=samples + int(state.get("samples_processed", 0)))
+    facts["wall_time_s"], facts["samples_processed"] = totals()
     metrics = None
     if distributed.is_main():
         metrics = evaluate(ema.module, test, device=device, progress=progress)

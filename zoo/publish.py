@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .cards import CARDS_DIR, load_card
-from .checkpoint import check_published, load_checkpoint, paths, read_checkpoint, save_checkpoint
+from .checkpoint import check_published, load_checkpoint, paths, save_checkpoint
 from .io import sha256_file, write_text
 from .registry import NONPRIVATE_PREFIX, get_card
 
@@ -76,7 +76,7 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
 
     run = Path(run_dir)
     final = run / "final.safetensors"
-    _, side = read_checkpoint(final)  # verified
+    model, side = load_checkpoint(final)  # verified
     state = side.get("train_state") or {}
     if not str(state.get("seed_source", "")).startswith("secret"):
         raise PublishError(f"{run} was trained with a user-given seed ({state.get('seed_source')!r}): a seeded run is a "
@@ -94,7 +94,6 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
             f"a private checkpoint's tag must not start with {NONPRIVATE_PREFIX!r}" if private else
             f"a checkpoint without a privacy guarantee must be tagged {NONPRIVATE_PREFIX}_..., so that it is never "
             "a card's default and is loaded only when named"))
-    model, _ = load_checkpoint(final)
     recipe = state.get("recipe") or side["card"]["recipe"]
     dataset = side["ledger"]["dataset"]
     test = load_split(dataset, "test", recipe, data_dir, in_chans=model.in_chans)
