@@ -12,6 +12,10 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
              (epsilon 8 the default), each result carrying the study's seed spread for ``zoo reproduce --retrain``.
   cifar10    ``wrn16-1`` at epsilon 8 (B=1024, 400 steps = 409,600 samples, K=1), secret seed, published as
              ``wrn16-1.dp_eps8`` (the default).
+  cifar10-study  ``eval/study_cifar10.py --config release``: TAN small-batch search at epsilon 8, then the best
+             simulated recipe of each model at full privacy, 3 public seeds.
+  scatternet ``scatternet-linear`` with the study's chosen full recipe, secret seed, published as
+             ``scatternet-linear.dp_eps8`` (the default) with the study's seed spread.
 Budgets are in samples processed; wall times are printed. Reproduce:  python eval/release_cpu.py [--stages ...]
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "release"
 ZOO = [str(Path(sys.executable).with_name("zoo"))]
 STUDY_CSV = ROOT / "eval" / "results" / "pneumonia-release" / "results.csv"
+CIFAR_STUDY_CSV = ROOT / "eval" / "results" / "cifar10-release" / "results.csv"
 BACKBONE = "wrn16-1.nonprivate_cifar10"
 PNEUMONIA = {"batch-size": 256, "physical-batch-size": 128, "steps": 200, "augmult": 1, "lr": 2, "ema-decay": 0.99}
 CIFAR = {"epsilon": 8, "batch-size": 1024, "physical-batch-size": 64, "steps": 400, "augmult": 1, "ema-decay": 0.999}
@@ -68,14 +73,43 @@ def publish(out: Path, name: str, tag: str, default: bool, note: str = "", sprea
           flush=True)
 
 
-def study_rows() -> list[dict]:
-    with open(STUDY_CSV) as f:
+def study_rows(path: Path = STUDY_CSV) -> list[dict]:
+    with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def cifar10_release(model: str, tag: str) -> None:
+    """Train ``model`` once more with the CIFAR-10 study's chosen full-privacy recipe and a secret seed, and
+    publish it as the card's default with the spread of the study's full-privacy seeds."""
+    groups: dict = {}
+    for r in study_rows(CIFAR_STUDY_CSV):
+        if r["stage"] == "full" and r["model"] == model:
+            groups.setdefault((r["batch_size"], r["steps"], r["lr"]), []).append(r)
+    groups = {k: rs for k, rs in groups.items() if len(rs) >= 2}
+    if not groups:
+        raise SystemExit(f"the CIFAR-10 study has no full-privacy recipe of {model} with 2 or more seeds; run the "
+                         "cifar10-study stage first")
+    rows = max(groups.values(), key=lambda rs: statistics.fmean(float(r["accuracy"]) for r in rs))
+    from study_cifar10 import CONFIGS as CIFAR_STUDY  # eval/ is on the path of this script
+
+    r0 = rows[0]
+    fixed = CIFAR_STUDY["release"]["models"][model]["fixed"]
+    recipe = {"epsilon": 8, "batch-size": r0["batch_size"], "steps": r0["steps"], "lr": r0["lr"],
+              **{k.replace("_", "-"): v for k, v in fixed.items()}}
+    accs = [float(r["accuracy"]) for r in rows]
+    spread = {"accuracy": (statistics.stdev(accs), len(accs),
+                           f"eval/study_cifar10.py --config release, stage full, {len(accs)} seeds")}
+    out = RUNS / f"cifar10-{model}-eps8"
+    run([*ZOO, "train", model, *flags(recipe)], out)
+    publish(out, model, tag, default=True, spread=spread,
+            note=f"recipe chosen by TAN's small-batch simulation in eval/study_cifar10.py; full-privacy seeds "
+                 f"0-{len(accs) - 1}: mean accuracy {statistics.fmean(accs):.4f}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stages", nargs="+", default=["backbone", "study", "pneumonia", "cifar10"])
+    ap.add_argument("--stages", nargs="+",
+                    default=["backbone", "study", "pneumonia", "cifar10", "cifar10-study", "scatternet"])
     args = ap.parse_args()
     os.environ.setdefault("ZOO_DATA", str(ROOT.parent / "shared" / "data"))
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -117,6 +151,10 @@ def main() -> int:
         out = RUNS / "cifar10-wrn16-1-eps8"
         run([*ZOO, "train", "wrn16-1", *flags(CIFAR)], out)
         publish(out, "wrn16-1", "dp_eps8", default=True)
+    if "cifar10-study" in args.stages:
+        subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release"], check=True)
+    if "scatternet" in args.stages and not published("scatternet-linear.dp_eps8"):
+        cifar10_release("scatternet-linear", "dp_eps8")
     if shutil.which("git"):
         subprocess.run([*ZOO, "card"], check=True)
     return 0

@@ -44,6 +44,7 @@ from .data import get_dataset_info, preparation
 from .eq_layers import export
 from .grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_norms
 from .io import write_text
+from .layers import MEMO_BYTES, memoized_fixed_layers
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
 from .sparse import penalty_gradients
 from .registry import build, get_card, resolve_checkpoint
@@ -449,37 +450,40 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     writes = out is not None and distributed.is_main()  # one process writes the checkpoints (one ledger)
     model.train()
     end = done + todo
-    for step in range(done, end):
-        idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
-        samples += len(idx) * k
-        aug_gen = _generator(seed, step, "augment", device)
-        batches = distributed.shard(  # this rank's physical batches; every rank draws all views (zoo.distributed)
-            _with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
-            for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
-        if aligned:  # the public reference: an EMA of the updates released so far (zoo.alignment)
-            psg.set_reference({name: opt.state[p].get(REFERENCE_SLOT) for name, p in params.items()})
-        # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(_generator(seed, step, "model", torch.device("cpu")).initial_seed())
-            grads, loss_sum, correct = dp_gradients(psg, batches, clip_norm=c, sigma=sigma, expected_batch=expected,
-                                                    views=k, noise_generator=_generator(seed, step, "noise", device))
-        for name, p in params.items():
-            p.grad = grads[name]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if aligned:
-            update_reference(opt.state, params, grads)  # from the released, noisy gradient only
-        ema.update_parameters(model)
-        ledger.record(sigma, q)
-        done = step + 1
-        if done % max(1, todo // 50) == 0 or done == planned:
-            bar.set_postfix(loss=f"{loss_sum / max(len(idx), 1):.3f}",
-                            **{task_of(info).score_name: f"{correct / max(len(idx), 1):.3f}"},
-                            eps=f"{ledger.epsilon():.2f}", refresh=False)
-        bar.update()
-        if writes and (done % every == 0 or done == end):
-            save(out / f"step-{done:06d}", final=False)
-            _rotate(out, keep)
+    # un-augmented views repeat: fixed front ends (a ScatterNet's scattering) compute each training image once
+    with memoized_fixed_layers(MEMO_BYTES if k == 1 else 0):
+        for step in range(done, end):
+            idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
+            samples += len(idx) * k
+            aug_gen = _generator(seed, step, "augment", device)
+            batches = distributed.shard(  # this rank's physical batches; every rank draws all views (zoo.distributed)
+                _with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
+                for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
+            if aligned:  # the public reference: an EMA of the updates released so far (zoo.alignment)
+                psg.set_reference({name: opt.state[p].get(REFERENCE_SLOT) for name, p in params.items()})
+            # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(_generator(seed, step, "model", torch.device("cpu")).initial_seed())
+                grads, loss_sum, correct = dp_gradients(
+                    psg, batches, clip_norm=c, sigma=sigma, expected_batch=expected, views=k,
+                    noise_generator=_generator(seed, step, "noise", device))
+            for name, p in params.items():
+                p.grad = grads[name]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if aligned:
+                update_reference(opt.state, params, grads)  # from the released, noisy gradient only
+            ema.update_parameters(model)
+            ledger.record(sigma, q)
+            done = step + 1
+            if done % max(1, todo // 50) == 0 or done == planned:
+                bar.set_postfix(loss=f"{loss_sum / max(len(idx), 1):.3f}",
+                                **{task_of(info).score_name: f"{correct / max(len(idx), 1):.3f}"},
+                                eps=f"{ledger.epsilon():.2f}", refresh=False)
+            bar.update()
+            if writes and (done % every == 0 or done == end):
+                save(out / f"step-{done:06d}", final=False)
+                _rotate(out, keep)
     bar.close()
     psg.close()
     train_time = time.time() - t0
