@@ -49,7 +49,7 @@ CONFIGS = {
             # of B x S = 491,520 samples (about 10 epochs), and one other split of that budget
             "scatternet-linear": {"fixed": {"physical_batch_size": 256, "clip_norm": 0.1, "momentum": 0.9,
                                             "augmult": 1, "ema_decay": 0.0},
-                                  "points": [(8192, 60, lr) for lr in (2.0, 4.0, 8.0)] + [(16384, 30, 4.0)],
+                                  "points": [(8192, 60, lr) for lr in (2.0, 4.0, 8.0, 16.0)] + [(16384, 30, 4.0)],
                                   "full": True},
             # the CNN head costs 3x the linear one per sample on this CPU: one simulated point at the same recipe
             "scatternet-cnn": {"fixed": {"physical_batch_size": 256, "clip_norm": 0.1, "momentum": 0.9,
