@@ -1,13 +1,13 @@
 """Study: private CIFAR-10 on 2 CPU cores, recipes chosen with TAN's small-batch simulation (Sander et al. 2023).
 
-For each candidate full recipe ``(model, B, S)`` at epsilon 8 (delta 1e-5, RDP, N = 50,000), sigma is calibrated
-by the accountant, and the recipe is *simulated* at a smaller batch ``b``: the same steps ``S`` and the same
-``sigma / B`` (``zoo.tan.scale_down``), so it costs ``b / B`` of the full run. TAN show that test accuracy
-follows ``sigma / B`` at fixed ``S`` while the simulated sigma stays above about 0.5, so the ranking of the
-simulated runs predicts the full runs'; ``b`` is the smallest that keeps it there. A simulated run is **not private at epsilon 8**: it spends the far
-larger epsilon recorded in its row (column ``epsilon_spent``) and is only used to choose learning rate, steps
-and model. The chosen recipe is then run at full privacy (stage ``full``, 3 public seeds: a measurement of its
-spread), and the release is trained once more with a secret seed (``eval/release_cpu.py``).
+For each candidate full recipe ``(model, B, S)`` at epsilon 8 (delta 1e-5, RDP, N = 50,000), sigma is calibrated by
+the accountant, and the recipe is *simulated* at a smaller batch ``b``: the same steps ``S`` and the same ``sigma /
+B`` (``zoo.tan.scale_down``), so it costs ``b / B`` of the full run. TAN show that test accuracy follows ``sigma /
+B`` at fixed ``S`` while the simulated sigma stays above about 0.5, so the ranking of the simulated runs predicts
+the full runs'; ``b`` is the smallest that keeps it there. A simulated run is **not private at epsilon 8**: it
+spends the far larger epsilon recorded in its row (column ``epsilon_spent``) and is only used to choose learning
+rate, steps and model. The chosen recipe is then run at full privacy (stage ``full``, 3 public seeds: a measurement
+of its spread), and the release is trained once more with a secret seed (``eval/release_cpu.py``).
 
 Each run appends one row to ``<out>/results.csv``; ``results.md`` and ``accuracy_vs_lr.png`` are redrawn after
 each. Resumable: finished rows are skipped, an interrupted run resumes from its step checkpoint.
@@ -143,7 +143,8 @@ def table(rows: list[dict], config: str) -> str:
     lines = [f"### Private CIFAR-10 on the CPU: `{config}` configuration", "",
              "From `eval/study_cifar10.py --config release` (ε = 8, δ = 1e-5, RDP, N = 50,000). `search` rows are "
              "TAN simulations at a smaller batch (B run) with the full run's steps and σ/B, simulated σ kept ≥ 0.5: "
-             "they choose the recipe and are **not** private at ε = 8 (ε spent is given). `full` rows are the chosen recipe at full privacy, public seeds "
+             "they choose the recipe and are **not** private at ε = 8 (ε spent is given). `full` rows are the chosen "
+             "recipe at full privacy, public seeds "
              "(measurements, not releases). Samples are training samples through the per-sample gradient; "
              "samples/s is for the whole run on 2 CPU cores (x86_64).", "",
              "| stage | model | B (full) | B run | S | lr | σ | ε spent | seeds | test accuracy | samples | samples/s |",

@@ -38,9 +38,9 @@ class _ToGrid(nn.AdaptiveAvgPool2d):
 @register_family("scatternet")
 class ScatterNetCNN(ZooClassifier):
     """ScatterNet + CNN, or ScatterNet + linear with ``width=0``. Args: width (channels of both convs, 64 in the
-    paper; 0: a linear head on the normalised coefficients, average-pooled to 8x8, the identity at 32x32), J and L (scattering scales and
-    orientations), norm_groups (GroupNorm groups over the scattering channels, at most), num_classes, in_chans,
-    act (``tanh`` in the paper)."""
+    paper; 0: a linear head on the normalised coefficients, average-pooled to 8x8, the identity at 32x32), J and L
+    (scattering scales and orientations), norm_groups (GroupNorm groups over the scattering channels, at most),
+    num_classes, in_chans, act (``tanh`` in the paper)."""
 
     def __init__(self, width: int = 64, J: int = 2, L: int = 8, norm_groups: int = 27, num_classes: int = 10,
                  in_chans: int = 3, act: str = "tanh"):
