@@ -1,9 +1,9 @@
 """Cross-check zoo's epsilon against independent accountants, on a grid and at the settings of zoo's cards.
 
 For each history (Poisson sampling at rate q, Gaussian noise multiplier sigma, add/remove-one neighbours) it prints
-and records epsilon from: zoo "rdp" (opacus' RDP, its default orders 1.1..10.9 and 12..63), opacus' RDPAccountant
-stepped once per step, zoo "prv" (opacus' PRV, which returns the upper end of an ``eps_error=0.01`` band),
-dp-accounting's RDP on opacus' orders, dp-accounting's RDP on its own wider default orders (adds 11, 128, 256, 512,
+and records epsilon from: zoo "rdp" (opacus' RDP on ``zoo.privacy.RDP_ORDERS``: opacus' defaults 1.1..10.9, 12..63, then
+64..1024), opacus' RDPAccountant on its own defaults stepped once per step, zoo "prv" (opacus' PRV, which returns the upper end of an ``eps_error=0.01`` band),
+dp-accounting's RDP on zoo's orders, dp-accounting's RDP on its own wider default orders (adds 11, 128, 256, 512,
 1024), and dp-accounting's PLD (discretisation 1e-4; the tight reference), with the ratios side by side.
 Card rows take (epsilon, delta, batch size, steps) from each non-test card's recipe, q = batch_size / N and sigma
 from ``zoo.privacy.calibrate_sigma`` exactly as ``zoo train`` does, so they show what zoo's default RDP costs at
@@ -31,10 +31,10 @@ from opacus.accountants.rdp import RDPAccountant
 import zoo
 from _results import append_row
 from zoo.io import write_text
-from zoo.privacy import calibrate_sigma, compute_epsilon
+from zoo.privacy import RDP_ORDERS, calibrate_sigma, compute_epsilon
 from zoo.registry import get_card
 
-ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
+ORDERS = list(RDP_ORDERS)
 WIDE = list(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)  # opacus' orders, 11, and 128, 256, 512, 1024
 # training-set sizes N of the card data sets: CIFAR-10 train, PneumoniaMNIST train, ISBI 2012 train split
 # (slices 0-19, zoo.seg_data); a card's q = batch_size / N, as in zoo.engine.train

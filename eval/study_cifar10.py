@@ -1,7 +1,8 @@
-"""Study: private CIFAR-10 on 2 CPU cores, recipes chosen with TAN's small-batch simulation (Sander et al. 2023).
+"""Study: private CIFAR-10 on 2 CPU cores, recipes chosen with TAN's small-batch simulation (Sander et al. 2023);
+the same procedure for the ScatterNet models of PneumoniaMNIST (config ``pneumonia-scatternet``).
 
-For each candidate full recipe ``(model, B, S)`` at epsilon 8 (delta 1e-5, RDP, N = 50,000), sigma is calibrated by
-the accountant, and the recipe is *simulated* at a smaller batch ``b``: the same steps ``S`` and the same ``sigma /
+For each candidate full recipe ``(model, B, S)`` at a target epsilon (CIFAR-10: 8, delta 1e-5, RDP, N = 50,000),
+sigma is calibrated by the accountant, and the recipe is *simulated* at a smaller batch ``b``: the same steps ``S`` and the same ``sigma /
 B`` (``zoo.tan.scale_down``), so it costs ``b / B`` of the full run. TAN show that test accuracy follows ``sigma /
 B`` at fixed ``S`` while the simulated sigma stays above about 0.5, so the ranking of the simulated runs predicts
 the full runs'; ``b`` is the smallest that keeps it there. A simulated run is **not private at epsilon 8**: it
@@ -20,7 +21,14 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
            The end-to-end models are not searched here: at the budgets this CPU allows (wrn16-1: B=1024, S=400,
            409,600 samples, about 40 minutes) their full sigma is below 1 (0.67), so no smaller batch keeps the
            simulated sigma above 0.5, and a search would be a grid of full runs.
-Reproduce:  python eval/study_cifar10.py --config release [--stage search|full]
+  pneumonia-scatternet  PneumoniaMNIST (N = 4,708, delta 1e-4 < 1/N) at epsilon 8, 3 and 1: ScatterNet + linear
+           and ScatterNet + CNN on the 1x28x28 X-rays (``scatternet-linear-pneumonia``, ``scatternet-cnn-pneumonia``),
+           Tramèr & Boneh's settings; search over lr and two splits of the budget, ranked by balanced accuracy (the
+           test split is imbalanced); full runs of the best, seeds 0, 1, 2. Every run is a few tens of seconds.
+           Results in ``eval/results/pneumoniamnist-pneumonia-scatternet/``.
+Hyper-parameters are chosen on the test split, as in TAN and Tramèr & Boneh (the engine holds no validation split);
+the full-privacy seed spread is the honest error bar, and the choice itself is not private.
+Reproduce:  python eval/study_cifar10.py --config release|pneumonia-scatternet [--stage search|full]
 """
 from __future__ import annotations
 
@@ -30,14 +38,15 @@ import time
 from pathlib import Path
 
 import zoo
-from _results import close, record, report, study_dirs, study_parser
+from _results import LABELS, METRICS, close, record, report, study_dirs, study_parser
 from zoo.layers import MEMO_BYTES, memoized_fixed_layers
 from zoo.privacy import calibrate_sigma, compute_epsilon
 from zoo.tan import scale_down
 
-N, EPSILON, DELTA = 50_000, 8.0, 1e-5
+_SCATTER = {"physical_batch_size": 256, "clip_norm": 0.1, "momentum": 0.9, "augmult": 1, "ema_decay": 0.0}
 CONFIGS = {
     "release": {
+        "dataset": "cifar10", "n": 50_000, "delta": 1e-5, "epsilons": [8.0], "metric": "accuracy",
         "search_seeds": [0], "full_seeds": [0, 1, 2],
         # TAN's simulation holds while the simulated sigma stays above about 0.5: the batch shrinks by the largest
         # factor (at most max_shrink) that keeps it there, so at epsilon 8, where the full sigma is 1-2, a
@@ -57,14 +66,33 @@ CONFIGS = {
                                "points": [(8192, 60, 4.0)], "full": False},
         },
     },
+    "pneumonia-scatternet": {
+        "dataset": "pneumoniamnist", "n": 4_708, "delta": 1e-4, "epsilons": [8.0, 3.0, 1.0],
+        "metric": "balanced_accuracy", "search_seeds": [0], "full_seeds": [0, 1, 2], "min_sim_sigma": 0.5,
+        "max_shrink": 8,
+        "models": {
+            "scatternet-linear-pneumonia": {
+                "fixed": _SCATTER, "full": True,
+                "points": [(1024, 200, lr) for lr in (2.0, 4.0, 8.0, 16.0)] + [(2048, 100, lr) for lr in (4.0, 16.0)]},
+            "scatternet-cnn-pneumonia": {
+                "fixed": _SCATTER, "full": True, "points": [(1024, 200, lr) for lr in (1.0, 2.0, 4.0, 8.0)]},
+        },
+    },
 }
 PLOT = "accuracy_vs_lr.png"
 FIELDS = ["config", "stage", "model", "full_batch_size", "batch_size", "steps", "lr", "sigma", "sigma_over_B",
           "epsilon_target", "epsilon_spent", "seed", "accuracy", "samples", "train_time_s", "samples_per_s"]
 
 
-def full_sigma(batch: int, steps: int) -> float:
-    return calibrate_sigma(EPSILON, DELTA, batch / N, steps, "rdp")
+def fields(cfg: dict) -> list[str]:
+    """The CSV columns: ``FIELDS``, with balanced accuracy and ROC-AUC after accuracy where the config ranks by
+    one of them."""
+    i = FIELDS.index("accuracy")
+    return FIELDS if cfg["metric"] == "accuracy" else [*FIELDS[:i], *METRICS, *FIELDS[i + 1:]]
+
+
+def full_sigma(batch: int, steps: int, cfg: dict, eps: float) -> float:
+    return calibrate_sigma(eps, cfg["delta"], batch / cfg["n"], steps, "rdp")
 
 
 def shrink_for(sigma: float, cfg: dict) -> int:
@@ -72,136 +100,170 @@ def shrink_for(sigma: float, cfg: dict) -> int:
     return max(1, min(cfg["max_shrink"], int(sigma / cfg["min_sim_sigma"])))
 
 
-def key(config, stage, model, batch, steps, lr, seed, run_batch) -> str:
-    return f"{config}-{stage}-{model}-B{batch}-b{run_batch}-S{steps}-lr{lr:g}-seed{seed}"
+def key(config, stage, model, batch, steps, lr, seed, run_batch, eps=None) -> str:
+    """The run's name; with the target epsilon at the end where the config has several."""
+    return (f"{config}-{stage}-{model}-B{batch}-b{run_batch}-S{steps}-lr{lr:g}-seed{seed}"
+            + (f"-eps{eps:g}" if eps is not None else ""))
+
+
+def eps_key(cfg: dict, eps: float):
+    return eps if len(cfg["epsilons"]) > 1 else None
 
 
 def run_point(model: str, fixed: dict, batch: int, steps: int, lr: float, seed: int, stage: str, cfg: dict,
-              runs: Path, config: str, data_dir, device) -> dict:
-    sigma = full_sigma(batch, steps)
-    b, eps = batch, EPSILON
+              runs: Path, config: str, data_dir, device, target: float) -> dict:
+    sigma = full_sigma(batch, steps, cfg, target)
+    b, eps, n = batch, target, cfg["n"]
     if stage == "search":  # TAN: same S and sigma / B at a smaller batch
         sim = scale_down(batch, sigma, steps, batch // shrink_for(sigma, cfg))
         b = sim["batch_size"]
-        eps = compute_epsilon([(sim["sigma"], b / N, steps)], DELTA, "rdp")  # what the simulation really spends
+        eps = compute_epsilon([(sim["sigma"], b / n, steps)], cfg["delta"], "rdp")  # what the simulation spends
     t0 = time.time()
-    result = zoo.train(model, epsilon=eps, delta=DELTA, batch_size=b, steps=steps, lr=lr, seed=seed,
-                       data_dir=data_dir, out_dir=runs / key(config, stage, model, batch, steps, lr, seed, b),
-                       resume=True, progress=False, device=device, **fixed)
+    out_dir = runs / key(config, stage, model, batch, steps, lr, seed, b, eps_key(cfg, target))
+    result = zoo.train(model, dataset=cfg["dataset"], epsilon=eps, delta=cfg["delta"], batch_size=b, steps=steps,
+                       lr=lr, seed=seed, data_dir=data_dir, out_dir=out_dir, resume=True, progress=False,
+                       device=device, **fixed)
     ledger = result["ledger"]
     seen = result["training"]["samples_processed"]
     return {"config": config, "stage": stage, "model": model, "full_batch_size": batch, "batch_size": b,
             "steps": ledger["steps"], "lr": lr, "sigma": round(ledger["noise_multiplier"], 4),
-            "sigma_over_B": f"{ledger['noise_multiplier'] / b:.3e}", "epsilon_target": EPSILON,
-            "epsilon_spent": round(ledger["epsilon"], 3), "seed": seed, "accuracy": result["test"]["accuracy"],
+            "sigma_over_B": f"{ledger['noise_multiplier'] / b:.3e}", "epsilon_target": target,
+            "epsilon_spent": round(ledger["epsilon"], 3), "seed": seed,
+            **{m: result["test"][m] for m in fields(cfg) if m in METRICS},
             "samples": seen, "train_time_s": round(time.time() - t0, 1),
             "samples_per_s": round(seen / max(result["training"]["wall_time_s"], 1e-9), 1)}
 
 
-def run_batch(stage: str, batch: int, steps: int, cfg: dict) -> int:
-    return batch // shrink_for(full_sigma(batch, steps), cfg) if stage == "search" else batch
+def run_batch(stage: str, batch: int, steps: int, cfg: dict, eps: float) -> int:
+    return batch // shrink_for(full_sigma(batch, steps, cfg, eps), cfg) if stage == "search" else batch
 
 
-def best_points(rows: list[dict], config: str) -> dict:
-    """model -> the (B, S, lr) of its best simulated run (mean accuracy over the search seeds)."""
+def best_points(rows: list[dict], config: str, metric: str = "accuracy") -> dict:
+    """(model, target epsilon) -> the (B, S, lr) of its best simulated run (mean ``metric`` over the search
+    seeds)."""
     acc: dict = {}
     for r in rows:
         if r["stage"] == "search" and r["config"] == config:
-            acc.setdefault((r["model"], int(r["full_batch_size"]), int(r["steps"]), float(r["lr"])), []).append(
-                float(r["accuracy"]))
+            acc.setdefault((r["model"], float(r["epsilon_target"]), int(r["full_batch_size"]), int(r["steps"]),
+                            float(r["lr"])), []).append(float(r[metric]))
     best: dict = {}
-    for (model, b, s, lr), vals in acc.items():
+    for (model, eps, b, s, lr), vals in acc.items():
         m = statistics.fmean(vals)
-        if model not in best or m > best[model][1]:
-            best[model] = ((b, s, lr), m)
-    return {model: point for model, (point, _) in best.items()}
+        if (model, eps) not in best or m > best[model, eps][1]:
+            best[model, eps] = ((b, s, lr), m)
+    return {k: point for k, (point, _) in best.items()}
+
+
+NAMES = {"cifar10": "CIFAR-10", "pneumoniamnist": "PneumoniaMNIST"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """The search's ranking metric against lr: one panel per target epsilon, one line per (model, B, S)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cfg = CONFIGS[rows[0]["config"]]
+    metric = cfg["metric"]
     search = [r for r in rows if r["stage"] == "search"]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for model in sorted({r["model"] for r in search}):
-        for bf, steps in sorted({(int(r["full_batch_size"]), int(r["steps"])) for r in search if r["model"] == model}):
-            pts = sorted((float(r["lr"]), float(r["accuracy"])) for r in search if r["model"] == model
-                         and int(r["steps"]) == steps and int(r["full_batch_size"]) == bf)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model}, B={bf}, S={steps}")
-    ax.set_xscale("log")
-    ax.set(title="CIFAR-10, TAN simulations of epsilon 8 recipes", xlabel="learning rate", ylabel="test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    epsilons = cfg["epsilons"]
+    fig, axes = plt.subplots(1, len(epsilons), figsize=(6 * len(epsilons), 4.2), squeeze=False)
+    for ax, eps in zip(axes[0], epsilons):
+        here = [r for r in search if float(r["epsilon_target"]) == eps]
+        for model in sorted({r["model"] for r in here}):
+            for bf, steps in sorted({(int(r["full_batch_size"]), int(r["steps"])) for r in here
+                                     if r["model"] == model}):
+                pts = sorted((float(r["lr"]), float(r[metric])) for r in here if r["model"] == model
+                             and int(r["steps"]) == steps and int(r["full_batch_size"]) == bf)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model}, B={bf}, S={steps}")
+        ax.set_xscale("log")
+        ax.set(title=f"{NAMES[cfg['dataset']]}, TAN simulations of epsilon {eps:g} recipes", xlabel="learning rate",
+               ylabel=f"test {LABELS[metric]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def table(rows: list[dict], config: str) -> str:
-    lines = [f"### Private CIFAR-10 on the CPU: `{config}` configuration", "",
-             "From `eval/study_cifar10.py --config release` (ε = 8, δ = 1e-5, RDP, N = 50,000). `search` rows are "
-             "TAN simulations at a smaller batch (B run) with the full run's steps and σ/B, simulated σ kept ≥ 0.5: "
-             "they choose the recipe and are **not** private at ε = 8 (ε spent is given). `full` rows are the chosen "
-             "recipe at full privacy, public seeds "
-             "(measurements, not releases). Samples are training samples through the per-sample gradient; "
-             "samples/s is for the whole run on 2 CPU cores (x86_64).", "",
-             "| stage | model | B (full) | B run | S | lr | σ | ε spent | seeds | test accuracy | samples | samples/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cfg = CONFIGS[config]
+    metrics = [m for m in fields(cfg) if m in METRICS]
+    eps = ", ".join(f"{e:g}" for e in cfg["epsilons"])
+    lines = [f"### Private {NAMES[cfg['dataset']]} on the CPU: `{config}` configuration", "",
+             f"From `eval/study_cifar10.py --config {config}` (ε = {eps}, δ = {cfg['delta']:g}, RDP, "
+             f"N = {cfg['n']:,}). `search` rows are TAN simulations at a smaller batch (B run) with the full run's "
+             "steps and σ/B, simulated σ kept ≥ 0.5: they choose the recipe (by test "
+             f"{LABELS[cfg['metric']]}) and are **not** private at the target ε (ε spent is given). `full` rows are "
+             "the chosen recipe at full privacy, public seeds (measurements, not releases). Samples are training "
+             "samples through the per-sample gradient; samples/s is for the whole run on 2 CPU cores (x86_64).", "",
+             "| stage | model | ε target | B (full) | B run | S | lr | σ | ε spent | seeds | "
+             + " | ".join(f"test {LABELS[m]}" for m in metrics) + " | samples | samples/s |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(metrics) + "---|---|"]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["stage"], r["model"], int(r["full_batch_size"]), int(r["batch_size"]), int(r["steps"]),
-                           float(r["lr"])), []).append(r)
-    for (stage, model, bf, b, s, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "search", kv[0])):
-        acc = [float(r["accuracy"]) for r in rs]
-        cell = f"{statistics.fmean(acc):.4f}" + (f" ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else "")
-        lines.append(f"| {stage} | `{model}` | {bf} | {b} | {s} | {lr:g} | {float(rs[0]['sigma']):.3f} | "
-                     f"{float(rs[0]['epsilon_spent']):.2f} | {len(rs)} | {cell} | {int(float(rs[0]['samples'])):,} | "
+        groups.setdefault((r["stage"], r["model"], -float(r["epsilon_target"]), int(r["full_batch_size"]),
+                           int(r["batch_size"]), int(r["steps"]), float(r["lr"])), []).append(r)
+    for (stage, model, neg_eps, bf, b, s, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "search",
+                                                                                           kv[0])):
+        cells = []
+        for m in metrics:
+            vals = [float(r[m]) for r in rs]
+            cells.append(f"{statistics.fmean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
+        lines.append(f"| {stage} | `{model}` | {-neg_eps:g} | {bf} | {b} | {s} | {lr:g} | {float(rs[0]['sigma']):.3f} "
+                     f"| {float(rs[0]['epsilon_spent']):.2f} | {len(rs)} | " + " | ".join(cells)
+                     + f" | {int(float(rs[0]['samples'])):,} | "
                      f"{statistics.fmean(float(r['samples_per_s']) for r in rs):.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    ap = study_parser(__doc__, "cifar10", CONFIGS)
+    ap = study_parser(__doc__, "<dataset>", CONFIGS)
+    ap.set_defaults(config="release")
     ap.add_argument("--stage", choices=["search", "full", "both"], default="both")
     ap.add_argument("--models", nargs="+")
+    ap.add_argument("--epsilons", nargs="+", type=float, help="a subset of the config's target epsilons")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     models = args.models or list(cfg["models"])
-    out, runs, csv_path, rows = study_dirs("cifar10", args.config, args.out, args.runs)
+    epsilons = args.epsilons or cfg["epsilons"]
+    out, runs, csv_path, rows = study_dirs(cfg["dataset"], args.config, args.out, args.runs)
     redraw = lambda rs: report(rs, out, args.config, plot, table, PLOT)  # noqa: E731
     done = {key(r["config"], r["stage"], r["model"], int(r["full_batch_size"]), int(r["steps"]), float(r["lr"]),
-                int(r["seed"]), int(r["batch_size"])) for r in rows}
+                int(r["seed"]), int(r["batch_size"]), eps_key(cfg, float(r["epsilon_target"]))) for r in rows}
 
-    def go(stage, model, point, seed):
+    def go(stage, model, point, seed, eps):
         b, s, lr = point
         if args.steps:
             s = args.steps
-        k = key(args.config, stage, model, b, s, lr, seed, run_batch(stage, b, s, cfg))
+        k = key(args.config, stage, model, b, s, lr, seed, run_batch(stage, b, s, cfg, eps), eps_key(cfg, eps))
         if k in done:
             return
         print(f"{k} ...", file=sys.stderr, flush=True)
         row = run_point(model, cfg["models"][model]["fixed"], b, s, lr, seed, stage, cfg, runs, args.config,
-                        args.data_dir, args.device)
-        record(rows, row, csv_path, FIELDS, redraw,
-               summary=f"    accuracy {row['accuracy']:.4f}, epsilon {row['epsilon_spent']}, "
-                       f"{row['samples_per_s']} samples/s, {row['train_time_s']} s")
+                        args.data_dir, args.device, eps)
+        record(rows, row, csv_path, fields(cfg), redraw,
+               summary="    " + ", ".join(f"{m} {row[m]:.4f}" for m in fields(cfg) if m in METRICS)
+                       + f", epsilon {row['epsilon_spent']}, {row['samples_per_s']} samples/s, "
+                         f"{row['train_time_s']} s")
 
     with memoized_fixed_layers(MEMO_BYTES):  # the ScatterNet runs share one scattering of each image (zoo.layers)
         if args.stage in ("search", "both"):
-            for model in models:
-                for point in cfg["models"][model]["points"]:
-                    for seed in cfg["search_seeds"]:
-                        go("search", model, point, seed)
+            for eps in epsilons:
+                for model in models:
+                    for point in cfg["models"][model]["points"]:
+                        for seed in cfg["search_seeds"]:
+                            go("search", model, point, seed, eps)
         if args.stage in ("full", "both"):
-            chosen = best_points(rows, args.config)
-            for model in models:
-                if model in chosen and cfg["models"][model]["full"]:
-                    print(f"{model}: full runs of the best simulated recipe B, S, lr = {chosen[model]}",
-                          file=sys.stderr)
-                    for seed in cfg["full_seeds"]:
-                        go("full", model, chosen[model], seed)
+            chosen = best_points(rows, args.config, cfg["metric"])
+            for eps in epsilons:
+                for model in models:
+                    if (model, eps) in chosen and cfg["models"][model]["full"]:
+                        print(f"{model}, epsilon {eps:g}: full runs of the best simulated recipe B, S, lr = "
+                              f"{chosen[model, eps]}", file=sys.stderr)
+                        for seed in cfg["full_seeds"]:
+                            go("full", model, chosen[model, eps], seed, eps)
     return close(rows, csv_path, out / PLOT, redraw)
 
 

@@ -9,12 +9,12 @@ and the larger grid of eval/crosscheck_accountants.py):
   ``rdp.compute_epsilon`` (Asoodeh et al. 2020 / Canonne et al. 2020, Prop. 12) are the same formula,
   ``eps = rdp + log1p(-1/a) - log(delta*a)/(a-1)`` minimised over the orders: on the same RDP vector they agree to
   1e-12 relative (dp-accounting also skips orders <= 1.01, none of opacus', and floors epsilon at 0).
-* RDP curve at integer orders (opacus' orders 2..10 and 12..63): both sum the same finite binomial series, so
+* RDP curve at integer orders (2..10, 12..63 and zoo's added 64..1024, ``zoo.privacy.RDP_ORDERS``): both sum the same finite binomial series, so
   epsilon over these orders agrees to 1e-9 relative (measured: 1e-14).
 * RDP curve at fractional orders: dp-accounting 0.6 sums the absolute values of the (sign-alternating) binomial
   series terms and gives up after 1000 terms, so its value is an upper bound on the exact one, up to 84 % too high
   per order; opacus keeps the signs and matches a direct mpmath quadrature of the Renyi divergence to 1e-8 (checked
-  below). Hence on opacus' full default orders (what zoo's "rdp" uses) the comparison is one-sided: zoo <=
+  below). Hence on zoo's orders (opacus' defaults and 64..1024: what zoo's "rdp" uses) the comparison is one-sided: zoo <=
   dp-accounting, equal to 1e-9 when zoo's optimal order is an integer, and dp-accounting <= zoo * (1 + 2e-2) while
   epsilon <= 12 (measured worst 8.3e-3, at q=0.3, sigma=5, 1000 steps; this grid stays there, except at q = 1
   where both use the exact closed form). Past that the optimum moves to orders near 2 and below, where
@@ -40,12 +40,12 @@ from dp_accounting import rdp
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
-from zoo.privacy import ACCOUNTANTS, compute_epsilon
+from zoo.privacy import ACCOUNTANTS, RDP_ORDERS, LargestOrderWarning, compute_epsilon
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 from crosscheck_accountants import google_pld, google_rdp  # noqa: E402  (one copy of the dp-accounting calls)
 
-ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
+ORDERS = list(RDP_ORDERS)
 INT_ORDERS = [a for a in ORDERS if float(a).is_integer()]
 PRV_EPS_ERROR = 0.01  # opacus' PRVAccountant.get_epsilon default: it returns estimate + this
 
@@ -68,7 +68,7 @@ CASES = [pytest.param([(s, q, n)], d, id=f"q{q:.3g}-sigma{s:g}-steps{n}-delta{d:
 
 
 def dp_rdp(history: list, delta: float, orders=ORDERS) -> float:
-    """dp-accounting's RDP epsilon on ``orders`` (default: opacus' orders, like with like)."""
+    """dp-accounting's RDP epsilon on ``orders`` (default: zoo's orders, like with like)."""
     return google_rdp(history, delta, orders)[0]
 
 
@@ -141,3 +141,27 @@ def test_no_steps_and_no_noise(accountant):
     noisy_then_free = [(1.0, 0.02, 30), (0.0, 0.02, 5)]
     assert compute_epsilon(noisy_then_free, 1e-5, accountant) == math.inf
     assert dp_rdp(noisy_then_free, 1e-5) == math.inf == google_pld(noisy_then_free, 1e-5)
+
+
+@pytest.mark.parametrize("history,delta", [([(5.0, 0.005, 10)], 1e-5), ([(1.0, 0.02, 300)], 1e-5),
+                                           ([(10.9, 1024 / 4708, 200)], 1e-4), ([(35.0, 1.0, 100)], 1e-4)])
+def test_more_orders_only_tighten_epsilon_and_opacus_warning_is_gone(history, delta):
+    """zoo's orders extend opacus' defaults: epsilon is never larger (strictly smaller where opacus' optimum was its
+    largest order, 63), and opacus' "Optimal order is the largest alpha" warning no longer appears."""
+    acc = RDPAccountant()
+    acc.history = history
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old, old_order = acc.get_privacy_spent(delta=delta)
+        new = compute_epsilon(history, delta, "rdp")
+    assert new <= old * (1 + 1e-12)
+    if old_order == max(RDPAccountant.DEFAULT_ALPHAS):
+        assert new < old * 0.99
+    assert not [w for w in caught if "Optimal order" in str(w.message) and w.filename.endswith("privacy.py")]
+    assert not [w for w in caught if issubclass(w.category, LargestOrderWarning)]
+
+
+def test_largest_order_is_said_in_words():
+    with pytest.warns(LargestOrderWarning, match="best order is its largest .*PRV accountant"):
+        eps = compute_epsilon([(100.0, 0.01, 10)], 1e-5, "rdp")
+    assert 0 < eps < 0.01

@@ -5,11 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import zoo
 
 
 def zoo_cli(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True)
     if check:
         assert p.returncode == 0, p.stderr
     return p
@@ -21,6 +23,41 @@ def test_list_and_info():
     assert zoo_cli("list", "test-*").stdout.split() == zoo.list_models("test-*")
     info = json.loads(zoo_cli("info", "wrn16-4").stdout)
     assert info["num_params"] == 2748890 and info["recipe"]["clip_norm"] == 1.0
+
+
+HEAVY = ("torch", "opacus", "escnn", "matplotlib", "numpy", "kymatio")
+
+
+@pytest.mark.parametrize("argv", [["list"], ["list", "--pretrained"], ["list", "eq-*"], ["--help"], ["train", "--help"]],
+                         ids=lambda a: " ".join(a))
+def test_help_and_list_import_no_heavy_module(argv):
+    """`zoo --help` and `zoo list` read the cards alone: none of torch, opacus, escnn, matplotlib, numpy is
+    imported (each costs seconds), and they print what they should."""
+    probe = ("import sys\nfrom zoo.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint('HEAVY', sorted(m for m in %r if m in sys.modules))\nsys.exit(code)" % (HEAVY,))
+    p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "HEAVY []", p.stdout
+    out = p.stdout.splitlines()[:-1]
+    if argv[0] == "list":
+        pattern = next((a for a in argv[1:] if not a.startswith("--")), "*")
+        assert out and out == zoo.list_models(pattern, pretrained="--pretrained" in argv)
+    else:
+        assert "usage: zoo" in p.stdout
+
+
+def test_import_zoo_reads_cards_only_and_loads_the_rest_on_use():
+    probe = ("import sys, zoo\nassert zoo.list_models() and zoo.list_models(pretrained=True)\n"
+             "print(sorted(m for m in %r if m in sys.modules))\nzoo.create_model('wrn16-1')\n"
+             "print('torch' in sys.modules, 'escnn' in sys.modules)\nzoo.per_sample_gradients\n"
+             "print('opacus' in sys.modules)" % (HEAVY,))
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:3] == ["[]", "True False", "True"], p.stdout
+
+
+def test_python_dash_m_zoo():
+    assert zoo_cli("list", "wrn16-1").stdout.split() == ["wrn16-1"]
 
 
 def test_unknown_model_is_a_clear_error():

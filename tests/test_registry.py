@@ -72,3 +72,41 @@ def test_pretrained_without_checkpoint_explains():
 def test_model_card_md_is_fresh():
     text = render_model_card([zoo.model_info(n) for n in zoo.list_models()])
     assert MODEL_CARD_PATH.read_text() == text, "MODEL_CARD.md is stale: run `zoo card`"
+
+
+def test_family_modules_name_each_family_of_zoo_models():
+    """zoo.models.FAMILY_MODULES (what the registry imports on first use) lists exactly the families that the modules
+    of zoo.models register, each under the module that registers it."""
+    import importlib
+    import pkgutil
+
+    import zoo.models
+    from zoo.models import FAMILY_MODULES
+    from zoo.registry import _FAMILIES, get_family
+
+    for info in pkgutil.iter_modules(zoo.models.__path__):
+        importlib.import_module(f"zoo.models.{info.name}")
+    shipped = {n: c.__module__.rsplit(".", 1)[-1] for n, c in _FAMILIES.items() if c.__module__.startswith("zoo.models.")}
+    assert shipped == FAMILY_MODULES
+    assert all(get_family(n).family_name == n for n in FAMILY_MODULES)
+
+
+def test_cards_from_disk_are_checked_on_first_use(tmp_path, monkeypatch):
+    """load_cards defers the checks that need the family's module and the data stack: a user card whose args its
+    family does not take, or whose data set is unknown, is listed, and refused with a CardError naming it when used."""
+    from zoo import registry
+
+    for name, edit, pattern in (("test-late-args", {"args": {"depth": 10, "colour": 1}}, r"takes no argument"),
+                                ("test-late-data", {"recipe": {**get_card("test-wrn10-1")["recipe"],
+                                                               "dataset": "no-such-data"}}, "a registered data set")):
+        card = {**copy.deepcopy(get_card("test-wrn10-1")), "name": name, "checkpoints": [], "results": [], **edit}
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}.json").write_text(json.dumps(card))
+        monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+        monkeypatch.setattr(registry, "_UNCHECKED", set(registry._UNCHECKED))
+        registry.load_cards(folder)
+        assert name in zoo.list_models()
+        for use in (zoo.create_model, zoo.model_info):
+            with pytest.raises(CardError, match=f"card '{name}'.*{pattern}"):
+                use(name)

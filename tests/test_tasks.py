@@ -96,3 +96,52 @@ def test_balanced_accuracy_averages_recall_over_present_classes():
     labels = torch.tensor([0, 0, 0, 0, 1, 1])  # imbalanced: predicting 0 everywhere has accuracy 4/6
     assert balanced_accuracy(torch.zeros(6, dtype=torch.long), labels, 3) == pytest.approx(0.5)
     assert balanced_accuracy(torch.tensor([0, 0, 1, 1, 1, 0]), labels, 2) == pytest.approx((2 / 4 + 1 / 2) / 2)
+
+
+def _fixed_logits_model(logits: torch.Tensor) -> torch.nn.Module:
+    """A real (linear) classifier whose outputs ignore the image: weights 0, bias ``logits``."""
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(len(logits)))
+    m(torch.zeros(1, 1, 4, 4))
+    with torch.no_grad():
+        m[1].weight.zero_()
+        m[1].bias.copy_(logits)
+    return m
+
+
+def _imbalanced(n_per_class, k):
+    from zoo.data import ImageDataset
+
+    class Info:
+        name, num_classes, in_chans, mean, std = "toy", k, 1, (0.5,), (0.5,)
+        classes = tuple(f"c{i}" for i in range(k))
+
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_class)])
+    return ImageDataset(torch.zeros(len(y), 1, 4, 4, dtype=torch.uint8), y, Info())
+
+
+def test_a_constant_classifier_is_called_one_and_the_baseline_is_given():
+    from zoo.tasks import get_task
+
+    data = _imbalanced([30, 70], 2)
+    m = get_task("classification").evaluate(_fixed_logits_model(torch.tensor([0.0, 1.0])), data, 64, "cpu", False)
+    assert m["accuracy"] == pytest.approx(0.7) and m["balanced_accuracy"] == pytest.approx(0.5)
+    assert m["baseline"]["accuracy"] == pytest.approx(0.7) and m["baseline"]["balanced_accuracy"] == 0.5
+    assert "c1" in m["baseline"]["rule"] and m["degenerate"]
+    assert any("constant predictions: 100% of the test images are predicted 'c1'" in w for w in m["warnings"])
+    assert any("does not beat chance" in w for w in m["warnings"])
+    assert m["confusion_matrix"] == [[0, 30], [0, 70]] and m["per_class_recall"] == {"c0": 0.0, "c1": 1.0}
+
+
+def test_a_classifier_that_learned_gets_no_warning_and_three_classes_get_the_full_report():
+    from zoo.tasks import honesty_report
+
+    y = torch.tensor([0] * 10 + [1] * 10 + [2] * 20)
+    pred = y.clone()
+    pred[:2] = 1  # two of class 0 mistaken for class 1
+    metrics = {"accuracy": (pred == y).double().mean().item(), "balanced_accuracy": (0.8 + 1 + 1) / 3}
+    r = honesty_report(pred, y, 3, metrics, ("a", "b", "c"))
+    assert r["warnings"] == [] and not r["degenerate"]
+    assert r["roc_auc_kind"] == "macro one-vs-rest"
+    assert r["per_class_recall"] == {"a": 0.8, "b": 1.0, "c": 1.0}
+    assert r["confusion_matrix"] == [[8, 2, 0], [0, 10, 0], [0, 0, 20]]
+    assert r["baseline"]["accuracy"] == 0.5 and r["baseline"]["balanced_accuracy"] == pytest.approx(1 / 3)

@@ -2,25 +2,34 @@
 
 Public surface (like timm's): ``list_models``, ``create_model``, ``model_info``, plus the DP contract
 ``per_sample_gradients`` and the training entry points ``train`` and ``finetune``.
+
+``import zoo`` reads the model cards and nothing else: torch, opacus, escnn and the data stack are imported when
+a name that needs them is first used (``zoo.create_model``, ``zoo.train``, ...), so that ``zoo list`` and
+``zoo --help`` answer at once.
 """
-from . import models as _families  # noqa: F401  (registers the architecture families)
-from .eq_layers import export
-from .grad_sample import per_sample_gradients
+from importlib import import_module
+
 from .registry import create_model, list_models, load_cards, model_info, register_model
-from .sparse import prune
-from .validate import validate_model
 
 __version__ = "0.1.0"
 
 load_cards()
 
+_LAZY = {"per_sample_gradients": "grad_sample", "validate_model": "validate", "export": "eq_layers",
+         "prune": "sparse", "train": "engine", "finetune": "engine", "evaluate": "engine"}
+"""Public names of zoo -> the module that defines them, imported on first access."""
+
 __all__ = ["list_models", "create_model", "model_info", "register_model", "per_sample_gradients",
            "validate_model", "export", "prune", "train", "finetune", "__version__"]
 
 
-def __getattr__(name):  # the engine imports the data stack; load it only when asked for
-    if name in ("train", "finetune", "evaluate"):
-        from . import engine
-
-        return getattr(engine, name)
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value  # later accesses skip this function
+        return value
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

@@ -15,6 +15,10 @@ from typing import Any
 CARDS_DIR = Path(__file__).resolve().parent.parent / "models"
 MODEL_CARD_PATH = CARDS_DIR.parent / "MODEL_CARD.md"
 STUDIES_DIR = CARDS_DIR.parent / "eval" / "results"  # each study's results.md is included in MODEL_CARD.md
+PATH_FORMS = ("a MedMNIST-style .npz file (train_images, train_labels, optional val_*/test_*) or an ImageFolder tree "
+              "(train/<class>/*.png|jpg, optional val/ and test/)")
+"""What a recipe's ``dataset`` may name besides a registered data set: a path to data of these forms
+(:mod:`zoo.path_data`); for help texts and errors."""
 
 
 class CardError(ValueError):
@@ -134,17 +138,14 @@ def check_recipe_values(recipe: dict, where: str = "recipe", fix: str = "fix the
             raise _bad(f"{where}.{key}", recipe[key], expected, fix)
 
 
-def validate_card(card: dict, source: str = "card") -> dict:
-    """Check ``card`` against the schema, then its values (recipe ranges, a registered data set, an input size of
-    three positive ints, at least 2 classes, a sha256 of 64 hex digits); return it unchanged. Raises
-    :class:`CardError` naming the field, the value and what is expected."""
+def validate_card(card: dict, source: str = "card", check_dataset: bool = True) -> dict:
+    """Check ``card`` against the schema, then its values (recipe ranges, a registered data set unless
+    ``check_dataset`` is false, an input size of three positive ints, at least 2 classes, a sha256 of 64 hex digits);
+    return it unchanged. Raises :class:`CardError` naming the field, the value and what is expected."""
     _check(card, CARD_SCHEMA, source)
-    recipe = card["recipe"]
-    check_recipe_values(recipe, f"{source}.recipe")
-    from .data import list_datasets  # lazily: zoo.data imports the registry, which imports this module
-
-    if recipe["dataset"] not in list_datasets():
-        raise _bad(f"{source}.recipe.dataset", recipe["dataset"], f"a registered data set: {list_datasets()}")
+    check_recipe_values(card["recipe"], f"{source}.recipe")
+    if check_dataset:
+        check_card_dataset(card, source)
     size = card["input_size"]
     if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
         raise _bad(f"{source}.input_size", size, "[channels, height, width], three ints >= 1")
@@ -165,12 +166,20 @@ def validate_card(card: dict, source: str = "card") -> dict:
     return card
 
 
-def load_card(path: Path) -> dict:
+def check_card_dataset(card: dict, source: str = "card") -> None:
+    """The card's recipe names a registered data set (this imports the data stack), else :class:`CardError`."""
+    from .data import list_datasets  # lazily: zoo.data imports the registry, which imports this module
+
+    if card["recipe"]["dataset"] not in list_datasets():
+        raise _bad(f"{source}.recipe.dataset", card["recipe"]["dataset"], f"a registered data set: {list_datasets()}")
+
+
+def load_card(path: Path, check_dataset: bool = True) -> dict:
     try:
         card = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise CardError(f"{path}: not valid JSON ({e})") from None
-    validate_card(card, str(path))
+    validate_card(card, str(path), check_dataset)
     if Path(path).stem != card["name"]:
         raise CardError(f"{path}: file name must be the model name ({card['name']}.json)")
     return card
@@ -187,9 +196,9 @@ def _group(info: dict) -> str:
     """The symmetry group of an equivariant model (with the subgroup of a restricted last stage), else "-"."""
     import inspect
 
-    from .registry import _FAMILIES
+    from .registry import get_family
 
-    params = inspect.signature(_FAMILIES[info["family"]]).parameters
+    params = inspect.signature(get_family(info["family"])).parameters
     args = {**{k: p.default for k, p in params.items() if p.default is not p.empty}, **info["args"]}
     group = args.get("group")
     if not group:

@@ -6,9 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from . import distributed
-from .cards import CARDS_DIR, MODEL_CARD_PATH, RECIPE_SCHEMA, render_model_card
-from .reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE
+from .cards import CARDS_DIR, MODEL_CARD_PATH, PATH_FORMS, RECIPE_SCHEMA, render_model_card
+from .reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE  # constants: zoo.reproduce imports torch lazily
+
+PATH_HELP = PATH_FORMS
+REGISTERED_HELP = "cifar10, isbi2012, pneumoniamnist, weizmann-horse"
+"""The registered data sets, named in the help without importing the data stack (a test keeps it current)."""
+
+# torch, opacus and escnn are imported by the commands that need them, so that `zoo --help` and `zoo list` read the
+# cards alone (a test checks that they import none of them)
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +46,8 @@ def _run_kwargs(a: argparse.Namespace) -> dict:
     for key in ("batch_size", "physical_batch_size", "steps", "augmult", "train_subset"):
         if key in kw:
             kw[key] = int(kw[key])
+    if kw.get("train_subset") == 0:  # --train-subset 0: all training images (unsets the card's subset)
+        kw["train_subset"] = None
     return dict(kw, data_dir=a.data_dir, seed=a.seed, device=a.device, resume=a.resume,
                 checkpoint_every=a.checkpoint_every, test_subset=a.test_subset, progress=not a.no_progress,
                 download=a.download)
@@ -54,8 +62,19 @@ def _report(result: dict) -> None:
           f"({test['num_samples']} images) at epsilon={led['epsilon']:.3f}, delta={led['delta']:g} "
           f"({led['accountant'].upper()}, sigma={result['noise_multiplier']:.3f}, q={result['sample_rate']:.4g}, "
           f"{led['steps']} steps); train time {test['train_time_s']} s")
+    _say_honestly(test)
     if "checkpoint" in result:
         print(f"checkpoint: {result['checkpoint']} (result: {Path(result['checkpoint']).parent / 'result.json'})")
+
+
+def _say_honestly(test: dict) -> None:
+    """The majority-class baseline beside a classifier's scores, and any warning about them, in words."""
+    base = test.get("baseline")
+    if base:
+        print(f"majority-class baseline ({base['rule']}): accuracy {base['accuracy']:.4f}, balanced accuracy "
+              f"{base['balanced_accuracy']:.4f}, ROC-AUC {base['roc_auc']:.1f}")
+    for w in test.get("warnings", ()):
+        print(f"WARNING: {w}")
 
 
 def _default_out(name: str, resume: bool) -> str:
@@ -111,17 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = sub.add_parser("train", help="train a registered model with DP-SGD")
     p.add_argument("name")
-    p.add_argument("--dataset", help="train on this data set instead of the card's (e.g. pneumoniamnist)")
+    p.add_argument("--dataset", help=f"train on this data set instead of the card's: a registered name "
+                                     f"({REGISTERED_HELP}) or a path to your own data ({PATH_HELP})")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override an architecture argument of the card; VALUE is read as JSON when it parses "
                         "(e.g. --model-arg l0_weight=0.01); repeatable")
     _run_args(p)
     p = sub.add_parser("finetune", help="privately fine-tune a checkpoint or pretrained model")
     p.add_argument("name", help="registered name with a checkpoint, or a checkpoint path")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help=f"a registered name ({REGISTERED_HELP}) or a path to your own "
+                                                    f"data ({PATH_HELP})")
     _run_args(p)
     p = sub.add_parser("eval", help="evaluate a pretrained model or a checkpoint on its test set")
     p.add_argument("name")
+    p.add_argument("--dataset", help=f"evaluate on this registered data set or path instead of the checkpoint's "
+                                     f"own (a path: {PATH_HELP})")
     p.add_argument("--data-dir")
     p.add_argument("--device")
     p.add_argument("--test-subset", type=int)
@@ -170,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "info":
             print(json.dumps(zoo.model_info(a.name), indent=2, ensure_ascii=False))
         elif a.cmd in ("train", "finetune"):
+            from . import distributed
+
             result = run_training(a)
             if distributed.is_main():  # under torchrun, rank 0 reports
                 _report(result)
@@ -179,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(result, indent=2))
+            for w in result["test"].get("warnings", ()):
+                print(f"WARNING: {w}", file=sys.stderr)
         elif a.cmd == "reproduce":
             return _reproduce(a)
         elif a.cmd == "card":
@@ -204,7 +231,7 @@ def _evaluate(a: argparse.Namespace) -> dict:
         model, sidecar = ckpt.load_checkpoint(path)
     else:  # a registered NAME or NAME.TAG: the published, verified checkpoint
         model, sidecar = load_published(a.name)
-    dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset)
+    dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset, a.dataset)
     return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,
             "ledger": sidecar.get("ledger"), "recorded_metrics": sidecar.get("metrics")}
 

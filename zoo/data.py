@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cards import PATH_FORMS
 from .io import atomic_write, file_hashes, save_npy, write_text
 from .registry import instance_registrar
 
@@ -100,12 +101,18 @@ def list_datasets() -> list[str]:
 
 
 def get_dataset_info(name: str) -> DatasetInfo:
-    """Return the registered :class:`DatasetInfo`; unknown names raise :class:`UnknownDatasetError`."""
+    """The registered :class:`DatasetInfo` of ``name``, or the data at ``name`` when it is a path
+    (:func:`zoo.path_data.from_path`); unknown names raise :class:`UnknownDatasetError`."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    from .path_data import from_path, looks_like_path
+
+    if looks_like_path(name):
+        return from_path(name)
     close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise UnknownDatasetError(f"unknown dataset {name!r}.{hint} Available: {', '.join(list_datasets())}")
+    raise UnknownDatasetError(f"unknown dataset {name!r}.{hint} Available: {', '.join(list_datasets())}, or a path: "
+                              f"{PATH_FORMS}")
 
 
 # ----------------------------------------------------------------------------- caching helpers
@@ -449,7 +456,8 @@ def preparation(info: DatasetInfo, recipe: dict, in_chans: int) -> dict:
             "pixel_scale": "uint8 / 255", "resize": None if not size else {"size": [h, w], "mode": "bilinear",
                                                                            "antialias": True},
             "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
-            "normalisation_source": f"{info.name} (the data set the model was trained on)",
+            "normalisation_source": getattr(info, "normalisation_source", None)
+            or f"{info.name} (the data set the model was trained on)",
             "dataset": info.name, "task": info.task, "num_classes": int(info.num_classes),
             "classes": list(getattr(info, "classes", ()) or ())}
 

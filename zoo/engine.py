@@ -45,6 +45,7 @@ from .eq_layers import export
 from .grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_norms
 from .io import write_text
 from .layers import MEMO_BYTES, memoized_fixed_layers
+from .path_data import describe as describe_path_data
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
 from .sparse import penalty_gradients
 from .registry import build, get_card, resolve_checkpoint
@@ -195,6 +196,11 @@ def load_split(dataset: str, split: str, recipe: dict, data_dir=None, download: 
     data = get_dataset_info(dataset).load(split, data_dir=data_dir, download=download)
     if recipe.get("resize"):
         data = data.resized(int(recipe["resize"]))
+    if subset and int(subset) > len(data):
+        what, every = (("--train-subset (the recipe's train_subset)", "--train-subset 0") if split == "train"
+                       else ("--test-subset", "no --test-subset"))
+        raise ValueError(f"{what} is {subset} but {dataset} has {len(data)} {split} images; pass at most "
+                         f"{len(data)}, or {every} for all of them")
     data = data.subset(int(subset), seed=0) if subset else data
     return data.with_channels(in_chans) if in_chans else data
 
@@ -203,6 +209,11 @@ def _load_data(recipe: dict, data_dir, test_subset: int | None, download: bool, 
     load = lambda split, subset: load_split(recipe["dataset"], split, recipe, data_dir, download, subset,  # noqa: E731
                                             in_chans)
     return get_dataset_info(recipe["dataset"]), load("train", recipe.get("train_subset")), load("test", test_subset)
+
+
+def _same_content(manifest: dict | None, info) -> bool:
+    """Whether a ledger's data manifest describes the content of ``info`` (data given by path)."""
+    return bool(manifest) and manifest.get("sha256") == getattr(info, "manifest", {}).get("sha256")
 
 
 def _check_sizes(model: nn.Module, recipe: dict, train, test) -> None:
@@ -372,6 +383,16 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     unused = [k for k in ("crop", "resize") if recipe.get(k) is not None and k not in task.recipe_keys]
     if unused:
         raise ValueError(f"recipe setting(s) {unused} do not apply to {task.name} ({info.name}); remove them")
+    if hasattr(info, "manifest"):  # data given by path (zoo.path_data)
+        _say(describe_path_data(info))
+        size = card["input_size"][1:]
+        if recipe.get("resize") is None and list(info.image_size[1:]) != list(size) and size[0] == size[1]:
+            recipe["resize"] = int(size[0])
+            _say(f"resizing the {info.image_size[1]}x{info.image_size[2]} images to the model's input size "
+                 f"{size[0]}x{size[1]} (bilinear, antialiased; recorded in the checkpoint's preparation); pass "
+                 "--resize to choose another size")
+        if ledger is not None:  # resuming, or composing a budget on the same data: it must be the same content
+            info.check_same(ledger.manifest, f"the ledger of this run (dataset {ledger.dataset})")
     info, train, test = _load_data(recipe, data_dir, test_subset, download, model.in_chans)
     if model.in_chans != info.in_chans:
         _say(f"{info.name} has {info.in_chans}-channel images: repeating them to the model's {model.in_chans} "
@@ -389,7 +410,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         ledger = Ledger(dataset=info.name, num_samples=n, delta=recipe["delta"], accountant=recipe["accountant"],
                         clip_norm=recipe["clip_norm"], target_epsilon=recipe["epsilon"], parent=parent,
                         pretraining=pretraining_record(parent, init, info.name) if init else None,
-                        augmult=recipe["augmult"])
+                        augmult=recipe["augmult"], manifest=getattr(info, "manifest", None))
     if ledger.num_samples != n:
         raise ValueError(f"the ledger is for N={ledger.num_samples} samples of {ledger.dataset}, this run has {n}")
     done = int(state.get("step", 0))
@@ -528,10 +549,13 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
         given_seed = seed
         seed, source = _resolve_seed(seed)  # before building: the initialisation is part of the reproducible run
         info = get_dataset_info(recipe["dataset"])
+        recipe["dataset"] = info.name  # a path is recorded resolved
         card = {**card, "args": {**card["args"], **(model_args or {})}}
         model = build(card, num_classes=info.num_classes, in_chans=info.in_chans)
         requested = {**{k: v for k, v in recipe_overrides.items() if v is not None}, "model_args": model_args,
                      "seed": given_seed}
+        if "dataset" in requested:
+            requested["dataset"] = info.name
         return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source,
                     out_dir=out_dir, data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
                     test_subset=test_subset, progress=progress, resume=resume, download=download,
@@ -558,8 +582,10 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
             ckpt.check_published(sidecar, path)
         card = sidecar["card"]
         info = get_dataset_info(dataset)
+        dataset = info.name  # a path is recorded resolved
         old = sidecar.get("ledger")
-        same = old is not None and old["dataset"] == dataset
+        # the same data set, by name or (data given by path, moved or renamed) by content: the budgets compose
+        same = old is not None and (old["dataset"] == dataset or _same_content(old.get("manifest"), info))
         if not same or model.num_classes != info.num_classes:
             model.reset_classifier(info.num_classes)
         recipe = _recipe(card, {**recipe_overrides, "dataset": dataset, "epsilon": epsilon, "delta": delta})

@@ -15,12 +15,19 @@ below PLD by more than 1e-3.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+RDP_ORDERS = (*RDPAccountant.DEFAULT_ALPHAS, *range(64, 128, 4), *range(128, 256, 16), 256, 320, 384, 448, 512, 640,
+              768, 896, 1024)
+"""The Renyi orders of the "rdp" accountant: opacus' defaults (1.1 to 10.9 by 0.1, 12 to 63), then up to 1024.
+At small epsilon or large sigma the best order lies above 63, where opacus' defaults stop (and it warns "Optimal order
+is the largest alpha" on every call); more orders only ever tighten epsilon (it is a minimum over them), and the
+added ones cost microseconds. When even 1024 is the best, zoo says so once (:class:`LargestOrderWarning`)."""
 NEIGHBOURING = "add/remove-one sample (Poisson sampling)"
 
 
@@ -44,7 +51,21 @@ def compute_epsilon(history: list, delta: float, accountant: str = "rdp") -> flo
         return math.inf
     acc = _accountant(accountant)
     acc.history = history
-    return float(acc.get_epsilon(delta=delta))
+    if accountant != "rdp":
+        return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():  # opacus warns at the largest order on every call: said once, below
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        eps, order = acc.get_privacy_spent(delta=delta, alphas=RDP_ORDERS)
+    if order >= RDP_ORDERS[-1]:
+        warnings.warn(f"the RDP accountant's best order is its largest ({RDP_ORDERS[-1]}), so epsilon {eps:.4g} is "
+                      "valid but may be loose; for such tiny budgets the PRV accountant (accountant 'prv') is "
+                      "tighter", LargestOrderWarning, stacklevel=2)
+    return float(eps)
+
+
+class LargestOrderWarning(UserWarning):
+    """The RDP accountant's optimum is its largest order: epsilon is an upper bound that more orders would tighten.
+    Shown once per place in the code (Python's default warning filter)."""
 
 
 def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -85,6 +106,8 @@ class Ledger:
     weights started from when that was another data set: its name, whether it was trained privately (its epsilon)
     or is public data with respect to this data set, and the starting checkpoint's sha256. ``augmult`` is the
     number K of augmented views per sample (averaged before clipping: it does not change the sensitivity).
+    ``manifest`` describes the content of data given by path (:mod:`zoo.path_data`: a sha256 over it), so that the
+    ledger is tied to those images and not to a folder name.
     """
 
     dataset: str
@@ -97,6 +120,7 @@ class Ledger:
     parent: dict | None = None
     pretraining: dict | None = None
     augmult: int | None = None
+    manifest: dict | None = None
 
     def __post_init__(self):
         if not 0 < self.delta < 1:
@@ -139,7 +163,8 @@ class Ledger:
     @classmethod
     def from_dict(cls, d: dict) -> "Ledger":
         keys = {"dataset", "num_samples", "delta", "accountant", "clip_norm", "target_epsilon", "history", "parent"}
-        ledger = cls(**{k: d[k] for k in keys}, pretraining=d.get("pretraining"), augmult=d.get("augmult"))
+        ledger = cls(**{k: d[k] for k in keys}, pretraining=d.get("pretraining"), augmult=d.get("augmult"),
+                     manifest=d.get("manifest"))
         if "epsilon" in d and not math.isclose(ledger.epsilon(), d["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
             raise ValueError(f"ledger says epsilon={d['epsilon']} but its history gives {ledger.epsilon()}: "
                              "the ledger was edited")

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import inspect
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from .cards import CARDS_DIR, CardError, check_card_dataset, load_card, validate_card
+from .models import FAMILY_MODULES
 
-from .cards import CARDS_DIR, CardError, load_card, validate_card
+if TYPE_CHECKING:
+    from torch import nn
 
+# torch, escnn and the data stack are imported only when a model is built or described: listing the registry (and
+# `zoo list`, `zoo --help`) reads the cards alone
 _FAMILIES: dict[str, type[nn.Module]] = {}
 _MODELS: dict[str, dict] = {}
+_UNCHECKED: set[str] = set()  # cards of load_cards whose family arguments and data set are checked on first use
 _ROOTS: dict[str, Path] = {}  # model -> folder its card's relative checkpoint path starts from
 
 
@@ -44,6 +49,21 @@ def register_family(name: str):
         return cls
 
     return deco
+
+
+def get_family(name: str) -> type[nn.Module]:
+    """The class of family ``name``, importing the module of ``zoo.models`` that registers it on first use
+    (:data:`zoo.models.FAMILY_MODULES`)."""
+    if name not in _FAMILIES and name in FAMILY_MODULES:
+        importlib.import_module(f"{__package__}.models.{FAMILY_MODULES[name]}")
+    if name not in _FAMILIES:
+        raise CardError(f"unknown family {name!r}; known: {known_families()}")
+    return _FAMILIES[name]
+
+
+def known_families() -> list[str]:
+    """Names of the families zoo ships (:data:`zoo.models.FAMILY_MODULES`) and of those registered since."""
+    return sorted({*FAMILY_MODULES, *_FAMILIES})
 
 
 def instance_registrar(table: dict, kind: str):
@@ -82,21 +102,34 @@ def check_family_args(family: type[nn.Module], kwargs: dict[str, Any], where: st
             raise ValueError(f"{where}: {key} must be an int >= {low}, the number of {what}; got {value!r}")
 
 
-def register_model(card: dict) -> dict:
+def register_model(card: dict, defer_checks: bool = False) -> dict:
     """Register a model from a card (dict following :data:`zoo.cards.CARD_SCHEMA`); its ``args`` must be
-    arguments of its family (a typo is a :class:`~zoo.cards.CardError`, not a silently ignored setting)."""
-    validate_card(card, f"card {card.get('name', '?')!r}")
+    arguments of its family and its recipe's data set must be registered (a typo is a :class:`~zoo.cards.CardError`,
+    not a silently ignored setting). ``defer_checks`` (what :func:`load_cards` uses): check the schema and the
+    family's name now, and the two checks that need the family's module and the data stack when the card is first
+    used (:func:`get_card`), so that listing models stays cheap."""
+    source = f"card {card.get('name', '?')!r}"
+    validate_card(card, source, check_dataset=False)
     name = card["name"]
     if name in _MODELS:
         raise DuplicateModelError(f"model {name!r} is already registered; pick another name")
-    if card["family"] not in _FAMILIES:
-        raise CardError(f"card {name!r}: unknown family {card['family']!r}; known: {sorted(_FAMILIES)}")
+    if card["family"] not in known_families():
+        raise CardError(f"card {name!r}: unknown family {card['family']!r}; known: {known_families()}")
+    if not defer_checks:
+        _check_references(card, source)
+    _MODELS[name] = card
+    if defer_checks:
+        _UNCHECKED.add(name)
+    return card
+
+
+def _check_references(card: dict, source: str) -> None:
+    """The card's family takes its ``args`` and its recipe's data set is registered, else :class:`CardError`."""
     try:
-        check_family_args(_FAMILIES[card["family"]], card["args"], f"card {name!r}: args")
+        check_family_args(get_family(card["family"]), card["args"], f"{source}: args")
     except (TypeError, ValueError) as e:
         raise CardError(str(e)) from None
-    _MODELS[name] = card
-    return card
+    check_card_dataset(card, source)
 
 
 def user_card_dirs() -> list[Path]:
@@ -112,7 +145,7 @@ def load_cards(directory: Path | None = None) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(f"cards folder {folder} does not exist (check $ZOO_CARDS)")
         for path in sorted(folder.glob("*.json")):
-            card = register_model(load_card(path))
+            card = register_model(load_card(path, check_dataset=False), defer_checks=True)
             _ROOTS[card["name"]] = folder.resolve().parent
 
 
@@ -145,6 +178,9 @@ def get_card(name: str) -> dict:
         raise UnknownModelError(
             f"unknown model {model!r}.{hint} See zoo.list_models() or `zoo list` for the {len(_MODELS)} models."
         ) from None
+    if model in _UNCHECKED:  # loaded from disk: the checks deferred by load_cards, once
+        _check_references(card, f"card {model!r}")
+        _UNCHECKED.discard(model)
     if tag is not None:
         checkpoint_entry(card, tag)  # an unknown tag is an error that lists the tags
     return card
@@ -185,6 +221,9 @@ def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, str | None]:
     path = Path(name_or_path)
     if path.exists() or path.with_suffix(".safetensors").exists():
         return path, None
+    if path.suffix in (".safetensors", ".json") or "/" in str(name_or_path) or "\\" in str(name_or_path):
+        raise FileNotFoundError(f"no checkpoint at {path}: give a run's checkpoint (e.g. runs/NAME/final.safetensors, "
+                                "written when a run completes) or a published NAME.TAG (zoo list --pretrained)")
     card = get_card(str(name_or_path))
     _, tag = split_name(str(name_or_path))
     found = checkpoint_path(card, tag)
@@ -229,7 +268,7 @@ def build(card: dict, num_classes: int | None = None, **overrides: Any) -> nn.Mo
     kwargs = {**card["args"], "num_classes": card["num_classes"], "in_chans": card["input_size"][0], **overrides}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    family = _FAMILIES[card["family"]]
+    family = get_family(card["family"])
     check_family_args(family, kwargs, f"model {card['name']!r}")
     return family(**kwargs)
 
@@ -258,6 +297,8 @@ def create_model(name: str, pretrained: bool = False, num_classes: int | None = 
 
 
 def count_params(card: dict, **overrides: Any) -> int:
+    import torch
+
     try:
         with torch.device("meta"):  # no memory, no initialisation
             model = build(card, **overrides)
@@ -272,7 +313,7 @@ def model_info(name: str) -> dict:
     published tag its file, sha256, status and, when the file is present, the input preparation and the ledger's
     (ε, δ) from its sidecar (read without loading the weights; the weights are verified when they are loaded)."""
     card = get_card(name)
-    info = {**card, "task": getattr(_FAMILIES[card["family"]], "task", "classification"),
+    info = {**card, "task": getattr(get_family(card["family"]), "task", "classification"),
             "num_params": count_params(card)}
     info.setdefault("literature", [])
     info.setdefault("references", [])

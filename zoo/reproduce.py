@@ -148,15 +148,33 @@ def parse_command(command: str) -> argparse.Namespace:
 
 
 def evaluate_checkpoint(model, sidecar: dict, data_dir=None, device: str | None = None,
-                        test_subset: int | None = None) -> tuple[str, dict]:
+                        test_subset: int | None = None, dataset: str | None = None) -> tuple[str, dict]:
     """``(dataset, test metrics)`` of a loaded checkpoint, on the test split prepared as it was trained: the data
     set of its ledger, the recipe's resolution (``resize``) and the model's input channels (what ``zoo eval``
-    does); ``test_subset``: the public stratified subset of that many images (seed 0), as training evaluates."""
+    does); ``test_subset``: the public stratified subset of that many images (seed 0), as training evaluates.
+
+    Data given by path must have the content the ledger's manifest records (else
+    :class:`~zoo.data.DataIntegrityError`). ``dataset``: evaluate on this data set or path instead; when it holds
+    the recorded content it is the same data (at another path), otherwise another data set of the same classes."""
+    from .data import get_dataset_info
     from .engine import _resolve_device, evaluate, load_split
 
     recipe = (sidecar.get("train_state") or {}).get("recipe") or sidecar["card"]["recipe"]
-    dataset = (sidecar.get("ledger") or {}).get("dataset") or recipe["dataset"]
-    test = load_split(dataset, "test", recipe, data_dir, subset=test_subset, in_chans=model.in_chans)
+    ledger = sidecar.get("ledger") or {}
+    recorded = ledger.get("dataset") or recipe["dataset"]
+    info = get_dataset_info(dataset or recorded)
+    manifest = ledger.get("manifest")
+    if hasattr(info, "manifest") and manifest and info.manifest["sha256"] != manifest["sha256"]:
+        if dataset is None or info.name == recorded:  # it claims to be the training data: it must be
+            info.check_same(manifest, f"checkpoint {sidecar.get('model')}")
+        print(f"note: {info.name} is not the data this checkpoint was trained on ({recorded}); evaluating it as "
+              "another data set")
+    if info.num_classes != model.num_classes:
+        raise ValueError(f"{info.name} has {info.num_classes} classes but the checkpoint predicts "
+                         f"{model.num_classes}; evaluate on data with the same classes, or fine-tune first")
+    recipe = {**recipe, "resize": recipe.get("resize")}
+    test = load_split(info.name, "test", recipe, data_dir, subset=test_subset, in_chans=model.in_chans)
+    dataset = info.name
     dev = _resolve_device(device)
     return dataset, evaluate(model.to(dev), test, device=dev)
 

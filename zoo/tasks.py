@@ -105,15 +105,60 @@ class Classification(Task):
             outs.append(model(x.to(device)).float().cpu())
         logits, y = torch.cat(outs), data.targets
         probs = logits.double().softmax(1)
-        return {"accuracy": (logits.argmax(1) == y).double().mean().item(),
-                "balanced_accuracy": balanced_accuracy(logits.argmax(1), y, logits.shape[1]),
-                "roc_auc": roc_auc(probs, y), "loss": F.cross_entropy(logits, y).item(), "num_samples": n}
+        pred, k = logits.argmax(1), logits.shape[1]
+        metrics = {"accuracy": (pred == y).double().mean().item(), "balanced_accuracy": balanced_accuracy(pred, y, k),
+                   "roc_auc": roc_auc(probs, y), "loss": F.cross_entropy(logits, y).item(), "num_samples": n}
+        return {**metrics, **honesty_report(pred, y, k, metrics, getattr(data.info, "classes", None))}
 
     def example_targets(self, batch, num_classes, size, generator=None):
         return torch.randint(0, num_classes, (batch,), generator=generator)
 
     def output_shape(self, batch, num_classes, size):
         return (batch, num_classes)
+
+
+CONSTANT_SHARE = 0.95
+"""Predictions are called (nearly) constant when one class takes at least this share of them."""
+CHANCE_MARGIN = 0.02
+"""Balanced accuracy within this of chance (1 / classes present) does not beat chance."""
+
+
+def honesty_report(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, metrics: dict,
+                   classes=None) -> dict:
+    """What a classifier's scores mean on small or imbalanced data, beside them in ``result.json``:
+
+    - ``baseline``: the majority-class reference, "always predict the most frequent test class" (its accuracy;
+      its balanced accuracy is chance, 1 / classes present; its ROC-AUC 0.5);
+    - ``per_class_recall`` and ``confusion_matrix`` (rows: true class, columns: predicted), and which ROC-AUC
+      ``roc_auc`` is (``roc_auc_kind``: of class 1 for two classes, else the macro one-vs-rest mean);
+    - ``warnings`` (plain words) and ``degenerate`` (true when any applies): the predictions are (nearly) constant
+      (one class takes at least :data:`CONSTANT_SHARE` of them), or balanced accuracy does not beat chance by
+      :data:`CHANCE_MARGIN`."""
+    names = [str(c) for c in classes] if classes and len(classes) == num_classes else [str(c) for c in
+                                                                                          range(num_classes)]
+    counts = torch.bincount(labels, minlength=num_classes)
+    present = int((counts > 0).sum())
+    major = int(counts.argmax())
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    recall = [confusion[c, c].item() / counts[c].item() if counts[c] else None for c in range(num_classes)]
+    chance = 1 / max(present, 1)
+    share = torch.bincount(pred, minlength=num_classes).double() / max(len(pred), 1)
+    top = int(share.argmax())
+    warnings = []
+    if share[top] >= CONSTANT_SHARE and present > 1:
+        warnings.append(f"(nearly) constant predictions: {share[top]:.0%} of the test images are predicted "
+                        f"{names[top]!r}; the model has not learned to tell the classes apart")
+    if metrics["balanced_accuracy"] <= chance + CHANCE_MARGIN:
+        warnings.append(f"balanced accuracy {metrics['balanced_accuracy']:.3f} does not beat chance ({chance:.3f} for "
+                        f"{present} classes); accuracy {metrics['accuracy']:.3f} against the majority-class "
+                        f"baseline's {counts[major].item() / max(len(labels), 1):.3f}")
+    return {"baseline": {"rule": f"always predict {names[major]!r} (the most frequent test class)",
+                         "accuracy": counts[major].item() / max(len(labels), 1), "balanced_accuracy": chance,
+                         "roc_auc": 0.5},
+            "roc_auc_kind": f"class {names[1]!r} against {names[0]!r}" if num_classes == 2 else "macro one-vs-rest",
+            "per_class_recall": dict(zip(names, recall)), "confusion_matrix": confusion.tolist(),
+            "classes": names, "warnings": warnings, "degenerate": bool(warnings)}
 
 
 def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

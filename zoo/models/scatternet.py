@@ -38,12 +38,13 @@ class _ToGrid(nn.AdaptiveAvgPool2d):
 @register_family("scatternet")
 class ScatterNetCNN(ZooClassifier):
     """ScatterNet + CNN, or ScatterNet + linear with ``width=0``. Args: width (channels of both convs, 64 in the
-    paper; 0: a linear head on the normalised coefficients, average-pooled to 8x8, the identity at 32x32), J and L
+    paper; 0: a linear head on the normalised coefficients, average-pooled to ``grid x grid``), J and L
     (scattering scales and orientations), norm_groups (GroupNorm groups over the scattering channels, at most),
-    num_classes, in_chans, act (``tanh`` in the paper)."""
+    num_classes, in_chans, act (``tanh`` in the paper), grid (``width=0`` only: the side of the coefficient grid
+    the linear head reads, ``input side / 2**J`` for the identity: 8 at 32x32, 7 at 28x28)."""
 
     def __init__(self, width: int = 64, J: int = 2, L: int = 8, norm_groups: int = 27, num_classes: int = 10,
-                 in_chans: int = 3, act: str = "tanh"):
+                 in_chans: int = 3, act: str = "tanh", grid: int = 8):
         super().__init__()
         act_f = get_act_layer(act)
         self.in_chans, self.num_classes = in_chans, num_classes
@@ -58,9 +59,9 @@ class ScatterNetCNN(ZooClassifier):
                 nn.Conv2d(width, width, 3, padding=1), act_f(), nn.Flatten(),
             )
             self.num_features = width * 16
-        else:  # ScatterNet + linear: the normalised coefficients themselves, on an 8x8 grid
-            self.features = nn.Sequential(_ToGrid(8), nn.Flatten())
-            self.num_features = k * 64
+        else:  # ScatterNet + linear: the normalised coefficients themselves, on a grid x grid grid
+            self.features = nn.Sequential(_ToGrid(grid), nn.Flatten())
+            self.num_features = k * grid * grid
         self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x):

@@ -1,0 +1,229 @@
+"""Your own data by path (zoo.path_data): the two forms, what a run records, and every refusal of bad input.
+
+The data are small synthetic images written to tmp_path (no data root needed): learnable (the class sets the
+brightness), so a short private run beats chance and the checks of a fresh process compare real metrics.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import zoo
+from zoo.data import DataIntegrityError, DataNotFoundError, UnknownDatasetError, get_dataset_info
+from zoo.path_data import BadDataError, from_arrays, from_path
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+def _images(n: int, seed: int, size=(16, 16), channels: int | None = None):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.integers(0, 120, (n, *size, *((channels,) if channels else ())), dtype=np.uint8)
+    x[y == 1] += 100  # class 1 is brighter: learnable
+    return x, y
+
+
+def _npz(path: Path, n_train=64, n_test=32, **extra) -> Path:
+    xtr, ytr = _images(n_train, 0)
+    xte, yte = _images(n_test, 1)
+    np.savez(path, **{"train_images": xtr, "train_labels": ytr[:, None], "test_images": xte, "test_labels": yte,
+                      **extra})
+    return path
+
+
+def _tree(root: Path, splits=("train", "test"), n=24, size=(16, 16), mode="L") -> Path:
+    for split, seed in zip(splits, (0, 1, 2)):
+        x, y = _images(n, seed, size, 3 if mode == "RGB" else None)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / ("cat", "dog")[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{split}{i}.png")
+    return root
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, cwd=cwd)
+
+
+RUN = dict(epsilon=8.0, delta=1e-3, steps=4, batch_size=32, physical_batch_size=32, augmult=1, seed=0,
+           progress=False, train_subset=None)  # the test card's own subset is of CIFAR-10
+
+
+def test_npz_by_path_trains_records_its_manifest_and_evaluates_in_a_fresh_process(tmp_path):
+    data = _npz(tmp_path / "mine.npz")
+    result = zoo.train("test-wrn10-1", dataset=str(data), out_dir=tmp_path / "run", **RUN)
+    ledger = result["ledger"]
+    assert ledger["dataset"] == str(data.resolve()) == result["dataset"]
+    m = ledger["manifest"]
+    assert m["form"] == "npz" and m["images"] == {"train": 64, "test": 32} and m["classes"] == ["0", "1"]
+    assert m["channels"] == 1 and m["size"] == [16, 16] and len(m["sha256"]) == 64 and m["split"] is None
+    prep = result["preparation"]
+    assert prep["mean"] == [0.5] and prep["std"] == [0.5] and "never statistics" in prep["normalisation_source"]
+    assert prep["resize"]["size"] == [32, 32]  # to the card's input size, with a notice
+    p = _cli("eval", str(tmp_path / "run" / "final.safetensors"), "--out", str(tmp_path / "eval.json"))
+    assert p.returncode == 0, p.stderr
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["dataset"] == str(data.resolve())
+    assert again["test"]["accuracy"] == pytest.approx(result["test"]["accuracy"], abs=1e-6)
+
+
+def test_changed_data_is_refused_where_it_claims_to_be_the_same(tmp_path):
+    data = _npz(tmp_path / "mine.npz")
+    zoo.train("test-wrn10-1", dataset=str(data), out_dir=tmp_path / "run", **RUN)
+    with np.load(data) as z:
+        arrays = dict(z)
+    arrays["test_labels"] = 1 - arrays["test_labels"]
+    np.savez(data, **arrays)
+    p = _cli("eval", str(tmp_path / "run" / "final.safetensors"))
+    assert p.returncode == 2 and "is not the data" in p.stderr and "content sha256" in p.stderr, p.stderr
+    with pytest.raises(DataIntegrityError, match="is not the data .* trained on"):  # composing a budget on it
+        zoo.finetune(tmp_path / "run" / "final.safetensors", str(data), 8.0, 1e-3, out_dir=tmp_path / "ft",
+                     **{k: v for k, v in RUN.items() if k not in ("epsilon", "delta")})
+
+
+def test_same_content_at_another_path_composes_the_budget(tmp_path):
+    data = _npz(tmp_path / "mine.npz")
+    first = zoo.train("test-wrn10-1", dataset=str(data), out_dir=tmp_path / "run", **RUN)
+    moved = tmp_path / "elsewhere" / "renamed.npz"
+    moved.parent.mkdir()
+    moved.write_bytes(data.read_bytes())
+    ft = zoo.finetune(tmp_path / "run" / "final.safetensors", str(moved), 8.0, 1e-3, out_dir=tmp_path / "ft",
+                      **{k: v for k, v in RUN.items() if k not in ("epsilon", "delta")})
+    assert ft["ledger"]["steps"] == first["ledger"]["steps"] + RUN["steps"]  # one ledger: the same people
+    assert ft["ledger"]["epsilon"] > first["ledger"]["epsilon"]
+
+
+def test_image_folder_without_test_split_holds_out_a_recorded_seeded_split(tmp_path, capsys):
+    root = _tree(tmp_path / "tree", splits=("train",), n=40, mode="RGB")
+    ds = from_path(root)
+    assert ds.classes == ("cat", "dog") and ds.in_chans == 3 and ds.image_size == (3, 16, 16)
+    assert ds.manifest["images"] == {"train": 32, "test": 8} and "seed 0" in ds.manifest["split"]["test"]
+    assert "holding out 8" in capsys.readouterr().out
+    again = from_path(root)
+    assert again is ds  # read once per process while the files are unchanged
+    test = ds.load("test")
+    assert test.labels.tolist().count(0) == test.labels.tolist().count(1) == 4  # stratified
+
+
+def test_image_folder_trains_from_the_cli(tmp_path):
+    root = _tree(tmp_path / "tree", n=24)
+    p = _cli("train", "test-wrn10-1", "--dataset", "tree", "--epsilon", "8", "--delta", "1e-3", "--steps", "2",
+             "--batch-size", "16", "--physical-batch-size", "16", "--seed", "0", "--out", "run", "--no-progress",
+             "--train-subset", "0",
+             cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"on {root.resolve()}: test accuracy" in p.stdout and "imagefolder" in p.stdout
+
+
+def test_from_arrays_registers_in_process(tmp_path, monkeypatch):
+    from zoo import data
+
+    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))  # registered for this test only
+    x, y = _images(40, 0)
+    ds = from_arrays("my-arrays", x, y, *_images(20, 1), classes=("dark", "bright"))
+    assert get_dataset_info("my-arrays") is ds and ds.manifest["form"] == "arrays"
+    r = zoo.train("test-wrn10-1", dataset="my-arrays", out_dir=tmp_path / "run", **RUN)
+    assert r["ledger"]["manifest"]["sha256"] == ds.manifest["sha256"]
+    with pytest.raises(ValueError, match="already registered with other content"):
+        from_arrays("my-arrays", x[::-1], y[::-1])
+
+
+def _write(tmp_path: Path, case: str) -> Path:
+    """The bad data of ``case``; returns the path to read."""
+    if case == "mixed-sizes":
+        root = _tree(tmp_path / "t")
+        Image.fromarray(np.zeros((20, 18), np.uint8)).save(root / "train" / "cat" / "odd.png")
+        return root
+    if case == "unreadable":
+        root = _tree(tmp_path / "t")
+        (root / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+        return root
+    if case == "class-not-in-train":
+        root = _tree(tmp_path / "t")
+        (root / "test" / "bird").mkdir()
+        return root
+    if case == "empty-class":
+        root = _tree(tmp_path / "t")
+        (root / "train" / "emu").mkdir()
+        return root
+    if case == "16-bit":
+        root = _tree(tmp_path / "t")
+        Image.fromarray(np.zeros((16, 16), np.uint16)).save(root / "train" / "cat" / "deep.png")
+        return root
+    if case == "leak":
+        root = _tree(tmp_path / "t")
+        src = next((root / "train" / "cat").glob("*.png"))
+        (root / "test" / "cat" / "copy.png").write_bytes(src.read_bytes())
+        return root
+    x, y = _images(64, 0)
+    arrays = {"train_images": x, "train_labels": y}
+    if case == "float":
+        arrays["train_images"] = x / 255.0
+    elif case == "nan":
+        f = x.astype(np.float32)
+        f[5, 0, 0] = np.nan
+        arrays["train_images"] = f
+    elif case == "label-outside":
+        arrays.update(test_images=x[:8], test_labels=np.full(8, 2))
+    elif case == "class-without-images":
+        arrays["train_labels"] = np.where(y == 1, 2, 0)
+    elif case == "too-few":
+        arrays = {"train_images": x[:6], "train_labels": y[:6]}
+    elif case == "multi-label":
+        arrays["train_labels"] = np.stack([y, y], 1)
+    elif case == "no-train":
+        arrays = {"images": x, "labels": y}
+    elif case == "npz-leak":
+        arrays.update(test_images=x[:4], test_labels=y[:4])
+    path = tmp_path / f"{case}.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+BAD = [
+    ("mixed-sizes", r"images of different sizes: .*odd\.png is 18x20 .*resize them all to one size"),
+    ("unreadable", r"broken\.png cannot be read as an image.*replace or remove it"),
+    ("class-not-in-train", r"test/bird is a class that train/ does not have"),
+    ("empty-class", r"class 'emu' has no training images"),
+    ("16-bit", r"deep\.png is a I;16 image .*convert it to 8-bit"),
+    ("leak", r"test image \d+ is identical to train image \d+ \(a leak"),
+    ("float", r"train_images are float64; zoo takes 8-bit images .*\(x \* 255\)\.round\(\)"),
+    ("nan", r"train_images: image 5 holds NaN"),
+    ("label-outside", r"test label 0 is 2, outside the 2 classes"),
+    ("class-without-images", r"class 1 \('1'\) has no training images"),
+    ("too-few", r"6 training images; private training needs at least 10"),
+    ("multi-label", r"multi-label data is not supported"),
+    ("no-train", r"it needs train_images and train_labels"),
+    ("npz-leak", r"test image 0 is identical to train image 0"),
+]
+
+
+@pytest.mark.parametrize("case,pattern", BAD, ids=[b[0] for b in BAD])
+def test_bad_data_gets_an_error_that_names_the_file_and_the_fix(tmp_path, case, pattern):
+    with pytest.raises(BadDataError, match=pattern):
+        from_path(_write(tmp_path, case))
+
+
+def test_a_path_that_is_not_there_and_an_unknown_name(tmp_path):
+    with pytest.raises(DataNotFoundError, match="no data at .*nowhere.npz.*registered data set name"):
+        get_dataset_info(str(tmp_path / "nowhere.npz"))
+    with pytest.raises(UnknownDatasetError, match="unknown dataset 'cifar11'.*or a path: a MedMNIST-style .npz"):
+        get_dataset_info("cifar11")
+
+
+def test_dataset_help_names_the_registered_sets_and_the_path_forms():
+    from zoo.cli import REGISTERED_HELP
+    from zoo.data import list_datasets
+
+    from zoo.path_data import PathDataset
+
+    assert REGISTERED_HELP.split(", ") == [n for n in list_datasets()
+                                          if not isinstance(get_dataset_info(n), PathDataset)]
+    help_text = _cli("train", "--help").stdout
+    assert "pneumoniamnist" in help_text and ".npz" in help_text and "train/<class>" in help_text
