@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -227,3 +228,54 @@ def test_dataset_help_names_the_registered_sets_and_the_path_forms():
                                           if not isinstance(get_dataset_info(n), PathDataset)]
     help_text = _cli("train", "--help").stdout
     assert "pneumoniamnist" in help_text and ".npz" in help_text and "train/<class>" in help_text
+
+
+@pytest.mark.parametrize("n,delta", [(50_000, 1e-5), (4_708, 1e-4), (1_000, 1e-4), (546, 1e-3), (300, 1e-3)])
+def test_auto_recipe_delta_is_the_power_of_ten_below_one_over_n(n, delta):
+    from zoo.auto_recipe import delta_for
+
+    assert delta_for(n) == pytest.approx(delta) and delta_for(n) < 1 / n
+
+
+def test_auto_recipe_splits_the_budget_by_tan_and_keeps_what_is_given():
+    from zoo.auto_recipe import MIN_STEPS, SAMPLE_RATE, choose
+
+    values, record = choose(4_708, 3.0, {})
+    assert values["delta"] == 1e-4 and values["augmult"] == 1 and values["steps"] >= MIN_STEPS
+    assert values["batch_size"] / 4_708 == pytest.approx(SAMPLE_RATE, rel=0.05)
+    assert record["budget_samples"] == pytest.approx(40 * 4_708, rel=0.01) and record["sigma"] > 1
+    assert record["given"] == [] and set(record["reasons"]) >= {"delta", "budget", "batch_size_and_steps"}
+    values, record = choose(50_000, 8.0, {"batch_size": 4096, "delta": 1e-6})
+    assert "batch_size" not in values and "delta" not in values  # explicit settings win
+    assert values["steps"] == round(500_000 / 4096) and record["given"] == ["batch_size", "delta"]
+
+
+def test_run_on_data_by_path_records_the_recipe_choice_in_the_ledger(tmp_path, capsys):
+    data = _npz(tmp_path / "mine.npz")
+    r = zoo.train("test-wrn10-1", dataset=str(data), out_dir=tmp_path / "run",
+                  **{k: v for k, v in RUN.items() if k != "delta"})  # delta left to zoo
+    choice = r["ledger"]["recipe_choice"]
+    assert choice["chosen"] == {"delta": 1e-2} and r["ledger"]["delta"] == 1e-2  # N = 64
+    assert "batch_size" in choice["given"] and "recipe chosen for N=64" in capsys.readouterr().out
+    card = zoo.train("test-wrn10-1", dataset=str(data), out_dir=tmp_path / "card", auto_recipe=False,
+                     **{k: v for k, v in RUN.items() if k != "delta"})
+    assert card["ledger"]["recipe_choice"] is None and card["ledger"]["delta"] == 1e-5  # the card's own
+
+
+def test_rgb_data_on_a_one_channel_checkpoint_is_converted_to_gray_as_its_preparation_says(tmp_path):
+    from zoo.data import LUMA, prepare_input
+
+    gray = zoo.train("test-wrn10-1", dataset=str(_npz(tmp_path / "gray.npz")), out_dir=tmp_path / "gray", **RUN)
+    root = _tree(tmp_path / "rgb", mode="RGB", size=(32, 32), n=40)
+    ft = zoo.finetune(tmp_path / "gray" / "final.safetensors", str(root), 8.0, 1e-3, out_dir=tmp_path / "ft",
+                      **{k: v for k, v in RUN.items() if k not in ("epsilon", "delta")})
+    prep = ft["preparation"]
+    assert gray["preparation"]["data_channels"] == 1
+    assert prep["data_channels"] == 3 and prep["input_size"][0] == 1 and prep["channel_conversion"] == "luma"
+    ds = from_path(root).load("test").with_channels(1)
+    x, _ = ds.batch(slice(0, 4))
+    assert x.shape == (4, 1, 32, 32)
+    raw = from_path(root).load("test").images[:4]
+    assert torch.allclose(prepare_input(raw, prep), x, atol=1e-5)
+    expected = ((raw.float() / 255 - 0.5) / 0.5 * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert torch.allclose(x, expected, atol=1e-5)

@@ -38,6 +38,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-subset", type=int, help="evaluate on a stratified subset of the test set")
     p.add_argument("--download", action="store_true", help="download missing data (needs network access)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--recipe", choices=["auto", "card"], help="auto: delta, batch size, steps and K chosen for the "
+                   "data set's N and epsilon (zoo.auto_recipe; the default for data given by path); card: the "
+                   "model card's recipe. Explicit flags override either")
     _recipe_args(p)
 
 
@@ -50,7 +53,7 @@ def _run_kwargs(a: argparse.Namespace) -> dict:
         kw["train_subset"] = None
     return dict(kw, data_dir=a.data_dir, seed=a.seed, device=a.device, resume=a.resume,
                 checkpoint_every=a.checkpoint_every, test_subset=a.test_subset, progress=not a.no_progress,
-                download=a.download)
+                download=a.download, auto_recipe=None if a.recipe is None else a.recipe == "auto")
 
 
 def _report(result: dict) -> None:
@@ -114,8 +117,9 @@ def run_training(a: argparse.Namespace) -> dict:
             kw["dataset"] = a.dataset
         return zoo.train(a.name, model_args=model_args, **kw)
     eps, delta = kw.pop("epsilon", None), kw.pop("delta", None)
-    if eps is None or delta is None:
-        raise ValueError("finetune needs --epsilon and --delta")
+    if eps is None:
+        raise ValueError("finetune needs --epsilon (and --delta, except for data given by path, where zoo chooses "
+                         "it below 1/N)")
     return zoo.finetune(a.name, a.dataset, eps, delta, **kw)
 
 

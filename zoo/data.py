@@ -324,6 +324,10 @@ class PneumoniaMNISTInfo(DatasetInfo):
 
 
 # ----------------------------------------------------------------------------- in-memory data
+LUMA = torch.tensor([0.299, 0.587, 0.114])
+"""ITU-R BT.601 luma weights: RGB to gray for a 1-channel model (they sum to 1)."""
+
+
 class ArrayDataset:
     """In-memory uint8 images ``[N,C,H,W]`` with one target per image (``targets``) and their
     :class:`DatasetInfo`. ``ds[i]`` returns ``(uint8 image(s), target(s))`` like a TensorDataset; :meth:`batch`
@@ -351,21 +355,25 @@ class ArrayDataset:
         mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.info.std).view(1, -1, 1, 1)
         x = (self.images[indices].float().div_(255) - mean) / std
-        if self.channels:
+        if self.channels == 1 and x.shape[1] == 3:  # RGB to gray: ITU-R BT.601 luma of the normalised channels
+            x = (x * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
+        elif self.channels:
             x = x.expand(-1, self.channels, -1, -1).contiguous()
         return x, self.targets[indices]
 
     def with_channels(self, channels: int) -> "ArrayDataset":
         """This data as a model with ``channels`` input channels takes it: grayscale images are repeated to
-        ``channels`` channels by :meth:`batch` (after normalisation). For a model pretrained on RGB this equals
+        ``channels`` channels by :meth:`batch` (after normalisation), and RGB images become their ITU-R BT.601 luma
+        (:data:`LUMA`, after normalisation) for a 1-channel model. For a model pretrained on RGB this equals
         summing its first layer's filters over the input channels (timm's ``adapt_input_conv``), and it holds for
         every first layer, including weight-standardized and equivariant ones, because the model is unchanged."""
         have = self.images.shape[1]
         if channels == have:
             return self
-        if have != 1:
+        if have != 1 and not (have == 3 and channels == 1):
             raise ValueError(f"{self.info.name} has {have}-channel images; a model with {channels} input channels "
-                             "cannot take them (only grayscale images are repeated to more channels)")
+                             "cannot take them (grayscale images are repeated to more channels, and RGB images "
+                             "converted to gray for a 1-channel model)")
         new = copy.copy(self)
         new.channels = channels
         return new
@@ -447,12 +455,14 @@ def preparation(info: DatasetInfo, recipe: dict, in_chans: int) -> dict:
     """How an image must be prepared for a model trained on ``info`` with ``recipe`` (the ``preparation`` block of
     a checkpoint's sidecar, timm's ``pretrained_cfg``): 8-bit pixels divided by 255, resized to ``input_size``
     (when the run resized: bilinear with antialiasing, as :meth:`ImageDataset.resized`), normalised per channel of
-    the *data* with ``mean``/``std``, then a single channel repeated to the model's ``in_chans``
-    (:meth:`ArrayDataset.with_channels`). :func:`prepare_input` applies it."""
+    the *data* with ``mean``/``std``, then a single channel repeated to the model's ``in_chans``, or three
+    channels combined to their luma for a 1-channel model (``channel_conversion``, :meth:`ArrayDataset.with_channels`).
+    :func:`prepare_input` applies it."""
     size = recipe.get("resize")
     h, w = (int(size), int(size)) if size else tuple(info.image_size[1:])
     return {"input_size": [int(in_chans), h, w], "data_channels": int(info.in_chans),
-            "channel_conversion": "repeat" if in_chans != info.in_chans else "none",
+            "channel_conversion": "none" if in_chans == info.in_chans else (
+                "luma" if in_chans == 1 and info.in_chans == 3 else "repeat"),
             "pixel_scale": "uint8 / 255", "resize": None if not size else {"size": [h, w], "mode": "bilinear",
                                                                            "antialias": True},
             "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
@@ -483,7 +493,7 @@ def prepare_input(images: torch.Tensor, cfg: dict) -> torch.Tensor:
     c = cfg["data_channels"]
     if x.shape[1] != c:
         if x.shape[1] == 3 and c == 1:  # RGB to gray: ITU-R BT.601 luma
-            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = (x * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
         elif x.shape[1] == 1:
             x = x.repeat(1, c, 1, 1)
         else:
@@ -493,7 +503,10 @@ def prepare_input(images: torch.Tensor, cfg: dict) -> torch.Tensor:
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     x = (x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
     if cfg["input_size"][0] != c:
-        x = x.repeat(1, cfg["input_size"][0] // c, 1, 1)
+        if cfg.get("channel_conversion") == "luma":  # an RGB data set, a 1-channel model: as ArrayDataset.batch
+            x = (x * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            x = x.repeat(1, cfg["input_size"][0] // c, 1, 1)
     return x
 
 

@@ -323,7 +323,7 @@ def pretraining_record(parent: dict | None, init: dict, dataset: str) -> dict:
 def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
          parent: dict | None = None, seed_source: str | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
          test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2,
-         requested: dict | None = None, init: dict | None = None) -> dict:
+         requested: dict | None = None, init: dict | None = None, recipe_choice: dict | None = None) -> dict:
     """The training loop of :func:`train` and :func:`finetune`. ``out_dir`` holds one run: a fresh run refuses a
     folder with another run's files (:class:`RunFolderError`); ``resume`` continues the run there with its own
     recipe and seed, and refuses ``requested`` settings that differ from them, naming each, and a run that is
@@ -395,8 +395,9 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
             info.check_same(ledger.manifest, f"the ledger of this run (dataset {ledger.dataset})")
     info, train, test = _load_data(recipe, data_dir, test_subset, download, model.in_chans)
     if model.in_chans != info.in_chans:
-        _say(f"{info.name} has {info.in_chans}-channel images: repeating them to the model's {model.in_chans} "
-              "input channels")
+        how = "converting them to gray (ITU-R BT.601 luma)" if model.in_chans == 1 else "repeating them"
+        _say(f"{info.name} has {info.in_chans}-channel images: {how} for the model's {model.in_chans} input "
+             "channel(s)")
     _check_sizes(model, recipe, train, test)
     prep = preparation(info, recipe, model.in_chans)
     if model.num_classes != info.num_classes:
@@ -410,7 +411,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         ledger = Ledger(dataset=info.name, num_samples=n, delta=recipe["delta"], accountant=recipe["accountant"],
                         clip_norm=recipe["clip_norm"], target_epsilon=recipe["epsilon"], parent=parent,
                         pretraining=pretraining_record(parent, init, info.name) if init else None,
-                        augmult=recipe["augmult"], manifest=getattr(info, "manifest", None))
+                        augmult=recipe["augmult"], manifest=getattr(info, "manifest", None),
+                        recipe_choice=recipe_choice)
     if ledger.num_samples != n:
         raise ValueError(f"the ledger is for N={ledger.num_samples} samples of {ledger.dataset}, this run has {n}")
     done = int(state.get("step", 0))
@@ -533,7 +535,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
 def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
           seed: int | None = None, device: str | None = None, resume: bool = False,
           checkpoint_every: int | None = None, test_subset: int | None = None, progress: bool = True,
-          download: bool = False, model_args: dict | None = None, **recipe_overrides: Any) -> dict:
+          download: bool = False, model_args: dict | None = None, auto_recipe: bool | None = None,
+          **recipe_overrides: Any) -> dict:
     """Train registered model ``name`` from scratch with DP-SGD under its card's recipe.
 
     ``recipe_overrides`` replace recipe fields (epsilon, delta, steps, batch_size, dataset, ...); the model is
@@ -542,9 +545,12 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
     checkpoints ``step-*`` (resumable with ``resume=True``), ``final`` (EMA weights, ledger, metrics) and
     ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model).
     Started by ``torchrun``, the processes train one model together (:mod:`zoo.distributed`).
+    ``auto_recipe`` (default: on for data given by path): delta, batch size, steps and K chosen for the data set's
+    N and epsilon (:mod:`zoo.auto_recipe`) where not given; ``False`` keeps the card's.
     """
     with distributed.process_group(device):  # under torchrun: one DP-SGD run over all processes
         card = get_card(name)
+        recipe_overrides, choice = _auto(card, recipe_overrides, auto_recipe)
         recipe = _recipe(card, recipe_overrides)
         given_seed = seed
         seed, source = _resolve_seed(seed)  # before building: the initialisation is part of the reproducible run
@@ -559,14 +565,31 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
         return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source,
                     out_dir=out_dir, data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
                     test_subset=test_subset, progress=progress, resume=resume, download=download,
-                    requested=requested)
+                    requested=requested, recipe_choice=choice)
 
 
-def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta: float, *,
+def _auto(card: dict, overrides: dict, auto: bool | None) -> tuple[dict, dict | None]:
+    """``(overrides with the recipe fields chosen for the data, the ledger's record of the choice)``: the choice of
+    :mod:`zoo.auto_recipe` for data given by path (or wherever ``auto`` is true), else ``(overrides, None)``."""
+    from . import auto_recipe
+
+    dataset = overrides.get("dataset") or card["recipe"]["dataset"]
+    info = get_dataset_info(dataset)
+    if auto is False or (auto is None and not hasattr(info, "manifest")):
+        return overrides, None
+    epsilon = overrides.get("epsilon", card["recipe"]["epsilon"])
+    n = overrides.get("train_subset") or len(info.load("train").targets)
+    values, record = auto_recipe.choose(n, float(epsilon), {k: v for k, v in overrides.items() if v is not None},
+                                        overrides.get("accountant") or card["recipe"]["accountant"])
+    _say(auto_recipe.describe(record))
+    return {**overrides, **values}, record
+
+
+def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta: float | None = None, *,
              out_dir: str | Path | None = None, data_dir: str | Path | None = None, seed: int | None = None,
              device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
              test_subset: int | None = None, progress: bool = True, download: bool = False,
-             **recipe_overrides: Any) -> dict:
+             auto_recipe: bool | None = None, **recipe_overrides: Any) -> dict:
     """Privately fine-tune a checkpoint (a path, or a registered name with a pretrained checkpoint).
 
     The head is reset when ``dataset`` differs from the checkpoint's or has another number of classes; grayscale
@@ -588,7 +611,13 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
         same = old is not None and (old["dataset"] == dataset or _same_content(old.get("manifest"), info))
         if not same or model.num_classes != info.num_classes:
             model.reset_classifier(info.num_classes)
-        recipe = _recipe(card, {**recipe_overrides, "dataset": dataset, "epsilon": epsilon, "delta": delta})
+        recipe_overrides, choice = _auto(card, {**recipe_overrides, "dataset": dataset, "epsilon": epsilon,
+                                                "delta": delta}, auto_recipe)
+        delta = recipe_overrides["delta"]
+        if delta is None:
+            raise ValueError(f"fine-tuning on {dataset} needs delta (below 1/N of its training set); only for data "
+                             "given by path does zoo choose it (zoo.auto_recipe)")
+        recipe = _recipe(card, recipe_overrides)
         ledger = None
         if same:
             ledger = Ledger.from_dict(old)
@@ -598,5 +627,5 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
         return _run(model, model_name=sidecar["model"], card=card, recipe=recipe, ledger=ledger,
                     parent=None if same else old, out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
                     checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress, resume=resume,
-                    download=download, requested=requested,
+                    download=download, requested=requested, recipe_choice=choice,
                     init={"checkpoint_sha256": sidecar["sha256"], "model": sidecar["model"]})

@@ -107,7 +107,8 @@ class Ledger:
     or is public data with respect to this data set, and the starting checkpoint's sha256. ``augmult`` is the
     number K of augmented views per sample (averaged before clipping: it does not change the sensitivity).
     ``manifest`` describes the content of data given by path (:mod:`zoo.path_data`: a sha256 over it), so that the
-    ledger is tied to those images and not to a folder name.
+    ledger is tied to those images and not to a folder name. ``recipe_choice`` records how delta, batch size and
+    steps were chosen when zoo chose them for the data (:mod:`zoo.auto_recipe`).
     """
 
     dataset: str
@@ -121,6 +122,7 @@ class Ledger:
     pretraining: dict | None = None
     augmult: int | None = None
     manifest: dict | None = None
+    recipe_choice: dict | None = None
 
     def __post_init__(self):
         if not 0 < self.delta < 1:
@@ -164,7 +166,7 @@ class Ledger:
     def from_dict(cls, d: dict) -> "Ledger":
         keys = {"dataset", "num_samples", "delta", "accountant", "clip_norm", "target_epsilon", "history", "parent"}
         ledger = cls(**{k: d[k] for k in keys}, pretraining=d.get("pretraining"), augmult=d.get("augmult"),
-                     manifest=d.get("manifest"))
+                     manifest=d.get("manifest"), recipe_choice=d.get("recipe_choice"))
         if "epsilon" in d and not math.isclose(ledger.epsilon(), d["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
             raise ValueError(f"ledger says epsilon={d['epsilon']} but its history gives {ledger.epsilon()}: "
                              "the ledger was edited")
