@@ -16,6 +16,10 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
              simulated recipe of each model at full privacy, 3 public seeds.
   scatternet ``scatternet-linear`` with the study's chosen full recipe, secret seed, published as
              ``scatternet-linear.dp_eps8`` (the default) with the study's seed spread.
+  pneumonia-scatternet-study  ``eval/study_cifar10.py --config pneumonia-scatternet``: the same TAN procedure for
+             ScatterNet + linear / + CNN on PneumoniaMNIST at epsilon 8, 3 and 1 (a few tens of seconds per run).
+  pneumonia-scatternet  per epsilon, the better ScatterNet model of that study (mean balanced accuracy over its
+             full-privacy seeds), secret seed, published as ``MODEL.dp_epsE`` (epsilon 8 the card's default).
 Budgets are in samples processed; wall times are printed. Reproduce:  python eval/release_cpu.py [--stages ...]
 """
 from __future__ import annotations
@@ -78,38 +82,49 @@ def study_rows(path: Path = STUDY_CSV) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def cifar10_release(model: str, tag: str) -> None:
-    """Train ``model`` once more with the CIFAR-10 study's chosen full-privacy recipe and a secret seed, and
-    publish it as the card's default with the spread of the study's full-privacy seeds."""
+def tan_study_release(config: str, models: list[str], epsilon: float, default: bool) -> None:
+    """Train the best of ``models`` at ``epsilon`` in the TAN study ``config`` of ``eval/study_cifar10.py`` (the
+    full-privacy recipe with the highest mean ranking metric over its seeds) once more with a secret seed, and
+    publish it as ``MODEL.dp_epsE`` with the spread of the study's full-privacy seeds."""
+    from study_cifar10 import CONFIGS as TAN_STUDIES  # eval/ is on the path of this script
+
+    cfg = TAN_STUDIES[config]
+    csv_path = ROOT / "eval" / "results" / f"{cfg['dataset']}-{config}" / "results.csv"
     groups: dict = {}
-    for r in study_rows(CIFAR_STUDY_CSV):
-        if r["stage"] == "full" and r["model"] == model:
-            groups.setdefault((r["batch_size"], r["steps"], r["lr"]), []).append(r)
+    for r in study_rows(csv_path):
+        if r["stage"] == "full" and r["model"] in models and float(r["epsilon_target"]) == epsilon:
+            groups.setdefault((r["model"], r["batch_size"], r["steps"], r["lr"]), []).append(r)
     groups = {k: rs for k, rs in groups.items() if len(rs) >= 2}
     if not groups:
-        raise SystemExit(f"the CIFAR-10 study has no full-privacy recipe of {model} with 2 or more seeds; run the "
-                         "cifar10-study stage first")
-    rows = max(groups.values(), key=lambda rs: statistics.fmean(float(r["accuracy"]) for r in rs))
-    from study_cifar10 import CONFIGS as CIFAR_STUDY  # eval/ is on the path of this script
-
+        raise SystemExit(f"the study {config} has no full-privacy recipe of {models} at epsilon {epsilon:g} with 2 "
+                         f"or more seeds; run `python eval/study_cifar10.py --config {config}` first")
+    metric = cfg["metric"]
+    (model, *_), rows = max(groups.items(), key=lambda kv: statistics.fmean(float(r[metric]) for r in kv[1]))
+    tag = f"dp_eps{epsilon:g}"
+    if published(f"{model}.{tag}"):
+        return
     r0 = rows[0]
-    fixed = CIFAR_STUDY["release"]["models"][model]["fixed"]
-    recipe = {"epsilon": 8, "batch-size": r0["batch_size"], "steps": r0["steps"], "lr": r0["lr"],
-              **{k.replace("_", "-"): v for k, v in fixed.items()}}
-    accs = [float(r["accuracy"]) for r in rows]
-    spread = {"accuracy": (statistics.stdev(accs), len(accs),
-                           f"eval/study_cifar10.py --config release, stage full, {len(accs)} seeds")}
-    out = RUNS / f"cifar10-{model}-eps8"
+    recipe = {"dataset": cfg["dataset"], "epsilon": f"{epsilon:g}", "delta": f"{cfg['delta']:g}",
+              "batch-size": r0["batch_size"], "steps": r0["steps"], "lr": r0["lr"],
+              **{k.replace("_", "-"): v for k, v in cfg["models"][model]["fixed"].items()}}
+    metrics = [m for m in METRICS if m in r0]
+    source = f"eval/study_cifar10.py --config {config}, stage full, {len(rows)} seeds"
+    spread = {m: (statistics.stdev(float(r[m]) for r in rows), len(rows), source) for m in metrics}
+    mean = statistics.fmean(float(r[metric]) for r in rows)
+    print(f"{config}, epsilon {epsilon:g}: {model}, B={r0['batch_size']}, S={r0['steps']}, lr={r0['lr']} (mean "
+          f"{metric} {mean:.4f})", flush=True)
+    out = RUNS / f"{cfg['dataset']}-{model}-eps{epsilon:g}"
     run([*ZOO, "train", model, *flags(recipe)], out)
-    publish(out, model, tag, default=True, spread=spread,
-            note=f"recipe chosen by TAN's small-batch simulation in eval/study_cifar10.py; full-privacy seeds "
-                 f"0-{len(accs) - 1}: mean accuracy {statistics.fmean(accs):.4f}")
+    publish(out, model, tag, default=default, spread=spread,
+            note=f"recipe chosen by TAN's small-batch simulation in eval/study_cifar10.py --config {config}; "
+                 f"full-privacy seeds 0-{len(rows) - 1}: mean {metric.replace('_', ' ')} {mean:.4f}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+",
-                    default=["backbone", "study", "pneumonia", "cifar10", "cifar10-study", "scatternet"])
+                    default=["backbone", "study", "pneumonia", "cifar10", "cifar10-study", "scatternet",
+                             "pneumonia-scatternet-study", "pneumonia-scatternet"])
     args = ap.parse_args()
     os.environ.setdefault("ZOO_DATA", str(ROOT.parent / "shared" / "data"))
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -153,8 +168,15 @@ def main() -> int:
         publish(out, "wrn16-1", "dp_eps8", default=True)
     if "cifar10-study" in args.stages:
         subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release"], check=True)
-    if "scatternet" in args.stages and not published("scatternet-linear.dp_eps8"):
-        cifar10_release("scatternet-linear", "dp_eps8")
+    if "scatternet" in args.stages:
+        tan_study_release("release", ["scatternet-linear"], 8.0, default=True)
+    if "pneumonia-scatternet-study" in args.stages:
+        subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "pneumonia-scatternet"],
+                       check=True)
+    if "pneumonia-scatternet" in args.stages:
+        for eps in (8.0, 3.0, 1.0):
+            tan_study_release("pneumonia-scatternet", ["scatternet-linear-pneumonia", "scatternet-cnn-pneumonia"],
+                              eps, default=eps == 8)
     if shutil.which("git"):
         subprocess.run([*ZOO, "card"], check=True)
     return 0

@@ -279,3 +279,45 @@ def test_rgb_data_on_a_one_channel_checkpoint_is_converted_to_gray_as_its_prepar
     assert torch.allclose(prepare_input(raw, prep), x, atol=1e-5)
     expected = ((raw.float() / 255 - 0.5) / 0.5 * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
     assert torch.allclose(x, expected, atol=1e-5)
+
+
+def _seg_tree(root: Path, n=12, size=32, splits=False) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        m = np.zeros((size, size), np.uint8)
+        r, c = rng.integers(4, size - 12, 2)
+        m[r:r + 8, c:c + 8] = 255  # a bright square is the foreground
+        x = (rng.integers(0, 80, (size, size)) + (m > 0) * 150).astype(np.uint8)
+        split = ("train" if i < n * 3 // 4 else "test") if splits else ""
+        for kind, arr in (("images", x), ("masks", m)):
+            d = root / split / kind
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(d / f"s{i}.png")
+    return root
+
+
+def test_segmentation_images_and_masks_by_path(tmp_path):
+    root = _seg_tree(tmp_path / "seg", n=12)
+    ds = from_path(root)
+    assert ds.task == "segmentation" and ds.classes == ("background", "foreground")
+    assert ds.manifest["form"] == "segfolder" and ds.manifest["images"] == {"train": 10, "test": 2}
+    test = ds.load("test")
+    assert test.masks.shape == (2, 32, 32) and set(test.masks.unique().tolist()) == {0, 1}
+    r = zoo.train("test-unet-w4", dataset=str(root), out_dir=tmp_path / "run", epsilon=8.0, delta=1e-2, steps=2,
+                  batch_size=4, physical_batch_size=4, augmult=1, seed=0, progress=False, crop=None,
+                  train_subset=None)
+    assert r["ledger"]["manifest"]["sha256"] == ds.manifest["sha256"] and "dice" in r["test"]
+    split = from_path(_seg_tree(tmp_path / "split", n=8, splits=True))
+    assert split.manifest["images"] == {"train": 6, "test": 2} and split.manifest["split"] is None
+
+
+@pytest.mark.parametrize("case,pattern", [("unmatched", r"s3\.\* has no mask of the same name"),
+                                          ("mask-size", r"masks/s0\.png is 16x16 but its image .* is 32x32")])
+def test_segmentation_bad_data(tmp_path, case, pattern):
+    root = _seg_tree(tmp_path / "seg", n=8)
+    if case == "unmatched":
+        (root / "masks" / "s3.png").unlink()
+    else:
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "masks" / "s0.png")
+    with pytest.raises(BadDataError, match=pattern):
+        from_path(root)

@@ -15,8 +15,9 @@ from typing import Any
 CARDS_DIR = Path(__file__).resolve().parent.parent / "models"
 MODEL_CARD_PATH = CARDS_DIR.parent / "MODEL_CARD.md"
 STUDIES_DIR = CARDS_DIR.parent / "eval" / "results"  # each study's results.md is included in MODEL_CARD.md
-PATH_FORMS = ("a MedMNIST-style .npz file (train_images, train_labels, optional val_*/test_*) or an ImageFolder tree "
-              "(train/<class>/*.png|jpg, optional val/ and test/)")
+PATH_FORMS = ("a MedMNIST-style .npz file (train_images, train_labels, optional val_*/test_*), an ImageFolder tree "
+              "(train/<class>/*.png|jpg, optional val/ and test/), or for segmentation images/ + masks/ with "
+              "matching file names")
 """What a recipe's ``dataset`` may name besides a registered data set: a path to data of these forms
 (:mod:`zoo.path_data`); for help texts and errors."""
 

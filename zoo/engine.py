@@ -385,8 +385,9 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         raise ValueError(f"recipe setting(s) {unused} do not apply to {task.name} ({info.name}); remove them")
     if hasattr(info, "manifest"):  # data given by path (zoo.path_data)
         _say(describe_path_data(info))
-        size = card["input_size"][1:]
-        if recipe.get("resize") is None and list(info.image_size[1:]) != list(size) and size[0] == size[1]:
+        size = card["input_size"][1:]  # a classifier's input size; a segmenter takes any multiple of its own
+        if info.task == "classification" and recipe.get("resize") is None and list(info.image_size[1:]) != \
+                list(size) and size[0] == size[1]:
             recipe["resize"] = int(size[0])
             _say(f"resizing the {info.image_size[1]}x{info.image_size[2]} images to the model's input size "
                  f"{size[0]}x{size[1]} (bilinear, antialiased; recorded in the checkpoint's preparation); pass "

@@ -1,11 +1,14 @@
 """Your own classification data, by path: wherever zoo takes a registered data set's name, it takes a path too.
 
-Two forms (:func:`from_path` tells them apart):
+Three forms (:func:`from_path` tells them apart):
 
 - a **MedMNIST-style ``.npz``**: ``train_images``/``train_labels`` and optionally ``val_*`` and ``test_*``; images
   ``[N, H, W]`` or ``[N, H, W, C]`` (C = 1 or 3), 8-bit (``uint8``); labels ``[N]`` or ``[N, 1]``, integers from 0;
 - an **ImageFolder tree** (torchvision's layout): ``train/<class>/*.png|jpg|...``, optionally ``val/`` and
-  ``test/`` with the same class folders; classes are the sorted folder names of ``train/``.
+  ``test/`` with the same class folders; classes are the sorted folder names of ``train/``;
+- for **segmentation**, ``images/`` and ``masks/`` with matching file names (or ``train/images/``,
+  ``train/masks/`` and optionally the same under ``val/`` and ``test/``). Masks are 8-bit images of class indices
+  0..K-1, or binary 0/255 (read as background 0 / foreground 1).
 
 Without a test split, a stratified 20 % of the training images is held out with seed 0, and the split is recorded
 (``manifest["split"]``). Images must share one size (zoo does not guess how to resize a mixed set) and be 8-bit;
@@ -43,9 +46,10 @@ FIXED_MEAN, FIXED_STD = 0.5, 0.5
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 TEST_FRACTION, SPLIT_SEED = 0.2, 0
 """Without a test split: this stratified fraction of the training images is held out, with this seed."""
-MIN_TRAIN = 10
-"""Fewest training images zoo trains on privately: below it no delta < 1/N gives a meaningful guarantee, and no
-recipe learns anything under noise."""
+MIN_TRAIN, MIN_TRAIN_SEGMENTATION = 10, 4
+"""Fewest training images zoo trains on privately (classification, segmentation): below them no delta < 1/N gives
+a meaningful guarantee, and no recipe learns anything under noise. A segmentation image carries many pixels of
+signal (ISBI 2012 trains on 20 slices), hence the lower floor."""
 
 
 class BadDataError(ValueError):
@@ -53,13 +57,14 @@ class BadDataError(ValueError):
 
 
 class PathDataset(DatasetInfo):
-    """A classification data set read from a path (:func:`from_path`): all splits in memory, uint8 ``[N,C,H,W]``.
-    ``name`` is the resolved path; ``manifest`` describes the content (module docstring)."""
-
-    task = "classification"
+    """A data set read from a path (:func:`from_path`): all splits in memory, uint8 images ``[N,C,H,W]`` and
+    int64 labels ``[N]`` (classification) or masks ``[N,H,W]`` (segmentation). ``name`` is the resolved path;
+    ``manifest`` describes the content (module docstring)."""
 
     def __init__(self, path: Path, form: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
-                 classes: tuple[str, ...], digest: str, split_record: dict | None, files: int):
+                 classes: tuple[str, ...], digest: str, split_record: dict | None, files: int,
+                 task: str = "classification"):
+        self.task = task
         self.name = str(path)
         self.path = path
         self.classes = classes
@@ -71,7 +76,7 @@ class PathDataset(DatasetInfo):
         self.normalisation_source = (f"fixed constants mean {FIXED_MEAN}, std {FIXED_STD} per channel (never "
                                      "statistics of the private data)")
         self._splits = splits
-        self.manifest = {"form": form, "path": str(path), "sha256": digest, "files": files,
+        self.manifest = {"form": form, "task": task, "path": str(path), "sha256": digest, "files": files,
                          "classes": list(classes), "channels": self.in_chans, "size": list(self.image_size[1:]),
                          "images": {s: int(len(y)) for s, (_, y) in splits.items()}, "split": split_record}
 
@@ -79,6 +84,10 @@ class PathDataset(DatasetInfo):
         if split not in self._splits:
             raise ValueError(f"{self.path} has no {split!r} split; it has {sorted(self._splits)}")
         x, y = self._splits[split]
+        if self.task == "segmentation":
+            from .seg_data import SegmentationDataset
+
+            return SegmentationDataset(torch.from_numpy(x), torch.from_numpy(y), self)
         return ImageDataset(torch.from_numpy(x), torch.from_numpy(y), self)
 
     def check_same(self, manifest: dict | None, what: str) -> None:
@@ -116,6 +125,8 @@ def from_path(path: str | Path) -> PathDataset:
                 raise BadDataError(f"{p} is a {p.suffix or 'suffix-less'} file; zoo reads a .npz file (train_images, "
                                    "train_labels, ...) or a folder with train/<class>/ images")
             _CACHE[key] = _read_npz(p)
+        elif (p / "masks").is_dir() or (p / "train" / "masks").is_dir():
+            _CACHE[key] = _read_seg_tree(p, files)
         else:
             _CACHE[key] = _read_tree(p, files)
     return _CACHE[key]
@@ -215,8 +226,6 @@ def _labels(y: np.ndarray, where: str) -> np.ndarray:
 
 
 def _read_tree(p: Path, files: list[Path]) -> PathDataset:
-    from PIL import Image, UnidentifiedImageError
-
     if not (p / "train").is_dir():
         raise BadDataError(f"{p} has no train/ folder; an image folder needs train/<class>/*.png|jpg (optionally "
                            "val/ and test/ with the same class folders)")
@@ -242,16 +251,7 @@ def _read_tree(p: Path, files: list[Path]) -> PathDataset:
             for f in imgs:
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                try:
-                    with Image.open(f) as im:
-                        im.load()
-                        mode = im.mode
-                        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                            raise BadDataError(f"{f} is a {mode} image (more than 8 bits per pixel); convert it to "
-                                               "8-bit PNG or JPEG")
-                        arr = np.asarray(im.convert("L" if mode in ("L", "1") else "RGB"))
-                except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                    raise BadDataError(f"{f} cannot be read as an image ({e}); replace or remove it") from None
+                arr = _read_image(f)
                 if size is None:
                     size, first = arr.shape[:2], f
                 elif arr.shape[:2] != size:
@@ -272,35 +272,101 @@ def _read_tree(p: Path, files: list[Path]) -> PathDataset:
     return _finish(p, "imagefolder", splits, classes, digest, str(p), files=len(lines))
 
 
+def _read_image(f: Path, gray: bool = False) -> np.ndarray:
+    """An 8-bit image file as ``[H, W]`` (grayscale, or ``gray``) or ``[H, W, 3]``; a clear error otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise BadDataError(f"{f} is a {im.mode} image (more than 8 bits per pixel); convert it to 8-bit PNG "
+                                   "or JPEG")
+            return np.asarray(im.convert("L" if gray or im.mode in ("L", "1") else "RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise BadDataError(f"{f} cannot be read as an image ({e}); replace or remove it") from None
+
+
+def _read_seg_tree(p: Path, files: list[Path]) -> PathDataset:
+    """``images/`` + ``masks/`` (or per split under ``train/``, ``val/``, ``test/``) with matching file stems."""
+    roots = {"train": p} if (p / "masks").is_dir() else {s: p / s for s in ("train", "val", "test")
+                                                           if (p / s / "masks").is_dir()}
+    hashes = dict(zip(files, (h["sha256"] for h in _files_hashes(files))))
+    lines, splits, size, values = [], {}, None, set()
+    raw = {}
+    for split, root in roots.items():
+        if not (root / "images").is_dir():
+            raise BadDataError(f"{root} has masks/ but no images/; give images/ and masks/ with matching file names")
+        images = {f.stem: f for f in sorted((root / "images").iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
+        masks = {f.stem: f for f in sorted((root / "masks").iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
+        alone = sorted(set(images) ^ set(masks))
+        if alone:
+            side = "images/" if alone[0] in images else "masks/"
+            raise BadDataError(f"{root / side}{alone[0]}.* has no {'mask' if side == 'images/' else 'image'} of the "
+                               f"same name ({len(alone)} unmatched); give every image a mask with the same file name")
+        for stem in sorted(images):
+            x, m = _read_image(images[stem]), _read_image(masks[stem], gray=True)
+            if x.shape[:2] != m.shape:
+                raise BadDataError(f"{masks[stem]} is {m.shape[1]}x{m.shape[0]} but its image {images[stem]} is "
+                                   f"{x.shape[1]}x{x.shape[0]}; a mask must have its image's size")
+            if size is None:
+                size, first = x.shape[:2], images[stem]
+            elif x.shape[:2] != size:
+                raise BadDataError(f"images of different sizes: {first} is {size[1]}x{size[0]} but {images[stem]} is "
+                                   f"{x.shape[1]}x{x.shape[0]}; resize them (and their masks) to one size first")
+            values |= set(np.unique(m).tolist())
+            raw.setdefault(split, []).append((x, m))
+            lines += [f"{split}/images/{images[stem].name} {hashes[images[stem]]}",
+                      f"{split}/masks/{masks[stem].name} {hashes[masks[stem]]}"]
+    if not raw.get("train"):
+        raise BadDataError(f"{p} holds no training image with a mask; give images/ and masks/ (or train/images/, "
+                           "train/masks/)")
+    binary = values <= {0, 255}
+    k = 2 if binary else max(values) + 1
+    rgb = any(x.ndim == 3 for items in raw.values() for x, _ in items)
+    for split, items in raw.items():
+        xs = [x if x.ndim == 3 else (np.repeat(x[..., None], 3, -1) if rgb else x[..., None]) for x, _ in items]
+        ms = [(m == 255).astype(np.int64) if binary else m.astype(np.int64) for _, m in items]
+        splits[split] = (np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2)), np.stack(ms))
+    classes = ("background", "foreground") if binary else tuple(str(i) for i in range(k))
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return _finish(p, "segfolder", splits, classes, digest, str(p), files=len(lines), task="segmentation")
+
+
 def _finish(p: Path, form: str, splits: dict, classes: tuple[str, ...], digest: str, where: str,
-            files: int) -> PathDataset:
+            files: int, task: str = "classification") -> PathDataset:
     """Labels within the classes, every class in train, enough images, no image in two splits; the held-out
     test split when there is none."""
     k = len(classes)
     for split, (_, y) in splits.items():
-        bad = np.flatnonzero((y < 0) | (y >= k))
+        bad = np.flatnonzero(((y < 0) | (y >= k)).reshape(len(y), -1).any(1))
         if bad.size:
-            raise BadDataError(f"{where}: {split} label {int(bad[0])} is {int(y[bad[0]])}, outside the {k} classes "
-                               f"0..{k - 1} {list(classes)}; fix the label or the class list")
-    counts = np.bincount(splits["train"][1], minlength=k)
-    if (counts == 0).any():
+            what = "mask of image" if task == "segmentation" else "label"
+            raise BadDataError(f"{where}: {split} {what} {int(bad[0])} holds {int(y[bad[0]].max())}, outside the {k} "
+                               f"classes 0..{k - 1} {list(classes)}; fix the label or the class list")
+    counts = np.bincount(splits["train"][1].reshape(-1), minlength=k)
+    if task == "classification" and (counts == 0).any():
         c = int(np.flatnonzero(counts == 0)[0])
         raise BadDataError(f"{where}: class {c} ({classes[c]!r}) has no training images (training counts per class "
                            f"{counts.tolist()}); add images of it or renumber the classes")
-    if len(splits["train"][1]) < MIN_TRAIN:
+    minimum = MIN_TRAIN if task == "classification" else MIN_TRAIN_SEGMENTATION
+    if len(splits["train"][1]) < minimum:
         raise BadDataError(f"{where}: {len(splits['train'][1])} training images; private training needs at least "
-                           f"{MIN_TRAIN} (delta must stay below 1/N, and DP noise swamps so few samples)")
+                           f"{minimum} (delta must stay below 1/N, and DP noise swamps so few samples)")
     split_record = None
     if "test" not in splits:
         x, y = splits["train"]
-        test = _stratified(y, TEST_FRACTION, SPLIT_SEED)
+        test = _stratified(y if task == "classification" else np.zeros(len(y), np.int64), TEST_FRACTION,
+                           SPLIT_SEED)
         keep = np.setdiff1d(np.arange(len(y)), test)
         splits = {**splits, "train": (x[keep], y[keep]), "test": (x[test], y[test])}
-        split_record = {"test": f"held out from train: stratified {TEST_FRACTION:g} of each class, seed {SPLIT_SEED}"}
+        split_record = {"test": f"held out from train: {'stratified ' if task == 'classification' else ''}"
+                                f"{TEST_FRACTION:g}{' of each class' if task == 'classification' else ''}, seed "
+                                f"{SPLIT_SEED}"}
         print(f"{where} has no test split: holding out {len(test)} of its {len(y)} training images as the test set "
               f"(stratified {TEST_FRACTION:.0%}, seed {SPLIT_SEED}; recorded in the run's manifest)")
     _refuse_leaks(splits, where)
-    return PathDataset(p, form, splits, classes, digest, split_record, files)
+    return PathDataset(p, form, splits, classes, digest, split_record, files, task)
 
 
 def _stratified(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
