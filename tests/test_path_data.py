@@ -321,3 +321,27 @@ def test_segmentation_bad_data(tmp_path, case, pattern):
         Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "masks" / "s0.png")
     with pytest.raises(BadDataError, match=pattern):
         from_path(root)
+
+
+@pytest.mark.parametrize("attrs,error,pattern", [
+    ({"mean": (np.float32(0.5),), "std": (np.float64(0.2),)}, None, ""),
+    ({"mean": (0.5, 0.5)}, ValueError, r"mean must hold 1 finite number\(s\), one per channel"),
+    ({"std": (0.0,)}, ValueError, r"std must hold 1 finite number\(s\) > 0"),
+    ({"num_classes": 1}, TypeError, r"num_classes must be an int >= 2"),
+    ({"image_size": (3, 28, 28)}, ValueError, r"image_size must be \(in_chans=1, H, W\)"),
+], ids=["numpy-floats-accepted", "mean-per-channel", "zero-std", "one-class", "size-channels"])
+def test_registering_a_dataset_class_checks_its_attributes(attrs, error, pattern):
+    from zoo import data
+
+    base = {"num_classes": 2, "in_chans": 1, "image_size": (1, 28, 28), "mean": (0.5,), "std": (0.25,)}
+    cls = type("Mine", (data.DatasetInfo,), {**base, **attrs})
+    if error is None:
+        try:
+            data.register_dataset("mine")(cls)
+            info = data.get_dataset_info("mine")
+            assert info.mean == (0.5,) and type(info.std[0]) is float
+        finally:
+            data._REGISTRY.pop("mine", None)
+    else:
+        with pytest.raises(error, match=f"data set 'mine' \\(Mine\\): {pattern}"):
+            data.register_dataset("mine")(cls)

@@ -91,8 +91,49 @@ _register_dataset = instance_registrar(_REGISTRY, "dataset")
 
 
 def register_dataset(name: str) -> Callable[[_T], _T]:
-    """Class decorator: register an instance of a :class:`DatasetInfo` subclass under ``name``."""
-    return _register_dataset(name)
+    """Class decorator: register an instance of a :class:`DatasetInfo` subclass under ``name``. Its attributes are
+    checked first (:func:`check_info`), so that a wrong one is named here rather than blamed on the images later.
+    For data in files, a path needs no registration (:mod:`zoo.path_data`)."""
+    register = _register_dataset(name)
+
+    def deco(cls: _T) -> _T:
+        if name not in _REGISTRY:  # a second registration of a name is refused by the registrar itself
+            check_info(cls, name)
+        return register(cls)
+
+    return deco
+
+
+def check_info(cls, name: str) -> None:
+    """A :class:`DatasetInfo` class's attributes, else ``TypeError``/``ValueError`` naming the attribute: int
+    ``num_classes`` >= 2 and ``in_chans`` >= 1; ``image_size`` (C, H, W) with C = ``in_chans``; ``mean`` and
+    ``std`` one finite number per channel (numpy numbers are converted to float), std > 0; ``classes``, when
+    given, one name per class."""
+    where = f"data set {name!r} ({cls.__name__})"
+    for attr, low in (("num_classes", 2), ("in_chans", 1)):
+        v = getattr(cls, attr, None)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise TypeError(f"{where}: {attr} must be an int >= {low}, got {v!r}")
+        setattr(cls, attr, int(v))
+    size = tuple(int(v) for v in getattr(cls, "image_size", ()))
+    if len(size) != 3 or size[0] != cls.in_chans or min(size) < 1:
+        raise ValueError(f"{where}: image_size must be (in_chans={cls.in_chans}, H, W), got "
+                         f"{getattr(cls, 'image_size', None)!r}")
+    cls.image_size = size
+    for attr in ("mean", "std"):
+        v = getattr(cls, attr, None)
+        try:
+            values = tuple(float(x) for x in v)
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}: {attr} must be a sequence of {cls.in_chans} numbers (one per channel), got "
+                            f"{v!r}") from None
+        if len(values) != cls.in_chans or not all(np.isfinite(values)) or (attr == "std" and min(values) <= 0):
+            raise ValueError(f"{where}: {attr} must hold {cls.in_chans} finite number(s)"
+                             + (" > 0" if attr == "std" else "") + f", one per channel; got {values}")
+        setattr(cls, attr, values)
+    classes = getattr(cls, "classes", None)
+    if classes and len(classes) != cls.num_classes:
+        raise ValueError(f"{where}: classes names {len(classes)} classes but num_classes is {cls.num_classes}")
 
 
 def list_datasets() -> list[str]:
