@@ -45,6 +45,14 @@ data sets                  data root unset / missing folder / files    DataNotFo
                                                                        test_pneumoniamnist_tampered_or_missing...,
                                                                        test_seg_data::test_tampered_*
                            unknown split                               ValueError: test_data, test_seg_data
+data by path               missing path, mixed sizes, unreadable or    DataNotFoundError / BadDataError naming the
+(zoo.path_data)            16-bit image, float/NaN arrays, labels      file or index and the fix: test_path_data
+                           outside the classes, empty class, too few   ::test_bad_data_gets_an_error_*,
+                           images, the same image in two splits,       test_segmentation_bad_data; changed content
+                           unmatched or missized masks; changed data   refused (eval, resume, composing):
+                                                                       test_path_data::test_changed_data_*
+register_dataset           bad num_classes/in_chans/size/mean/std      TypeError/ValueError naming the attribute:
+                                                                       test_path_data::test_registering_*
 ImageDataset               wrong dtype/shape/channels, labels out of   ValueError: here
                            range
 SegmentationDataset        wrong dtype/shape, mask values out of range ValueError: test_seg_data
