@@ -1,6 +1,8 @@
 """Every registered model, parametrized over zoo.list_models(): a new model is tested once registered."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -112,3 +114,42 @@ def test_model_info(name):
     assert info["checkpoint_status"] in ("none", "available") or info["checkpoint_status"].startswith(
         "only non-private checkpoints")  # a public backbone is not a default (zoo.registry.checkpoint_entry)
     assert info["recipe"]["delta"] < 1 / 1000
+
+
+def _one_card_per_test_family() -> list[str]:
+    """Every ``test-*`` card, and the first card of each family that has none."""
+    chosen = [n for n in MODELS if n.startswith("test-")]
+    covered = {zoo.model_info(n)["family"] for n in chosen}
+    for name in MODELS:
+        if zoo.model_info(name)["family"] not in covered:
+            chosen.append(name)
+            covered.add(zoo.model_info(name)["family"])
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("name", _one_card_per_test_family())
+def test_model_works_in_opacus_own_make_private(name):
+    """A user's own opacus pipeline takes every zoo model unchanged: ``PrivacyEngine.make_private`` (hooks mode,
+    opacus' strict validation: no trainable layer with buffers) accepts it, and the per-sample gradients it
+    computes equal zoo's (float64, 1e-8 relative)."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name).double()
+    x = _input(model, batch=3, dtype=torch.float64)
+    y = _targets(model, 3, x.shape[-1])
+    twin = copy.deepcopy(model)
+    torch.manual_seed(0)
+    ours = zoo.per_sample_gradients(twin, x, y)
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    private, _, _ = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                 data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                                 poisson_sampling=False, loss_reduction="sum",
+                                                 grad_sample_mode="hooks")
+    torch.manual_seed(0)
+    task_of(model).loss(private(x), y).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            err = (p.grad_sample - ours[n]).norm() / ours[n].norm().clamp_min(1e-30)
+            assert err < 1e-8, f"{n}: opacus and zoo differ by {err:.2e}"

@@ -154,7 +154,11 @@ class R2Conv(nn.Module):
     """Equivariant convolution ``in_type -> out_type`` (escnn's R2Conv) on plain tensors.
 
     Trainable: ``weights`` (basis coefficients) and optionally ``bias`` (one per invariant output component).
-    The expanded filter and the sampled basis are data-free constants (buffers of ``basis``).
+    The expanded filter and the sampled basis are data-free constants of the field types. They are kept outside
+    the module tree (``basis``, ``basis_t``, ``bias_expansion`` are plain attributes, moved with the module by
+    :meth:`_apply`, absent from the state_dict): a trainable layer then holds no buffers, which is what opacus'
+    ``GradSampleModule`` (and so ``PrivacyEngine.make_private``) requires, so an equivariant zoo model works in a
+    user's own opacus pipeline as it is.
     """
 
     def __init__(self, in_type, out_type, kernel_size: int = 3, padding: int = 1, stride: int = 1,
@@ -166,13 +170,15 @@ class R2Conv(nn.Module):
         self.in_type, self.out_type = in_type, out_type
         self.kernel_size, self.stride, self.padding = (kernel_size, kernel_size), (stride, stride), (padding, padding)
         self.dilation = (1, 1)
-        self.basis = _copy_buffers(basis)  # own tensors: .double() or .to() on one layer cannot reach another
+        # own tensors (.double() or .to() on one layer cannot reach another), outside the module tree
+        object.__setattr__(self, "basis", _copy_buffers(basis))
         self.weights = nn.Parameter(torch.zeros(basis.dimension()))
         he_init(self.weights.data, self.basis, key)
         self.bias = None
+        self.bias_expansion = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(bias_expansion.shape[1]))
-            self.register_buffer("bias_expansion", bias_expansion.clone())
+            self.bias_expansion = bias_expansion.clone()
         # the transposed basis for the per-sample projection, when the expansion is one contiguous block
         # (one input and one output representation, as in every zoo model): [o, i*S, d], see coefficient_grads
         basis_t = None
@@ -181,7 +187,16 @@ class R2Conv(nn.Module):
             sampled = getattr(self.basis, f"block_expansion_{self.basis._escape_pair(pairs[0])}").sampled_basis
             d, o, i = sampled.shape[:3]
             basis_t = sampled.reshape(d, o, -1).permute(1, 2, 0).contiguous()
-        self.register_buffer("basis_t", basis_t, persistent=False)
+        self.basis_t = basis_t
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.double()``, ``.cuda()``...: the parameters as usual, and the constants kept outside the
+        module tree (the basis module's buffers, ``basis_t``, ``bias_expansion``) alike."""
+        super()._apply(fn, recurse)
+        self.basis._apply(fn)
+        self.basis_t = None if self.basis_t is None else fn(self.basis_t)
+        self.bias_expansion = None if self.bias_expansion is None else fn(self.bias_expansion)
+        return self
 
     def expand_filter(self, weights: torch.Tensor) -> torch.Tensor:
         f = self.basis(weights)

@@ -188,7 +188,7 @@ class PerSampleGradients:
     def __init__(self, model: nn.Module):
         self.model = validate_model(model)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+        self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")  # opacus strict checks
         self.norms: torch.Tensor | None = None  # the last call's per-sample gradient norms [B] (clipping reuses them)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn | None = None,
