@@ -161,7 +161,7 @@ def test_batch_normalised():
     assert torch.allclose(x[1, 1], expect)
 
 
-def test_with_channels_repeats_grayscale_only():
+def test_with_channels_repeats_grayscale_and_converts_rgb_to_luma():
     gray = zd.ImageDataset(torch.randint(0, 256, (4, 1, 6, 6), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]),
                            zd.get_dataset_info("pneumoniamnist"))
     assert gray.with_channels(1) is gray
@@ -169,8 +169,13 @@ def test_with_channels_repeats_grayscale_only():
     x3, y3 = gray.with_channels(3).batch([1, 2])
     assert x3.shape == (2, 3, 6, 6) and torch.equal(y1, y3)
     assert all(torch.equal(x3[:, c], x1[:, 0]) for c in range(3))
-    with pytest.raises(ValueError, match="only grayscale images are repeated"):
-        _toy().with_channels(1)
+    rgb = _toy()
+    assert rgb.images.shape[1] == 3
+    xg, _ = rgb.with_channels(1).batch([1, 2])  # RGB to a 1-channel model: the luma of the normalised channels
+    xc, _ = rgb.batch([1, 2])
+    assert torch.allclose(xg[:, 0], (xc * zd.LUMA.view(1, 3, 1, 1)).sum(1))
+    with pytest.raises(ValueError, match="grayscale images are repeated to more channels, and RGB images"):
+        rgb.with_channels(2)
 
 
 def test_resized_classification_images():

@@ -396,9 +396,9 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
             info.check_same(ledger.manifest, f"the ledger of this run (dataset {ledger.dataset})")
     info, train, test = _load_data(recipe, data_dir, test_subset, download, model.in_chans)
     if model.in_chans != info.in_chans:
-        how = "converting them to gray (ITU-R BT.601 luma)" if model.in_chans == 1 else "repeating them"
-        _say(f"{info.name} has {info.in_chans}-channel images: {how} for the model's {model.in_chans} input "
-             "channel(s)")
+        how = ("converting them to gray (ITU-R BT.601 luma) for the model's 1 input channel" if model.in_chans == 1
+               else f"repeating them to the model's {model.in_chans} input channels")
+        _say(f"{info.name} has {info.in_chans}-channel images: {how}")
     _check_sizes(model, recipe, train, test)
     prep = preparation(info, recipe, model.in_chans)
     if model.num_classes != info.num_classes:
