@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,12 @@ def study_parser(doc: str, name: str, configs) -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="override the steps of every run (smoke tests)")
     ap.add_argument("--device", default=None)
     return ap
+
+
+def mean_std(values, digits: int = 4) -> str:
+    """A table cell: the mean of ``values``, with `` ± `` their standard deviation when there are two or more."""
+    vals = [float(v) for v in values]
+    return f"{statistics.fmean(vals):.{digits}f}" + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else "")
 
 
 def classification_fields(result: dict, started: float) -> dict:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import zoo
-from _results import LABELS, METRICS, close, record, report, study_dirs, study_parser
+from _results import LABELS, METRICS, close, mean_std, record, report, study_dirs, study_parser
 from zoo.layers import MEMO_BYTES, memoized_fixed_layers
 from zoo.privacy import calibrate_sigma, compute_epsilon
 from zoo.tan import scale_down
@@ -207,10 +207,7 @@ def table(rows: list[dict], config: str) -> str:
                            int(r["batch_size"]), int(r["steps"]), float(r["lr"])), []).append(r)
     for (stage, model, neg_eps, bf, b, s, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "search",
                                                                                            kv[0])):
-        cells = []
-        for m in metrics:
-            vals = [float(r[m]) for r in rs]
-            cells.append(f"{statistics.fmean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
+        cells = [mean_std(r[m] for r in rs) for m in metrics]
         lines.append(f"| {stage} | `{model}` | {-neg_eps:g} | {bf} | {b} | {s} | {lr:g} | {float(rs[0]['sigma']):.3f} "
                      f"| {float(rs[0]['epsilon_spent']):.2f} | {len(rs)} | " + " | ".join(cells)
                      + f" | {int(float(rs[0]['samples'])):,} | "

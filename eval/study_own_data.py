@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import zoo
-from _results import METRICS, classification_fields, close, record, report, study_dirs
+from _results import METRICS, classification_fields, close, mean_std, record, report, study_dirs
 from zoo.data import data_root
 
 GRID = {"scatternet-linear-pneumonia": [0, 1, 2], "scatternet-cnn-pneumonia": [0]}  # model -> seeds
@@ -65,10 +65,7 @@ def table(rows: list[dict], config: str) -> str:
             rs = [r for r in rows if r["model"] == model and float(r["epsilon"]) == eps]
             if not rs:
                 continue
-            cells = []
-            for m in METRICS:
-                v = [float(r[m]) for r in rs]
-                cells.append(f"{statistics.fmean(v):.3f}" + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else ""))
+            cells = [mean_std((r[m] for r in rs), 3) for m in METRICS]
             bad = sum(str(r["degenerate"]) == "True" for r in rs)
             lines.append(f"| `{model}` | {eps:g} | {float(rs[0]['delta']):g} | {rs[0]['batch_size']} | "
                          f"{rs[0]['steps']} | {float(rs[0]['sigma']):.2f} | {len(rs)} | " + " | ".join(cells)

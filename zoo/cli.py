@@ -9,7 +9,6 @@ from pathlib import Path
 from .cards import CARDS_DIR, MODEL_CARD_PATH, PATH_FORMS, RECIPE_SCHEMA, render_model_card
 from .reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE  # constants: zoo.reproduce imports torch lazily
 
-PATH_HELP = PATH_FORMS
 REGISTERED_HELP = "cifar10, isbi2012, pneumoniamnist, weizmann-horse"
 """The registered data sets, named in the help without importing the data stack (a test keeps it current)."""
 
@@ -135,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a registered model with DP-SGD")
     p.add_argument("name")
     p.add_argument("--dataset", help=f"train on this data set instead of the card's: a registered name "
-                                     f"({REGISTERED_HELP}) or a path to your own data ({PATH_HELP})")
+                                     f"({REGISTERED_HELP}) or a path to your own data ({PATH_FORMS})")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override an architecture argument of the card; VALUE is read as JSON when it parses "
                         "(e.g. --model-arg l0_weight=0.01); repeatable")
@@ -143,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="privately fine-tune a checkpoint or pretrained model")
     p.add_argument("name", help="registered name with a checkpoint, or a checkpoint path")
     p.add_argument("--dataset", required=True, help=f"a registered name ({REGISTERED_HELP}) or a path to your own "
-                                                    f"data ({PATH_HELP})")
+                                                    f"data ({PATH_FORMS})")
     _run_args(p)
     p = sub.add_parser("eval", help="evaluate a pretrained model or a checkpoint on its test set")
     p.add_argument("name")
     p.add_argument("--dataset", help=f"evaluate on this registered data set or path instead of the checkpoint's "
-                                     f"own (a path: {PATH_HELP})")
+                                     f"own (a path: {PATH_FORMS})")
     p.add_argument("--data-dir")
     p.add_argument("--device")
     p.add_argument("--test-subset", type=int)

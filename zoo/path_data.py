@@ -118,7 +118,7 @@ def from_path(path: str | Path) -> PathDataset:
         raise DataNotFoundError(f"no data at {p}: give a MedMNIST-style .npz file or a folder with train/<class>/ "
                                 "images (see zoo.path_data), or a registered data set name (zoo.data.list_datasets())")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    key = (str(p), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    key = (str(p), tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),)))
     if key not in _CACHE:
         if p.is_file():
             if p.suffix != ".npz":
@@ -262,14 +262,17 @@ def _read_tree(p: Path, files: list[Path]) -> PathDataset:
                 raw.setdefault(split, []).append((arr, ci))
                 lines.append(f"{split}/{c}/{f.name} {hashes[f]}")
     digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
-    splits = {}
-    for split, items in raw.items():
-        xs = [a if a.ndim == 3 else (np.repeat(a[..., None], 3, -1) if rgb else a[..., None]) for a, _ in items]
-        splits[split] = (np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2)),
-                         np.array([ci for _, ci in items], dtype=np.int64))
+    splits = {split: (_stack([a for a, _ in items], rgb), np.array([ci for _, ci in items], dtype=np.int64))
+              for split, items in raw.items()}
     if rgb and any(a.ndim == 2 for items in raw.values() for a, _ in items):
         print(f"{p}: grayscale and RGB images mixed; reading all as RGB (gray repeated to 3 channels)")
     return _finish(p, "imagefolder", splits, classes, digest, str(p), files=len(lines))
+
+
+def _stack(images: list[np.ndarray], rgb: bool) -> np.ndarray:
+    """``[H, W]`` / ``[H, W, 3]`` images as uint8 ``[N, C, H, W]``: grayscale repeated to 3 channels when ``rgb``."""
+    xs = [x if x.ndim == 3 else (np.repeat(x[..., None], 3, -1) if rgb else x[..., None]) for x in images]
+    return np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2))
 
 
 def _read_image(f: Path, gray: bool = False) -> np.ndarray:
@@ -325,9 +328,8 @@ def _read_seg_tree(p: Path, files: list[Path]) -> PathDataset:
     k = 2 if binary else max(values) + 1
     rgb = any(x.ndim == 3 for items in raw.values() for x, _ in items)
     for split, items in raw.items():
-        xs = [x if x.ndim == 3 else (np.repeat(x[..., None], 3, -1) if rgb else x[..., None]) for x, _ in items]
         ms = [(m == 255).astype(np.int64) if binary else m.astype(np.int64) for _, m in items]
-        splits[split] = (np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2)), np.stack(ms))
+        splits[split] = (_stack([x for x, _ in items], rgb), np.stack(ms))
     classes = ("background", "foreground") if binary else tuple(str(i) for i in range(k))
     digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return _finish(p, "segfolder", splits, classes, digest, str(p), files=len(lines), task="segmentation")

@@ -172,7 +172,6 @@ def evaluate_checkpoint(model, sidecar: dict, data_dir=None, device: str | None 
     if info.num_classes != model.num_classes:
         raise ValueError(f"{info.name} has {info.num_classes} classes but the checkpoint predicts "
                          f"{model.num_classes}; evaluate on data with the same classes, or fine-tune first")
-    recipe = {**recipe, "resize": recipe.get("resize")}
     test = load_split(info.name, "test", recipe, data_dir, subset=test_subset, in_chans=model.in_chans)
     dataset = info.name
     dev = _resolve_device(device)
