@@ -20,6 +20,11 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
              ScatterNet + linear / + CNN on PneumoniaMNIST at epsilon 8, 3 and 1 (a few tens of seconds per run).
   pneumonia-scatternet  per epsilon, the better ScatterNet model of that study (mean balanced accuracy over its
              full-privacy seeds), secret seed, published as ``MODEL.dp_epsE`` (epsilon 8 the card's default).
+  cifar10-long-search  ``eval/study_cifar10.py --config release-long --stage search``: ScatterNet + CNN at B=4096,
+             S=360 (1,474,560 samples, about 30 epochs), lr 4 and 8 simulated at b=2048.
+  scatternet-cnn  its better simulated recipe at full privacy, secret seed, published as
+             ``scatternet-cnn.dp_eps8`` (the default); the study's full-privacy seeds come after it (``python
+             eval/study_cifar10.py --config release-long --stage full``), as each takes most of a session.
 Budgets are in samples processed; wall times are printed. Reproduce:  python eval/release_cpu.py [--stages ...]
 """
 from __future__ import annotations
@@ -82,49 +87,69 @@ def study_rows(path: Path = STUDY_CSV) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def tan_study_release(config: str, models: list[str], epsilon: float, default: bool) -> None:
+def tan_study_release(config: str, models: list[str], epsilon: float, default: bool,
+                      before_full: bool = False) -> None:
     """Train the best of ``models`` at ``epsilon`` in the TAN study ``config`` of ``eval/study_cifar10.py`` (the
     full-privacy recipe with the highest mean ranking metric over its seeds) once more with a secret seed, and
-    publish it as ``MODEL.dp_epsE`` with the spread of the study's full-privacy seeds."""
-    from study_cifar10 import CONFIGS as TAN_STUDIES  # eval/ is on the path of this script
+    publish it as ``MODEL.dp_epsE`` with the spread of the study's full-privacy seeds.
+
+    ``before_full``: where the study has no full-privacy recipe with 2 or more seeds yet, take the best simulated
+    recipe of its search instead (TAN's own order: search, then one run at full privacy, which is this one), and
+    publish without a seed spread (``zoo reproduce --retrain`` then compares within its fixed tolerance); the
+    note says so. For budgets where a full run takes most of a session."""
+    from study_cifar10 import CONFIGS as TAN_STUDIES, best_points  # eval/ is on the path of this script
 
     cfg = TAN_STUDIES[config]
     csv_path = ROOT / "eval" / "results" / f"{cfg['dataset']}-{config}" / "results.csv"
+    metric = cfg["metric"]
     groups: dict = {}
-    for r in study_rows(csv_path):
+    all_rows = study_rows(csv_path)
+    for r in all_rows:
         if r["stage"] == "full" and r["model"] in models and float(r["epsilon_target"]) == epsilon:
             groups.setdefault((r["model"], r["batch_size"], r["steps"], r["lr"]), []).append(r)
     groups = {k: rs for k, rs in groups.items() if len(rs) >= 2}
-    if not groups:
+    if groups:
+        (model, b, s, lr), rows = max(groups.items(), key=lambda kv: statistics.fmean(float(r[metric]) for r in kv[1]))
+        source = f"eval/study_cifar10.py --config {config}, stage full, {len(rows)} seeds"
+        spread = {m: (statistics.stdev(float(r[m]) for r in rows), len(rows), source)
+                  for m in METRICS if m in rows[0]}
+        mean = statistics.fmean(float(r[metric]) for r in rows)
+        how = (f"recipe chosen by TAN's small-batch simulation in eval/study_cifar10.py --config {config}; "
+               f"full-privacy seeds 0-{len(rows) - 1}: mean {metric.replace('_', ' ')} {mean:.4f}")
+    elif before_full:
+        chosen = {k: v for k, v in best_points(all_rows, config, metric).items() if k[0] in models and k[1] == epsilon}
+        if not chosen:
+            raise SystemExit(f"the study {config} has no search row of {models} at epsilon {epsilon:g}; run "
+                             f"`python eval/study_cifar10.py --config {config} --stage search` first")
+        sims = {k: max(float(r[metric]) for r in all_rows if r["stage"] == "search" and r["model"] == k[0]
+                       and (int(r["full_batch_size"]), int(r["steps"]), float(r["lr"])) == v)
+                for k, v in chosen.items()}
+        (model, _), (b, s, lr) = max(chosen.items(), key=lambda kv: sims[kv[0]])
+        spread, mean = None, sims[model, epsilon]
+        how = (f"recipe chosen by TAN's small-batch simulation in eval/study_cifar10.py --config {config} "
+               f"(simulated {metric.replace('_', ' ')} {mean:.4f}); trained at full privacy before the study's "
+               "full-privacy seeds, so no seed spread yet")
+    else:
         raise SystemExit(f"the study {config} has no full-privacy recipe of {models} at epsilon {epsilon:g} with 2 "
                          f"or more seeds; run `python eval/study_cifar10.py --config {config}` first")
-    metric = cfg["metric"]
-    (model, *_), rows = max(groups.items(), key=lambda kv: statistics.fmean(float(r[metric]) for r in kv[1]))
     tag = f"dp_eps{epsilon:g}"
     if published(f"{model}.{tag}"):
         return
-    r0 = rows[0]
     recipe = {"dataset": cfg["dataset"], "epsilon": f"{epsilon:g}", "delta": f"{cfg['delta']:g}",
-              "batch-size": r0["batch_size"], "steps": r0["steps"], "lr": r0["lr"],
+              "batch-size": b, "steps": s, "lr": lr,
               **{k.replace("_", "-"): v for k, v in cfg["models"][model]["fixed"].items()}}
-    metrics = [m for m in METRICS if m in r0]
-    source = f"eval/study_cifar10.py --config {config}, stage full, {len(rows)} seeds"
-    spread = {m: (statistics.stdev(float(r[m]) for r in rows), len(rows), source) for m in metrics}
-    mean = statistics.fmean(float(r[metric]) for r in rows)
-    print(f"{config}, epsilon {epsilon:g}: {model}, B={r0['batch_size']}, S={r0['steps']}, lr={r0['lr']} (mean "
-          f"{metric} {mean:.4f})", flush=True)
+    print(f"{config}, epsilon {epsilon:g}: {model}, B={b}, S={s}, lr={lr} ({how})", flush=True)
     out = RUNS / f"{cfg['dataset']}-{model}-eps{epsilon:g}"
     run([*ZOO, "train", model, *flags(recipe)], out)
-    publish(out, model, tag, default=default, spread=spread,
-            note=f"recipe chosen by TAN's small-batch simulation in eval/study_cifar10.py --config {config}; "
-                 f"full-privacy seeds 0-{len(rows) - 1}: mean {metric.replace('_', ' ')} {mean:.4f}")
+    publish(out, model, tag, default=default, spread=spread, note=how)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+",
                     default=["backbone", "study", "pneumonia", "cifar10", "cifar10-study", "scatternet",
-                             "pneumonia-scatternet-study", "pneumonia-scatternet"])
+                             "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
+                             "scatternet-cnn"])
     args = ap.parse_args()
     os.environ.setdefault("ZOO_DATA", str(ROOT.parent / "shared" / "data"))
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -177,6 +202,11 @@ def main() -> int:
         for eps in (8.0, 3.0, 1.0):
             tan_study_release("pneumonia-scatternet", ["scatternet-linear-pneumonia", "scatternet-cnn-pneumonia"],
                               eps, default=eps == 8)
+    if "cifar10-long-search" in args.stages:
+        subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release-long",
+                        "--stage", "search"], check=True)
+    if "scatternet-cnn" in args.stages:
+        tan_study_release("release-long", ["scatternet-cnn"], 8.0, default=True, before_full=True)
     if shutil.which("git"):
         subprocess.run([*ZOO, "card"], check=True)
     return 0

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from opacus.grad_sample import grad_sample_module as _opacus_gsm
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
@@ -177,6 +178,47 @@ def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: tor
     return loss_fn or per_sample_cross_entropy, b, empty
 
 
+class _StoringGradSampleModule(GradSampleModule):
+    """opacus' ``GradSampleModule`` (its hooks, strict checks and registered grad samplers), storing each layer's
+    per-sample gradients as the grad sampler returns them.
+
+    opacus (1.5, 1.6) stores them by allocating a zero-filled ``[batch, *param.shape]`` buffer and copying the
+    sampler's result into it (``create_or_accumulate_grad_sample``), so that a parameter used several times in one
+    forward pass (tied weights, RNN steps) can accumulate into it. A parameter used once per pass (every layer of
+    a zoo model) has nothing to accumulate, so the fill and the copy only double the memory traffic of the
+    per-sample gradients: 16 % of a ScatterNet + CNN step on 2 CPU cores (``python eval/bench_train_loop.py``).
+    Here such a parameter (forward counter 1, no partial sum, a full batch) adopts the sampler's tensor; every
+    other case goes through opacus' own function. The values are the same bit for bit
+    (``tests/test_grad_sample.py`` checks this against opacus' ``GradSampleModule``)."""
+
+    def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):
+        if not self.hooks_enabled:
+            return
+        activations, backprops = self.rearrange_grad_samples(
+            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction, batch_first=batch_first)
+        kind = self._get_module_type(module) if hasattr(self, "_get_module_type") else type(module)
+        sampler = (self.GRAD_SAMPLERS[kind] if not self.force_functorch and kind in self.GRAD_SAMPLERS
+                   else _opacus_gsm.ft_compute_per_sample_gradient)
+        for param, gs in sampler(module, activations, backprops).items():
+            if not param.requires_grad:
+                continue
+            if (param._forward_counter == 1 and not hasattr(param, "_current_grad_sample")
+                    and gs.shape[0] == module.max_batch_len):
+                param._current_grad_sample = gs  # used once in this pass: nothing to accumulate into
+            else:
+                _opacus_gsm.create_or_accumulate_grad_sample(param=param, grad_sample=gs,
+                                                             max_batch_len=module.max_batch_len)
+        for _, p in _opacus_gsm.trainable_parameters(module):  # opacus' end-of-pass bookkeeping, unchanged
+            p._forward_counter -= 1
+            if p._forward_counter == 0:
+                _opacus_gsm.promote_current_grad_sample(p)
+            if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
+                raise ValueError("Poisson sampling is not compatible with grad accumulation: call optimizer.step() "
+                                 "after every forward/backward pass")
+        if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
+            del module.max_batch_len
+
+
 class PerSampleGradients:
     """Computes per-sample gradients of a model; wraps it once with opacus' hooks (``close()`` removes them).
 
@@ -188,8 +230,18 @@ class PerSampleGradients:
     def __init__(self, model: nn.Module):
         self.model = validate_model(model)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")  # opacus strict checks
+        self.wrapped = _StoringGradSampleModule(model, batch_first=True, loss_reduction="sum")  # opacus strict checks
         self.norms: torch.Tensor | None = None  # the last call's per-sample gradient norms [B] (clipping reuses them)
+        # the raw outputs of the layers that own trainable parameters, collected during the forward pass: the
+        # backward pass differentiates with respect to them (see __call__). Registered after opacus' hooks, so
+        # they see the output before the full backward hook wraps it
+        self._anchors: list[torch.Tensor] = []
+        self._handles = [m.register_forward_hook(self._keep_output) for m in model.modules()
+                         if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def _keep_output(self, module: nn.Module, args, output) -> None:
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        self._anchors.extend(o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn | None = None,
                  views: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -208,16 +260,23 @@ class PerSampleGradients:
         total = inputs.shape[0]
         for p in self.params.values():
             p.grad_sample = None
-        # differentiate w.r.t. the input only: the hooks still see every layer's backprops, and autograd skips
-        # the aggregated weight gradients that DP-SGD never uses
-        wrt = [inputs.detach().requires_grad_(True)] if inputs.is_floating_point() else None
-        outputs = self.wrapped(wrt[0] if wrt else inputs)
-        losses = loss_fn(outputs, targets)
-        if losses.shape != (total,):
-            raise ValueError(f"loss_fn must return one loss per sample (shape [{total}]), got {tuple(losses.shape)}")
-        with warnings.catch_warnings():  # opacus' full backward hooks warn when inputs need no grad: harmless
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses.sum().backward(inputs=wrt)
+        # differentiate w.r.t. the trainable layers' outputs only: every layer's hook still gets its backprops,
+        # and autograd computes neither the aggregated weight gradients (DP-SGD never uses them) nor the gradient
+        # of the first trainable layer's input (the data, or a fixed front end's output: for a ScatterNet + CNN,
+        # a 243-channel input whose gradient was 15 % of the step)
+        self._anchors.clear()
+        try:
+            outputs = self.wrapped(inputs.detach())
+            losses = loss_fn(outputs, targets)
+            if losses.shape != (total,):
+                raise ValueError(f"loss_fn must return one loss per sample (shape [{total}]), got "
+                                 f"{tuple(losses.shape)}")
+            if losses.requires_grad and self._anchors:  # none: no hook can fire, and the check below says which
+                with warnings.catch_warnings():  # opacus' full backward hooks warn when inputs need no grad: harmless
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    torch.autograd.grad(losses.sum(), self._anchors, allow_unused=True)
+        finally:
+            self._anchors.clear()
         grads = {}
         for name, p in self.params.items():
             gs = p.grad_sample
@@ -232,6 +291,8 @@ class PerSampleGradients:
         return grads, losses.detach(), outputs.detach()
 
     def close(self) -> None:
+        for h in self._handles:
+            h.remove()
         self.wrapped._close()
 
 
