@@ -21,7 +21,7 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
   pneumonia-scatternet  per epsilon, the better ScatterNet model of that study (mean balanced accuracy over its
              full-privacy seeds), secret seed, published as ``MODEL.dp_epsE`` (epsilon 8 the card's default).
   cifar10-long-search  ``eval/study_cifar10.py --config release-long --stage search``: ScatterNet + CNN at B=4096,
-             S=360 (1,474,560 samples, about 30 epochs), lr 4 and 8 simulated at b=2048.
+             S=360 (1,474,560 samples, about 30 epochs), lr 4 simulated at b=2048.
   scatternet-cnn  its better simulated recipe at full privacy, secret seed, published as
              ``scatternet-cnn.dp_eps8`` (the default); the study's full-privacy seeds come after it (``python
              eval/study_cifar10.py --config release-long --stage full``), as each takes most of a session.
@@ -121,8 +121,9 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
         if not chosen:
             raise SystemExit(f"the study {config} has no search row of {models} at epsilon {epsilon:g}; run "
                              f"`python eval/study_cifar10.py --config {config} --stage search` first")
-        sims = {k: max(float(r[metric]) for r in all_rows if r["stage"] == "search" and r["model"] == k[0]
-                       and (int(r["full_batch_size"]), int(r["steps"]), float(r["lr"])) == v)
+        sims = {k: statistics.fmean(float(r[metric]) for r in all_rows if r["stage"] == "search"  # as best_points
+                                    and r["model"] == k[0]
+                                    and (int(r["full_batch_size"]), int(r["steps"]), float(r["lr"])) == v)
                 for k, v in chosen.items()}
         (model, _), (b, s, lr) = max(chosen.items(), key=lambda kv: sims[kv[0]])
         spread, mean = None, sims[model, epsilon]

@@ -186,7 +186,8 @@ class _StoringGradSampleModule(GradSampleModule):
     sampler's result into it (``create_or_accumulate_grad_sample``), so that a parameter used several times in one
     forward pass (tied weights, RNN steps) can accumulate into it. A parameter used once per pass (every layer of
     a zoo model) has nothing to accumulate, so the fill and the copy only double the memory traffic of the
-    per-sample gradients: 16 % of a ScatterNet + CNN step on 2 CPU cores (``python eval/bench_train_loop.py``).
+    per-sample gradients: 13-16 % of a ScatterNet + CNN step on 2 CPU cores (``torch.profiler``, one
+    256-sample batch).
     Here such a parameter (forward counter 1, no partial sum, a full batch) adopts the sampler's tensor; every
     other case goes through opacus' own function. The values are the same bit for bit
     (``tests/test_grad_sample.py`` checks this against opacus' ``GradSampleModule``)."""
@@ -263,7 +264,7 @@ class PerSampleGradients:
         # differentiate w.r.t. the trainable layers' outputs only: every layer's hook still gets its backprops,
         # and autograd computes neither the aggregated weight gradients (DP-SGD never uses them) nor the gradient
         # of the first trainable layer's input (the data, or a fixed front end's output: for a ScatterNet + CNN,
-        # a 243-channel input whose gradient was 15 % of the step)
+        # a 243-channel input whose gradient was 14 % of the step)
         self._anchors.clear()
         try:
             outputs = self.wrapped(inputs.detach())
