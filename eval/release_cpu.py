@@ -25,6 +25,9 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
   scatternet-cnn  its better simulated recipe at full privacy, secret seed, published as
              ``scatternet-cnn.dp_eps8`` (the default); the study's full-privacy seeds come after it (``python
              eval/study_cifar10.py --config release-long --stage full``), as each takes most of a session.
+  scatternet-cnn-datanorm  the same for ScatterNet + CNN with Tramèr & Boneh's private data normalisation
+             (``zoo.data_norm``; its statistics' release is in the ledger), with or without the EMA, whichever
+             simulated better, published as ``scatternet-cnn-datanorm.dp_eps8`` (its card's default).
 Budgets are in samples processed; wall times are printed. Reproduce:  python eval/release_cpu.py [--stages ...]
 """
 from __future__ import annotations
@@ -134,15 +137,16 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
         raise SystemExit(f"the study {config} has no full-privacy recipe of {models} at epsilon {epsilon:g} with 2 "
                          f"or more seeds; run `python eval/study_cifar10.py --config {config}` first")
     tag = f"dp_eps{epsilon:g}"
-    if published(f"{model}.{tag}"):
+    entry = cfg["models"][model]
+    name = entry.get("model", model)  # a study entry may be a variant (its fixed settings) of a registered model
+    if published(f"{name}.{tag}"):
         return
     recipe = {"dataset": cfg["dataset"], "epsilon": f"{epsilon:g}", "delta": f"{cfg['delta']:g}",
-              "batch-size": b, "steps": s, "lr": lr,
-              **{k.replace("_", "-"): v for k, v in cfg["models"][model]["fixed"].items()}}
+              "batch-size": b, "steps": s, "lr": lr, **{k.replace("_", "-"): v for k, v in entry["fixed"].items()}}
     print(f"{config}, epsilon {epsilon:g}: {model}, B={b}, S={s}, lr={lr} ({how})", flush=True)
     out = RUNS / f"{cfg['dataset']}-{model}-eps{epsilon:g}"
-    run([*ZOO, "train", model, *flags(recipe)], out)
-    publish(out, model, tag, default=default, spread=spread, note=how)
+    run([*ZOO, "train", name, *flags(recipe)], out)
+    publish(out, name, tag, default=default, spread=spread, note=how)
 
 
 def main() -> int:
@@ -150,7 +154,7 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+",
                     default=["backbone", "study", "pneumonia", "cifar10", "cifar10-study", "scatternet",
                              "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
-                             "scatternet-cnn"])
+                             "scatternet-cnn", "scatternet-cnn-datanorm"])
     args = ap.parse_args()
     os.environ.setdefault("ZOO_DATA", str(ROOT.parent / "shared" / "data"))
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -208,6 +212,9 @@ def main() -> int:
                         "--stage", "search"], check=True)
     if "scatternet-cnn" in args.stages:
         tan_study_release("release-long", ["scatternet-cnn"], 8.0, default=True, before_full=True)
+    if "scatternet-cnn-datanorm" in args.stages:
+        tan_study_release("release-long", ["scatternet-cnn-datanorm", "scatternet-cnn-datanorm+ema0.99"], 8.0,
+                          default=True, before_full=True)
     if shutil.which("git"):
         subprocess.run([*ZOO, "card"], check=True)
     return 0

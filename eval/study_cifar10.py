@@ -25,7 +25,12 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
            ``scatternet-cnn`` at B=4096, S=360 (about 30 epochs, 1,474,560 samples; sigma 1.26, within 16 % of the
            sigma / B of their B=8192 at half the compute), lr 4 (theirs, at B=8192 for this model), simulated at
            b=2048 (737,280 samples, about 40 minutes here); full runs, public seeds 0, 1 (about 80 minutes each).
-           One simulated point so far: at these costs the session's budget held one point and the release.
+           Variants of the same point (a model entry whose ``model`` names the registered model it trains):
+           ``scatternet-cnn+ema0.99``, an EMA of the weights (decay 0.99; the release uses none); and the model
+           ``scatternet-cnn-datanorm``: the paper's private data normalisation instead of GroupNorm(27) (its
+           six releases of the statistics, sigma 8, composed into every epsilon: DP-SGD's sigma 1.274, not 1.258),
+           also with the EMA (``scatternet-cnn-datanorm+ema0.99``). Simulated: GroupNorm 0.6854, data
+           normalisation 0.6959, with the EMA 0.6927 (seed 0). Full runs: both models without the EMA.
            Results in ``eval/results/cifar10-release-long/``.
   pneumonia-scatternet  PneumoniaMNIST (N = 4,708, delta 1e-4 < 1/N) at epsilon 8, 3 and 1: ScatterNet + linear
            and ScatterNet + CNN on the 1x28x28 X-rays (``scatternet-linear-pneumonia``, ``scatternet-cnn-pneumonia``),
@@ -45,8 +50,10 @@ from pathlib import Path
 
 import zoo
 from _results import LABELS, METRICS, close, mean_std, record, report, study_dirs, study_parser
+from zoo.data_norm import releases, statistics_history
 from zoo.layers import MEMO_BYTES, memoized_fixed_layers
 from zoo.privacy import calibrate_sigma, compute_epsilon
+from zoo.registry import get_card
 from zoo.tan import scale_down
 
 _SCATTER = {"physical_batch_size": 256, "clip_norm": 0.1, "momentum": 0.9, "augmult": 1, "ema_decay": 0.0}
@@ -75,7 +82,15 @@ CONFIGS = {
     "release-long": {
         "dataset": "cifar10", "n": 50_000, "delta": 1e-5, "epsilons": [8.0], "metric": "accuracy",
         "search_seeds": [0], "full_seeds": [0, 1], "min_sim_sigma": 0.5, "max_shrink": 8,
-        "models": {"scatternet-cnn": {"fixed": _SCATTER, "full": True, "points": [(4096, 360, 4.0)]}},
+        "models": {"scatternet-cnn": {"fixed": _SCATTER, "full": True, "points": [(4096, 360, 4.0)]},
+                   # the same recipe with an EMA of the weights (De et al.; the release above uses none)
+                   "scatternet-cnn+ema0.99": {"model": "scatternet-cnn", "fixed": {**_SCATTER, "ema_decay": 0.99},
+                                              "full": False, "points": [(4096, 360, 4.0)]},
+                   # Tramèr & Boneh's normalisation for CIFAR-10: private data statistics instead of GroupNorm(27)
+                   "scatternet-cnn-datanorm": {"fixed": _SCATTER, "full": True, "points": [(4096, 360, 4.0)]},
+                   "scatternet-cnn-datanorm+ema0.99": {"model": "scatternet-cnn-datanorm", "full": False,
+                                                       "fixed": {**_SCATTER, "ema_decay": 0.99},
+                                                       "points": [(4096, 360, 4.0)]}},
     },
     "pneumonia-scatternet": {
         "dataset": "pneumoniamnist", "n": 4_708, "delta": 1e-4, "epsilons": [8.0, 3.0, 1.0],
@@ -102,8 +117,17 @@ def fields(cfg: dict) -> list[str]:
     return FIELDS if cfg["metric"] == "accuracy" else [*FIELDS[:i], *METRICS, *FIELDS[i + 1:]]
 
 
-def full_sigma(batch: int, steps: int, cfg: dict, eps: float) -> float:
-    return calibrate_sigma(eps, cfg["delta"], batch / cfg["n"], steps, "rdp")
+def released_before(model: str, spec: dict) -> list:
+    """What a run of the entry releases before DP-SGD, in the accountant's format: the private normalisation
+    statistics of each ``DataStandardize`` layer of the model (``zoo.data_norm``) at the recipe's norm_sigma."""
+    name = spec.get("model", model)
+    sigma = {**get_card(name)["recipe"], **spec["fixed"]}.get("norm_sigma")
+    count = releases(zoo.create_model(name))
+    return statistics_history(sigma, count) if count else []
+
+
+def full_sigma(batch: int, steps: int, cfg: dict, eps: float, before: list = ()) -> float:
+    return calibrate_sigma(eps, cfg["delta"], batch / cfg["n"], steps, "rdp", history=before)
 
 
 def shrink_for(sigma: float, cfg: dict) -> int:
@@ -121,19 +145,20 @@ def eps_key(cfg: dict, eps: float):
     return eps if len(cfg["epsilons"]) > 1 else None
 
 
-def run_point(model: str, fixed: dict, batch: int, steps: int, lr: float, seed: int, stage: str, cfg: dict,
+def run_point(model: str, spec: dict, batch: int, steps: int, lr: float, seed: int, stage: str, cfg: dict,
               runs: Path, config: str, data_dir, device, target: float) -> dict:
-    sigma = full_sigma(batch, steps, cfg, target)
+    before = released_before(model, spec)
+    sigma = full_sigma(batch, steps, cfg, target, before)
     b, eps, n = batch, target, cfg["n"]
-    if stage == "search":  # TAN: same S and sigma / B at a smaller batch
+    if stage == "search":  # TAN: same S and sigma / B at a smaller batch (the statistics' release unchanged)
         sim = scale_down(batch, sigma, steps, batch // shrink_for(sigma, cfg))
         b = sim["batch_size"]
-        eps = compute_epsilon([(sim["sigma"], b / n, steps)], cfg["delta"], "rdp")  # what the simulation spends
+        eps = compute_epsilon([*before, (sim["sigma"], b / n, steps)], cfg["delta"], "rdp")  # what it spends
     t0 = time.time()
     out_dir = runs / key(config, stage, model, batch, steps, lr, seed, b, eps_key(cfg, target))
-    result = zoo.train(model, dataset=cfg["dataset"], epsilon=eps, delta=cfg["delta"], batch_size=b, steps=steps,
-                       lr=lr, seed=seed, data_dir=data_dir, out_dir=out_dir, resume=True, progress=False,
-                       device=device, **fixed)
+    result = zoo.train(spec.get("model", model), dataset=cfg["dataset"], epsilon=eps, delta=cfg["delta"],
+                       batch_size=b, steps=steps, lr=lr, seed=seed, data_dir=data_dir, out_dir=out_dir, resume=True,
+                       progress=False, device=device, **spec["fixed"])
     ledger = result["ledger"]
     seen = result["training"]["samples_processed"]
     return {"config": config, "stage": stage, "model": model, "full_batch_size": batch, "batch_size": b,
@@ -145,8 +170,8 @@ def run_point(model: str, fixed: dict, batch: int, steps: int, lr: float, seed: 
             "samples_per_s": round(seen / max(result["training"]["wall_time_s"], 1e-9), 1)}
 
 
-def run_batch(stage: str, batch: int, steps: int, cfg: dict, eps: float) -> int:
-    return batch // shrink_for(full_sigma(batch, steps, cfg, eps), cfg) if stage == "search" else batch
+def run_batch(stage: str, batch: int, steps: int, cfg: dict, eps: float, before: list = ()) -> int:
+    return batch // shrink_for(full_sigma(batch, steps, cfg, eps, before), cfg) if stage == "search" else batch
 
 
 def best_points(rows: list[dict], config: str, metric: str = "accuracy") -> dict:
@@ -245,11 +270,13 @@ def main() -> int:
         b, s, lr = point
         if args.steps:
             s = args.steps
-        k = key(args.config, stage, model, b, s, lr, seed, run_batch(stage, b, s, cfg, eps), eps_key(cfg, eps))
+        before = released_before(model, cfg["models"][model])
+        k = key(args.config, stage, model, b, s, lr, seed, run_batch(stage, b, s, cfg, eps, before),
+                eps_key(cfg, eps))
         if k in done:
             return
         print(f"{k} ...", file=sys.stderr, flush=True)
-        row = run_point(model, cfg["models"][model]["fixed"], b, s, lr, seed, stage, cfg, runs, args.config,
+        row = run_point(model, cfg["models"][model], b, s, lr, seed, stage, cfg, runs, args.config,
                         args.data_dir, args.device, eps)
         record(rows, row, csv_path, fields(cfg), redraw,
                summary="    " + ", ".join(f"{m} {row[m]:.4f}" for m in fields(cfg) if m in METRICS)

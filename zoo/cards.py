@@ -47,6 +47,8 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "align": ((str, type(None)), False),          # gradient self-alignment: off, all or subset (zoo.alignment)
     "align_weight": ((_num, type(None)), False),  # its lambda (default zoo.alignment.DEFAULT_WEIGHT)
     "align_fraction": ((_num, type(None)), False),  # its subset fraction (default zoo.alignment.DEFAULT_FRACTION)
+    "norm_sigma": ((_num, type(None)), False),   # private data normalisation (zoo.data_norm): its noise multiplier
+    "norm_clip": ((list, type(None)), False),    # its L2 clips [c_mean, c_square] per channel group, flat
     "source": (str, True),               # where the recipe comes from
 }
 RESULT_SCHEMA: dict[str, tuple[Any, bool]] = {
@@ -121,6 +123,10 @@ _RECIPE_VALUES: dict[str, tuple[Any, str]] = {
     "align": (lambda v: v in ("off", "all", "subset"), "'off', 'all' or 'subset' (zoo.alignment)"),
     "align_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "align_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "norm_sigma": (lambda v: 0 < v < math.inf, "a finite number > 0 (zoo.data_norm)"),
+    "norm_clip": (lambda v: len(v) >= 2 and len(v) % 2 == 0 and all(
+        isinstance(c, _num) and not isinstance(c, bool) and 0 < c < math.inf for c in v),
+        "finite numbers > 0, a pair [c_mean, c_square] per channel group (zoo.data_norm)"),
     **{k: (lambda v: v >= 1, "an int >= 1") for k in ("batch_size", "physical_batch_size", "steps", "augmult",
                                                       "train_subset", "crop", "resize")},
 }

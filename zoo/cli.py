@@ -23,6 +23,9 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
             continue
         kinds = set(typ if isinstance(typ, tuple) else (typ,)) - {type(None)}
         kinds = set().union(*(k if isinstance(k, tuple) else (k,) for k in kinds))  # (int, float) is a number
+        if list in kinds:  # norm_clip: numbers
+            g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, nargs="+", metavar="C")
+            continue
         t = str if str in kinds else float if float in kinds else int
         g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=t)
 

@@ -13,7 +13,9 @@ One DP-SGD step (what the guarantee in :mod:`zoo.privacy` assumes):
      *expected* batch size ``q * N`` (a public constant); the gradient of any data-free penalty (the expected
      L0 of sparse models, :mod:`zoo.sparse`) is added, then the optimizer steps. An EMA of the weights is
      kept for evaluation (post-processing: free).
-sigma is calibrated for the q and step count that training really uses; training stops before the ledger
+A model that standardises its input with training-set statistics (:class:`zoo.layers.DataStandardize`) has them
+fitted once, privately, before step 1 (:mod:`zoo.data_norm`: the Gaussian mechanism, recorded in the ledger and
+composed with the steps). sigma is calibrated for the q and step count that training really uses; training stops before the ledger
 would exceed the target epsilon. ``epsilon=inf`` is the noise-free reference: sigma = 0 with the same clipping,
 sampling and schedule (so only the noise differs), and the ledger says epsilon = inf.
 What is predicted, the loss per sample, the augmentation and the metrics come from the data set's task
@@ -23,6 +25,7 @@ never published: the released ``final`` checkpoint omits it).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,12 +44,13 @@ from . import distributed
 from .alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
 from .cards import RECIPE_SCHEMA, check_recipe_values
 from .data import get_dataset_info, preparation
+from .data_norm import fit_private_statistics, needs_fitting, releases, statistics_history, statistics_layers
 from .eq_layers import export
 from .grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_norms
 from .io import write_text
 from .layers import MEMO_BYTES, memoized_fixed_layers
 from .path_data import describe as describe_path_data
-from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma
+from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
 from .sparse import penalty_gradients
 from .registry import build, get_card, resolve_checkpoint
 from .tasks import task_of
@@ -182,6 +186,8 @@ def _recipe(card: dict, overrides: dict) -> dict:
     optional = {k for k, (typ, _) in RECIPE_SCHEMA.items() if isinstance(typ, tuple) and type(None) in typ}
     recipe = {**dict.fromkeys(optional), **card["recipe"],
               **{k: v for k, v in overrides.items() if v is not None or k in optional}}  # None unsets those
+    if isinstance(recipe.get("norm_clip"), tuple):
+        recipe["norm_clip"] = list(recipe["norm_clip"])  # as JSON stores it (compared on resume)
     AlignSettings.from_recipe(recipe)  # refuse bad alignment settings before any data is loaded
     check_recipe_values(recipe, "recipe", "change that setting")  # the ranges a card's recipe is held to
     return recipe
@@ -320,6 +326,43 @@ def pretraining_record(parent: dict | None, init: dict, dataset: str) -> dict:
                      f"not private: used as public data with respect to {dataset}")}
 
 
+def _fit_statistics(model: nn.Module, train, recipe: dict, seed: int, device: torch.device, model_name: str,
+                    ledger: Ledger, progress: bool = False) -> list:
+    """Fit the model's :class:`zoo.layers.DataStandardize` layers on ``train`` with the recipe's ``norm_sigma``
+    and ``norm_clip`` (:func:`zoo.data_norm.fit_private_statistics`; exact statistics for the noise-free
+    reference, epsilon = inf); the noise comes from the run's seeded stream ``statistics``. Returns the ledger
+    entries."""
+    if recipe.get("norm_sigma") is None or recipe.get("norm_clip") is None:
+        raise ValueError(f"{model_name} standardises its input with statistics of the training data "
+                         "(zoo.layers.DataStandardize), released privately before training: the recipe must give "
+                         "norm_sigma (the noise multiplier of that release, e.g. 8) and norm_clip ([c_mean, c_square] "
+                         "per channel group: the L2 clips of each sample's per-channel mean and mean of squares); see "
+                         "zoo.data_norm")
+    sigma = 0.0 if math.isinf(recipe["epsilon"]) else float(recipe["norm_sigma"])
+    if sigma:  # refuse before the pass over the data if the release alone would spend the budget
+        cost = compute_epsilon([*ledger.accounted, *statistics_history(sigma, releases(model))], ledger.delta,
+                               ledger.accountant)
+        if cost >= ledger.target_epsilon:
+            raise BudgetExhaustedError(
+                f"releasing the normalisation statistics of {model_name} ({releases(model)} Gaussian releases at "
+                f"norm_sigma {sigma:g}) would spend epsilon {cost:.3f} of the target {ledger.target_epsilon:g} before "
+                "any DP-SGD step; raise norm_sigma (e.g. to 20), raise the target epsilon, or pick a model with "
+                "GroupNorm (e.g. scatternet-cnn)")
+    _say(f"fitting the normalisation statistics of {model_name} on the {len(train)} training samples (Gaussian "
+         f"mechanism, sigma {sigma:g}, clips {recipe['norm_clip']})")
+    model.to(device)
+    with memoized_fixed_layers(MEMO_BYTES if recipe["augmult"] == 1 else 0):
+        return fit_private_statistics(model, train, sigma=sigma, clip=recipe["norm_clip"], device=device,
+                                      generator=_generator(seed, 0, "statistics", device), progress=progress)
+
+
+def _fixed_layer_memo(model: nn.Module):
+    """The memo of fixed front ends (:func:`zoo.layers.memoized_fixed_layers`) over a whole run of a model whose
+    statistics are fitted first, so that the fit's pass and the training loop compute each image's scattering
+    once; otherwise nothing (the loop opens its own)."""
+    return memoized_fixed_layers(MEMO_BYTES) if needs_fitting(model) else contextlib.nullcontext()
+
+
 def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
          parent: dict | None = None, seed_source: str | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
          test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2,
@@ -416,6 +459,15 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
                         recipe_choice=recipe_choice)
     if ledger.num_samples != n:
         raise ValueError(f"the ledger is for N={ledger.num_samples} samples of {ledger.dataset}, this run has {n}")
+    if tensors is None and needs_fitting(model):  # a fresh run: the statistics are released before step 1
+        ledger.statistics.extend(_fit_statistics(model, train, recipe, seed, device, model_name, ledger,
+                                                 progress and distributed.is_main()))
+    elif recipe.get("norm_sigma") is not None and not statistics_layers(model):
+        raise ValueError(f"recipe settings norm_sigma / norm_clip apply to models that standardise with private data "
+                         f"statistics (zoo.layers.DataStandardize); {model_name} has none: remove them")
+    elif tensors is None and statistics_layers(model) and init is not None:
+        _say(f"{model_name} keeps the normalisation statistics of the checkpoint it starts from (fitted on "
+             f"{(parent or {}).get('dataset') or ledger.dataset}); they are not fitted again on {info.name}")
     done = int(state.get("step", 0))
     before = int(state.get("ledger_steps_before", ledger.steps))  # steps of an inherited ledger (fine-tuning)
     if "sigma" in state:
@@ -424,7 +476,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         sigma = 0.0  # the noise-free reference run
     else:
         sigma = calibrate_sigma(recipe["epsilon"], recipe["delta"], q, recipe["steps"], recipe["accountant"],
-                                history=ledger.history)
+                                history=ledger.accounted)
     planned = int(state.get("planned_steps", recipe["steps"]))
     todo = ledger.steps_left(sigma, q, planned - done)
     if todo == 0 and planned - done > 0:
@@ -563,10 +615,11 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
                      "seed": given_seed}
         if "dataset" in requested:
             requested["dataset"] = info.name
-        return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source,
-                    out_dir=out_dir, data_dir=data_dir, seed=seed, device=device, checkpoint_every=checkpoint_every,
-                    test_subset=test_subset, progress=progress, resume=resume, download=download,
-                    requested=requested, recipe_choice=choice)
+        with _fixed_layer_memo(model):
+            return _run(model, model_name=name, card=card, recipe=recipe, ledger=None, seed_source=source,
+                        out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
+                        checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress, resume=resume,
+                        download=download, requested=requested, recipe_choice=choice)
 
 
 def _auto(card: dict, overrides: dict, auto: bool | None) -> tuple[dict, dict | None]:
@@ -625,8 +678,9 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
             ledger.target_epsilon, ledger.delta = epsilon, delta
         requested = {k: v for k, v in {**recipe_overrides, "dataset": dataset, "epsilon": epsilon,
                                        "delta": delta}.items() if v is not None}
-        return _run(model, model_name=sidecar["model"], card=card, recipe=recipe, ledger=ledger,
-                    parent=None if same else old, out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
-                    checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress, resume=resume,
-                    download=download, requested=requested, recipe_choice=choice,
-                    init={"checkpoint_sha256": sidecar["sha256"], "model": sidecar["model"]})
+        with _fixed_layer_memo(model):
+            return _run(model, model_name=sidecar["model"], card=card, recipe=recipe, ledger=ledger,
+                        parent=None if same else old, out_dir=out_dir, data_dir=data_dir, seed=seed, device=device,
+                        checkpoint_every=checkpoint_every, test_subset=test_subset, progress=progress,
+                        resume=resume, download=download, requested=requested, recipe_choice=choice,
+                        init={"checkpoint_sha256": sidecar["sha256"], "model": sidecar["model"]})

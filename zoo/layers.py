@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WSConv2d", "Scattering2D", "get_norm_layer", "get_act_layer", "NORM_LAYERS", "ACT_LAYERS"]
+__all__ = ["WSConv2d", "Scattering2D", "DataStandardize", "get_norm_layer", "get_act_layer", "NORM_LAYERS", "ACT_LAYERS"]
 
 
 class WSConv2d(nn.Conv2d):
@@ -132,6 +132,56 @@ def standardize(w: torch.Tensor, eps: float) -> torch.Tensor:
     return (w - mean) * torch.rsqrt(var + eps)
 
 
+class DataStandardize(nn.Module):
+    """Per-channel standardisation with statistics of the whole training set (Tramèr & Boneh 2021's "data
+    normalization"), frozen: ``(x - mean[c]) / sqrt(var[c] + eps)``, and 0 for a channel whose variance is 0.
+
+    What it averages over: the mean and variance of channel ``c`` are over every training sample and every
+    spatial position of that channel, computed **once, privately**, before DP-SGD starts
+    (:func:`zoo.data_norm.fit_private_statistics`, which ``zoo.train`` calls and records in the privacy ledger);
+    at training and test time each sample is standardised alone with those fixed numbers, so the layer uses no
+    batch statistics and has no trainable parameters (no per-sample gradient is needed). The statistics are
+    buffers: they travel with the checkpoint. ``groups`` (one id per channel, ``0 .. G-1``; default one group)
+    splits the channels into groups released separately, each with clips of its own scale (a ScatterNet's
+    orders 0, 1 and 2 differ by orders of magnitude: under one clip the noise would swamp the small ones). Until
+    fitted (``fitted`` 0: a model just created) the layer is the identity, so a model can be built, traced and
+    tested before it sees data."""
+
+    def __init__(self, num_channels: int, groups: list[int] | None = None, eps: float = 1e-5):
+        super().__init__()
+        self.num_channels, self.eps = num_channels, eps
+        groups = [0] * num_channels if groups is None else [int(g) for g in groups]
+        if len(groups) != num_channels or sorted(set(groups)) != list(range(max(groups) + 1)):
+            raise ValueError(f"groups must give each of the {num_channels} channels a group id, the ids 0 .. G-1 "
+                             "all used")
+        self.num_groups = max(groups) + 1
+        self.register_buffer("group", torch.tensor(groups), persistent=False)
+        self.register_buffer("mean", torch.zeros(num_channels))
+        self.register_buffer("var", torch.ones(num_channels))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.uint8))
+
+    def set_statistics(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Store fitted statistics (``[C]`` each; ``var`` >= 0) and mark the layer fitted."""
+        if mean.shape != (self.num_channels,) or var.shape != (self.num_channels,):
+            raise ValueError(f"expected statistics of shape ({self.num_channels},), got {tuple(mean.shape)} and "
+                             f"{tuple(var.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()) or (var < 0).any():
+            raise ValueError("the statistics must be finite and the variances >= 0")
+        self.mean.copy_(mean)
+        self.var.copy_(var)
+        self.fitted.fill_(1)
+
+    def forward(self, x):
+        if not self.fitted:
+            return x
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        scale = torch.where(self.var > 0, torch.rsqrt(self.var + self.eps), torch.zeros_like(self.var))
+        return (x - self.mean.view(view)) * scale.view(view)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}, fitted={bool(self.fitted)}"
+
+
 class Scattering2D(nn.Module):
     """Fixed 2D wavelet scattering transform (Mallat 2012; Oyallon & Mallat 2015), order 2, as in kymatio.
 
@@ -178,6 +228,12 @@ class Scattering2D(nn.Module):
                 store[keys[i]] = out.clone()
                 _MEMO["bytes"] += size
         return torch.stack([fresh[i] if i in fresh else store[key] for i, key in enumerate(keys)])
+
+    @property
+    def orders(self) -> list[int]:
+        """The scattering order (0, 1 or 2) of each output channel of one input channel, in output order."""
+        J, L = self.J, self.L
+        return [0] + [1] * (J * L) + [2] * (L * L * J * (J - 1) // 2)
 
     @property
     def coefficients(self) -> int:

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
@@ -52,7 +53,8 @@ def compute_epsilon(history: list, delta: float, accountant: str = "rdp") -> flo
     acc = _accountant(accountant)
     acc.history = history
     if accountant != "rdp":
-        return float(acc.get_epsilon(delta=delta))
+        with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q): -inf, handled, at q = 1 (zoo.data_norm)
+            return float(acc.get_epsilon(delta=delta))
     with warnings.catch_warnings():  # opacus warns at the largest order on every call: said once, below
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         eps, order = acc.get_privacy_spent(delta=delta, alphas=RDP_ORDERS)
@@ -108,7 +110,10 @@ class Ledger:
     number K of augmented views per sample (averaged before clipping: it does not change the sensitivity).
     ``manifest`` describes the content of data given by path (:mod:`zoo.path_data`: a sha256 over it), so that the
     ledger is tied to those images and not to a folder name. ``recipe_choice`` records how delta, batch size and
-    steps were chosen when zoo chose them for the data (:mod:`zoo.auto_recipe`).
+    steps were chosen when zoo chose them for the data (:mod:`zoo.auto_recipe`). ``statistics`` lists the private
+    releases made before DP-SGD on the same data (:mod:`zoo.data_norm`: a layer's normalisation statistics, each
+    entry with its ``sigma``, ``sample_rate`` and number of ``releases``); they compose with ``history``
+    (:attr:`accounted`), but are not DP-SGD steps.
     """
 
     dataset: str
@@ -123,6 +128,7 @@ class Ledger:
     augmult: int | None = None
     manifest: dict | None = None
     recipe_choice: dict | None = None
+    statistics: list = field(default_factory=list)
 
     def __post_init__(self):
         if not 0 < self.delta < 1:
@@ -136,8 +142,15 @@ class Ledger:
     def steps(self) -> int:
         return sum(int(h[2]) for h in self.history)
 
+    @property
+    def accounted(self) -> list:
+        """Everything spent on this data set, in the accountant's format: the statistics' releases, then
+        ``history``."""
+        return [[float(e["sigma"]), float(e["sample_rate"]), int(e["releases"])] for e in self.statistics] \
+            + self.history
+
     def epsilon(self) -> float:
-        return compute_epsilon(self.history, self.delta, self.accountant)
+        return compute_epsilon(self.accounted, self.delta, self.accountant)
 
     def record(self, sigma: float, sample_rate: float, steps: int = 1) -> None:
         if self.history and self.history[-1][0] == sigma and self.history[-1][1] == sample_rate:
@@ -147,7 +160,7 @@ class Ledger:
 
     def steps_left(self, sigma: float, sample_rate: float, wanted: int) -> int:
         """Largest n <= wanted such that n more steps keep epsilon within the target (binary search)."""
-        ok = lambda n: compute_epsilon([*self.history, (sigma, sample_rate, n)], self.delta,  # noqa: E731
+        ok = lambda n: compute_epsilon([*self.accounted, (sigma, sample_rate, n)], self.delta,  # noqa: E731
                                        self.accountant) <= self.target_epsilon * (1 + 1e-9)
         if ok(wanted):
             return wanted
@@ -166,7 +179,8 @@ class Ledger:
     def from_dict(cls, d: dict) -> "Ledger":
         keys = {"dataset", "num_samples", "delta", "accountant", "clip_norm", "target_epsilon", "history", "parent"}
         ledger = cls(**{k: d[k] for k in keys}, pretraining=d.get("pretraining"), augmult=d.get("augmult"),
-                     manifest=d.get("manifest"), recipe_choice=d.get("recipe_choice"))
+                     manifest=d.get("manifest"), recipe_choice=d.get("recipe_choice"),
+                     statistics=d.get("statistics", []))
         if "epsilon" in d and not math.isclose(ledger.epsilon(), d["epsilon"], rel_tol=1e-6, abs_tol=1e-9):
             raise ValueError(f"ledger says epsilon={d['epsilon']} but its history gives {ledger.epsilon()}: "
                              "the ledger was edited")

@@ -145,6 +145,9 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
              f"{training.get('wall_time_s')} s on {training.get('hardware')}; sigma={led['noise_multiplier']:.3f}, "
              f"q={led['sample_rate']:.4g}, {led['steps']} steps, K={led.get('augmult')}; stored "
              f"{training['precision_check']['stored']} EMA weights")
+    for st in led.get("statistics") or []:  # releases before DP-SGD (zoo.data_norm), composed into epsilon
+        words += (f"; before training, the normalisation statistics of {st['layer']} released with the Gaussian "
+                  f"mechanism (sigma={st['sigma']:g}, {st['releases']} releases, composed into epsilon)")
     if pre:
         words += f"; started from {pre.get('model')} on {pre.get('dataset')} ({pre.get('note')})"
     for m in keys:

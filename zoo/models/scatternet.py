@@ -9,9 +9,12 @@ Layout (CIFAR-10, 3x32x32, the paper's ``CIFAR10_CNN`` on scattered input):
 
 - :class:`zoo.layers.Scattering2D` (J=2 scales, L=8 orientations, order 2): 81 coefficients per input channel
   at a quarter of the resolution, 243x8x8;
-- GroupNorm without affine parameters over groups of scattering channels (27 groups of 9): mean and variance
-  per sample over the channels of a group and all positions. The paper's other choice, normalising with
-  private data statistics, spends privacy budget; this one spends none;
+- ``norm="group"``: GroupNorm without affine parameters over groups of scattering channels (27 groups of 9):
+  mean and variance per sample over the channels of a group and all positions; it spends no privacy budget.
+  ``norm="data"``: the paper's data normalisation (:class:`zoo.layers.DataStandardize`): each scattering channel
+  standardised with its mean and variance over the whole training set, released privately once before training
+  (:mod:`zoo.data_norm`, recorded in the ledger; the paper's choice for CIFAR-10), the channels of each
+  scattering order (0, 1, 2) as a group with clips of their own (three groups: six Gaussian releases);
 - conv 3x3 (``width``) + tanh, max pooling to 4x4, conv 3x3 (``width``) + tanh, flatten, linear head; or, with
   ``width=0``, the paper's ScatterNet + linear: a linear head on the 15,552 normalised coefficients.
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import Scattering2D, get_act_layer, largest_divisor
+from ..layers import DataStandardize, Scattering2D, get_act_layer, largest_divisor
 from ..registry import register_family
 from ._base import ZooClassifier
 
@@ -39,12 +42,12 @@ class _ToGrid(nn.AdaptiveAvgPool2d):
 class ScatterNetCNN(ZooClassifier):
     """ScatterNet + CNN, or ScatterNet + linear with ``width=0``. Args: width (channels of both convs, 64 in the
     paper; 0: a linear head on the normalised coefficients, average-pooled to ``grid x grid``), J and L
-    (scattering scales and orientations), norm_groups (GroupNorm groups over the scattering channels, at most),
-    num_classes, in_chans, act (``tanh`` in the paper), grid (``width=0`` only: the side of the coefficient grid
+    (scattering scales and orientations), norm (``group``: GroupNorm; ``data``: private data statistics),
+    norm_groups (GroupNorm groups over the scattering channels, at most), num_classes, in_chans, act (``tanh`` in the paper), grid (``width=0`` only: the side of the coefficient grid
     the linear head reads, ``input side / 2**J`` for the identity: 8 at 32x32, 7 at 28x28)."""
 
     def __init__(self, width: int = 64, J: int = 2, L: int = 8, norm_groups: int = 27, num_classes: int = 10,
-                 in_chans: int = 3, act: str = "tanh", grid: int = 8):
+                 in_chans: int = 3, act: str = "tanh", grid: int = 8, norm: str = "group"):
         super().__init__()
         act_f = get_act_layer(act)
         self.in_chans, self.num_classes = in_chans, num_classes
@@ -52,7 +55,10 @@ class ScatterNetCNN(ZooClassifier):
         self.min_size = 4 * 2 ** J
         self.scattering = Scattering2D(J, L)
         k = in_chans * self.scattering.coefficients
-        self.norm = nn.GroupNorm(largest_divisor(k, norm_groups), k, affine=False)
+        if norm not in ("group", "data"):
+            raise ValueError(f"norm must be 'group' (GroupNorm) or 'data' (private data statistics), got {norm!r}")
+        self.norm = (nn.GroupNorm(largest_divisor(k, norm_groups), k, affine=False) if norm == "group"
+                     else DataStandardize(k, groups=self.scattering.orders * in_chans))  # released by order
         if width:
             self.features = nn.Sequential(
                 nn.Conv2d(k, width, 3, padding=1), act_f(), nn.AdaptiveMaxPool2d(4),
