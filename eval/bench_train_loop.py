@@ -12,6 +12,7 @@ timed as the releases run it: with each image's scattering computed once (``zoo.
 Run it on an idle machine (it prints the load average at the start and the end). Reproduce:
     python eval/bench_train_loop.py --before 0c6891a            # about 6 minutes on 2 CPU cores
     python eval/bench_train_loop.py --before b8134cd --steps 6  # the ScatterNet step (about 12 minutes)
+    python eval/bench_train_loop.py --before e4070ad --steps 6 --models wrn16-1 wrn16-1-pneumonia eq-resnet9-c4
 """
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ def main() -> int:
     ap.add_argument("--physical", nargs="+", type=int, default=[64, 128, 256])
     ap.add_argument("--data-dir", default=os.environ.get("ZOO_DATA"))
     ap.add_argument("--json")
+    ap.add_argument("--models", nargs="+", choices=[c[0] for c in CANDIDATES], help="a subset of the candidates")
     args = ap.parse_args()
     import torch
 
@@ -129,6 +131,8 @@ def main() -> int:
           flush=True)
     rows = []
     for model, dataset, batch in CANDIDATES:
+        if args.models and model not in args.models:
+            continue
         print(f"  {model} on {dataset} ...", file=sys.stderr, flush=True)
         dp = {p: dp_loop(model, dataset, batch, args.steps, p, args.data_dir) for p in args.physical if p <= batch}
         plain = nonprivate_loop(model, dataset, batch, args.steps, args.data_dir)

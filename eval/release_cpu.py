@@ -28,6 +28,9 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
   scatternet-cnn-datanorm  the same for ScatterNet + CNN with Tramèr & Boneh's private data normalisation
              (``zoo.data_norm``; its statistics' release is in the ledger), with or without the EMA, whichever
              simulated better, published as ``scatternet-cnn-datanorm.dp_eps8`` (its card's default).
+  scatternet-cnn-datanorm-eps3  ``eval/study_cifar10.py --config release-long-eps3 --stage search`` (the
+             statistics' sigma 8 or 16 at B=8192, S=360), then the better simulated variant at epsilon 3, secret
+             seed, published as ``scatternet-cnn-datanorm.dp_eps3``.
 Budgets are in samples processed; wall times are printed. Reproduce:  python eval/release_cpu.py [--stages ...]
 """
 from __future__ import annotations
@@ -61,6 +64,13 @@ def published(full: str) -> bool:
     import zoo
 
     return full in zoo.list_models(pretrained=True)
+
+
+def published_recipe(full: str) -> dict:
+    """The training recipe recorded in the sidecar of the published checkpoint ``full`` (``NAME.TAG``)."""
+    import json
+
+    return json.loads((ROOT / "weights" / f"{full}.json").read_text())["train_state"]["recipe"]
 
 
 def run(cmd: list[str], out: Path) -> None:
@@ -136,15 +146,21 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
     else:
         raise SystemExit(f"the study {config} has no full-privacy recipe of {models} at epsilon {epsilon:g} with 2 "
                          f"or more seeds; run `python eval/study_cifar10.py --config {config}` first")
+    b, s, lr = int(b), int(s), float(lr)  # CSV cells are strings
     tag = f"dp_eps{epsilon:g}"
     entry = cfg["models"][model]
     name = entry.get("model", model)  # a study entry may be a variant (its fixed settings) of a registered model
     if published(f"{name}.{tag}"):
-        return
+        was = published_recipe(f"{name}.{tag}")
+        if (was.get("batch_size"), was.get("steps"), was.get("lr")) == (b, s, lr):
+            return
+        print(f"{name}.{tag} was trained at B={was.get('batch_size')}, S={was.get('steps')}, lr={was.get('lr')}; "
+              f"the study now chooses B={b}, S={s}, lr={lr}: training it, to replace the published checkpoint "
+              "(the old one stays in git history)", flush=True)
     recipe = {"dataset": cfg["dataset"], "epsilon": f"{epsilon:g}", "delta": f"{cfg['delta']:g}",
               "batch-size": b, "steps": s, "lr": lr, **{k.replace("_", "-"): v for k, v in entry["fixed"].items()}}
     print(f"{config}, epsilon {epsilon:g}: {model}, B={b}, S={s}, lr={lr} ({how})", flush=True)
-    out = RUNS / f"{cfg['dataset']}-{model}-eps{epsilon:g}"
+    out = RUNS / f"{cfg['dataset']}-{model}-eps{epsilon:g}-B{b}-S{s}-lr{lr:g}"
     run([*ZOO, "train", name, *flags(recipe)], out)
     publish(out, name, tag, default=default, spread=spread, note=how)
 
@@ -154,7 +170,7 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+",
                     default=["backbone", "study", "pneumonia", "cifar10", "cifar10-study", "scatternet",
                              "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
-                             "scatternet-cnn", "scatternet-cnn-datanorm"])
+                             "scatternet-cnn", "scatternet-cnn-datanorm", "scatternet-cnn-datanorm-eps3"])
     args = ap.parse_args()
     os.environ.setdefault("ZOO_DATA", str(ROOT.parent / "shared" / "data"))
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -215,6 +231,11 @@ def main() -> int:
     if "scatternet-cnn-datanorm" in args.stages:
         tan_study_release("release-long", ["scatternet-cnn-datanorm", "scatternet-cnn-datanorm+ema0.99"], 8.0,
                           default=True, before_full=True)
+    if "scatternet-cnn-datanorm-eps3" in args.stages:
+        subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release-long-eps3",
+                        "--stage", "search"], check=True)
+        tan_study_release("release-long-eps3", ["scatternet-cnn-datanorm", "scatternet-cnn-datanorm+nsigma16"], 3.0,
+                          default=False, before_full=True)
     if shutil.which("git"):
         subprocess.run([*ZOO, "card"], check=True)
     return 0

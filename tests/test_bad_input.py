@@ -449,6 +449,7 @@ CARD_CASES = [  # (id, edit of a valid card, message pattern); schema keys and t
     ("momentum-one", _set("recipe.momentum", 1.0), r"recipe.momentum: got 1.0, expected a number in \[0, 1\)"),
     ("ema-decay-above-one", _set("recipe.ema_decay", 1.5), r"recipe.ema_decay: got 1.5"),
     ("align-unknown", _set("recipe.align", "some"), r"recipe.align: got 'some'"),
+    ("lr-schedule-unknown", _set("recipe.lr_schedule", "step"), r"recipe.lr_schedule: got 'step'.*'cosine'"),
     ("align-fraction-zero", _set("recipe.align_fraction", 0.0), r"recipe.align_fraction: got 0.0"),
     ("crop-zero", _set("recipe.crop", 0), r"recipe.crop: got 0"),
     ("train-subset-str", _set("recipe.train_subset", "all"), r"recipe.train_subset: expected"),

@@ -9,7 +9,7 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 import zoo
-from zoo.grad_sample import PerSampleGradients, per_sample_cross_entropy
+from zoo.grad_sample import PerSampleGradients, backward_roots, per_sample_cross_entropy
 from zoo.tasks import task_of
 
 MODELS = zoo.list_models()
@@ -109,3 +109,43 @@ def test_close_removes_every_hook():
     before = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
     PerSampleGradients(model).close()
     assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()) == before
+
+
+class _TwoBranches(nn.Module):
+    """Two convs on the data (two roots), a layer after each, a shared head: no root lies below another."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.a2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(8 * 16, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a2(torch.tanh(self.a(x))), torch.tanh(self.b(x))], 1).flatten(1))
+
+
+def test_backward_runs_from_the_loss_to_the_roots_only():
+    """autograd is asked for the gradients of the roots alone (``backward_roots``: the first trainable layer of
+    each branch from the data), not of every layer's output; every layer still gets its exact per-sample
+    gradient, and a chain has one root."""
+    torch.manual_seed(0)
+    model = _TwoBranches()
+    x, y = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 2, 0])
+    outs = {}
+    handles = [m.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o))
+               for k, m in model.named_children()]
+    model(x)
+    for h in handles:
+        h.remove()
+    roots = backward_roots([outs[k] for k in ("a", "b", "a2", "head")])
+    assert sorted(map(id, roots)) == sorted(id(outs[k]) for k in ("a", "b"))
+    chain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 1))
+    first = chain[0](x)
+    assert list(map(id, backward_roots([first, chain[2](chain[1](first))]))) == [id(first)]
+    psg = PerSampleGradients(model)
+    grads, _, _ = psg(x, y, loss_fn=per_sample_cross_entropy)
+    psg.close()
+    for i in range(4):
+        loss = per_sample_cross_entropy(model(x[i:i + 1]), y[i:i + 1]).sum()
+        for (n, p), r in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            torch.testing.assert_close(grads[n][i], r)

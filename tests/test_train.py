@@ -178,3 +178,31 @@ def test_x_rays_are_resized_for_the_equivariant_pneumonia_model_and_28_is_refuse
         zoo.train("test-eq-resnet9-c4", dataset="pneumoniamnist", delta=1e-4, **kw)
     with pytest.raises(ValueError, match="crop.*do not apply to classification"):
         zoo.train("test-wrn10-1", crop=16, **kw)
+
+
+def test_cosine_factor_is_torchs_cosine_annealing():
+    """zoo.schedule's cosine is torch's CosineAnnealingLR (T_max = the planned steps) step by step; constant is 1."""
+    from zoo.schedule import lr_factor
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7)
+    for t in range(7):
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * lr_factor("cosine", t, 7), abs=1e-12)
+        assert lr_factor("constant", t, 7) == lr_factor(None, t, 7) == 1.0
+        opt.step()
+        sched.step()
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'.*constant, cosine"):
+        lr_factor("step", 0, 7)
+
+
+def test_cosine_schedule_resumes_exactly_and_changes_the_run(data_dir, tmp_path):
+    """The lr of each step is a function of the step alone, so a resumed cosine run equals the uninterrupted
+    one; it is applied (the weights differ from the constant-lr run of the same seed), and recorded."""
+    kw = dict(data_dir=data_dir, seed=3, steps=4, checkpoint_every=2, test_subset=200, lr_schedule="cosine", **QUIET)
+    a, _, ta = _interrupted_run_resumes_exactly("test-wrn10-1", tmp_path, **kw)
+    assert a["recipe"]["lr_schedule"] == "cosine"
+    zoo.train("test-wrn10-1", out_dir=tmp_path / "c", **{**kw, "lr_schedule": None})
+    tc = _final_tensors(tmp_path / "c")
+    assert any(not torch.allclose(ta[k], tc[k]) for k in ta)
+    with pytest.raises(ValueError, match="lr_schedule: got 'linear'"):
+        zoo.train("test-wrn10-1", **{**kw, "lr_schedule": "linear"})

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .schedule import LR_SCHEDULES
+
 CARDS_DIR = Path(__file__).resolve().parent.parent / "models"
 MODEL_CARD_PATH = CARDS_DIR.parent / "MODEL_CARD.md"
 STUDIES_DIR = CARDS_DIR.parent / "eval" / "results"  # each study's results.md is included in MODEL_CARD.md
@@ -41,6 +43,7 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "momentum": (_num, True),
     "augmult": (int, True),              # K augmented views per sample, averaged before clipping
     "ema_decay": (_num, True),
+    "lr_schedule": ((str, type(None)), False),   # zoo.schedule.LR_SCHEDULES; None: constant
     "train_subset": ((int, type(None)), False),  # use a stratified subset of this many training samples
     "crop": ((int, type(None)), False),          # segmentation: train on random crops of this size
     "resize": ((int, type(None)), False),        # resize every split to this size first (e.g. X-rays 28 -> 32)
@@ -121,6 +124,7 @@ _RECIPE_VALUES: dict[str, tuple[Any, str]] = {
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "align": (lambda v: v in ("off", "all", "subset"), "'off', 'all' or 'subset' (zoo.alignment)"),
+    "lr_schedule": (lambda v: v in LR_SCHEDULES, " or ".join(map(repr, LR_SCHEDULES)) + " (zoo.schedule)"),
     "align_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "align_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "norm_sigma": (lambda v: 0 < v < math.inf, "a finite number > 0 (zoo.data_norm)"),
@@ -353,8 +357,8 @@ def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str
     lines += ["", "## Details", ""]
     for info in infos:
         r, (sidecar, _) = info["recipe"], facts[info["name"]]
-        extra = "".join(f", {k.replace('_', ' ')} {_fmt(r[k])}" for k in ("train_subset", "crop", "resize", "align")
-                        if r.get(k) is not None)
+        extra = "".join(f", {k.replace('_', ' ')} {_fmt(r[k])}" for k in ("lr_schedule", "train_subset", "crop",
+                                                                           "resize", "align") if r.get(k) is not None)
         lines += [f"### `{info['name']}`", "", info["summary"], "",
                   f"- architecture: `{info['family']}` with `{json.dumps(info['args'], sort_keys=True)}`; "
                   f"{info['num_params']:,} trainable parameters; group {_group(info)}; {sparsity[info['name']]}",

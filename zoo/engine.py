@@ -53,6 +53,7 @@ from .path_data import describe as describe_path_data
 from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
 from .sparse import penalty_gradients
 from .registry import build, get_card, resolve_checkpoint
+from .schedule import lr_factor
 from .tasks import task_of
 
 
@@ -545,6 +546,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
                     noise_generator=_generator(seed, step, "noise", device))
             for name, p in params.items():
                 p.grad = grads[name]
+            for group in opt.param_groups:  # a function of the step alone: public, resumes exactly (zoo.schedule)
+                group["lr"] = recipe["lr"] * lr_factor(recipe.get("lr_schedule"), step, planned)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if aligned:

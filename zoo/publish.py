@@ -141,13 +141,14 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
     eps = round(led["epsilon"], 2) if math.isfinite(led["epsilon"]) else math.inf
     data["results"] = [r for r in data["results"] if r.get("checkpoint") != tag]
     pre = led.get("pretraining")
+    stored = "EMA weights" if float(recipe.get("ema_decay") or 0) else "weights"  # without an EMA, the weights
     words = (f"secret seed (withheld); {training.get('samples_processed') or '?'} samples x views in "
              f"{training.get('wall_time_s')} s on {training.get('hardware')}; sigma={led['noise_multiplier']:.3f}, "
              f"q={led['sample_rate']:.4g}, {led['steps']} steps, K={led.get('augmult')}; stored "
-             f"{training['precision_check']['stored']} EMA weights")
+             f"{training['precision_check']['stored']} {stored}")
     for st in led.get("statistics") or []:  # releases before DP-SGD (zoo.data_norm), composed into epsilon
-        words += (f"; before training, the normalisation statistics of {st['layer']} released with the Gaussian "
-                  f"mechanism (sigma={st['sigma']:g}, {st['releases']} releases, composed into epsilon)")
+        words += (f"; before training, the normalisation statistics of layer {st['layer']!r} released with the "
+                  f"Gaussian mechanism (sigma={st['sigma']:g}, {st['releases']} releases, composed into epsilon)")
     if pre:
         words += f"; started from {pre.get('model')} on {pre.get('dataset')} ({pre.get('note')})"
     for m in keys:
