@@ -9,7 +9,7 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 import zoo
-from zoo.grad_sample import PerSampleGradients, backward_roots, per_sample_cross_entropy
+from zoo.grad_sample import PerSampleGradients, per_sample_cross_entropy
 from zoo.tasks import task_of
 
 MODELS = zoo.list_models()
@@ -112,7 +112,7 @@ def test_close_removes_every_hook():
 
 
 class _TwoBranches(nn.Module):
-    """Two convs on the data (two roots), a layer after each, a shared head: no root lies below another."""
+    """Two convs on the data, a layer after one of them, a shared head."""
 
     def __init__(self):
         super().__init__()
@@ -124,24 +124,12 @@ class _TwoBranches(nn.Module):
         return self.head(torch.cat([self.a2(torch.tanh(self.a(x))), torch.tanh(self.b(x))], 1).flatten(1))
 
 
-def test_backward_runs_from_the_loss_to_the_roots_only():
-    """autograd is asked for the gradients of the roots alone (``backward_roots``: the first trainable layer of
-    each branch from the data), not of every layer's output; every layer still gets its exact per-sample
-    gradient, and a chain has one root."""
+def test_two_branches_from_the_data_each_get_exact_per_sample_gradients():
+    """Two trainable layers read the data (the backward pass ends at both), a layer after one of them and a
+    shared head: every layer still gets its exact per-sample gradient."""
     torch.manual_seed(0)
     model = _TwoBranches()
     x, y = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 2, 0])
-    outs = {}
-    handles = [m.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o))
-               for k, m in model.named_children()]
-    model(x)
-    for h in handles:
-        h.remove()
-    roots = backward_roots([outs[k] for k in ("a", "b", "a2", "head")])
-    assert sorted(map(id, roots)) == sorted(id(outs[k]) for k in ("a", "b"))
-    chain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 1))
-    first = chain[0](x)
-    assert list(map(id, backward_roots([first, chain[2](chain[1](first))]))) == [id(first)]
     psg = PerSampleGradients(model)
     grads, _, _ = psg(x, y, loss_fn=per_sample_cross_entropy)
     psg.close()

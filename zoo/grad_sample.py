@@ -178,33 +178,6 @@ def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: tor
     return loss_fn or per_sample_cross_entropy, b, empty
 
 
-def backward_roots(anchors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors of ``anchors`` from whose ``grad_fn`` no other anchor's is reached backward (through
-    ``next_functions``): for a chain of layers, the first layer's output; one per branch that starts from the
-    data.
-
-    Differentiating w.r.t. the roots alone runs the backward pass through every anchor the loss depends on (each
-    lies on a path from the loss to a root, so autograd executes its node and the layer's hooks fire), but autograd
-    returns, and keeps alive to the end of the pass, only the roots' gradients, not one activation-sized gradient
-    per layer. An anchor without ``grad_fn`` (a leaf) is a root."""
-    nodes: dict = {}
-    for a in anchors:
-        nodes.setdefault(a.grad_fn, []).append(a)
-    roots = list(nodes.pop(None, []))
-    for node, tensors in nodes.items():
-        seen, stack = {node}, [f for f, _ in node.next_functions if f is not None]
-        while stack:
-            f = stack.pop()
-            if f in nodes:
-                break  # another anchor lies below this one: not a root
-            if f not in seen:
-                seen.add(f)
-                stack.extend(g for g, _ in f.next_functions if g is not None)
-        else:
-            roots.extend(tensors)
-    return roots
-
-
 class _StoringGradSampleModule(GradSampleModule):
     """opacus' ``GradSampleModule`` (its hooks, strict checks and registered grad samplers), storing each layer's
     per-sample gradients as the grad sampler returns them.
@@ -288,11 +261,10 @@ class PerSampleGradients:
         total = inputs.shape[0]
         for p in self.params.values():
             p.grad_sample = None
-        # differentiate w.r.t. the first trainable layers' outputs only (backward_roots): every layer's hook still
-        # gets its backprops, and autograd computes neither the aggregated weight gradients (DP-SGD never uses
-        # them) nor the gradient of the first trainable layer's input (the data, or a fixed front end's output:
-        # for a ScatterNet + CNN, a 243-channel input whose gradient was 14 % of the step), and returns no
-        # gradient of a later layer's output
+        # differentiate w.r.t. the trainable layers' outputs only: every layer's hook still gets its backprops,
+        # and autograd computes neither the aggregated weight gradients (DP-SGD never uses them) nor the gradient
+        # of the first trainable layer's input (the data, or a fixed front end's output: for a ScatterNet + CNN,
+        # a 243-channel input whose gradient was 14 % of the step)
         self._anchors.clear()
         try:
             outputs = self.wrapped(inputs.detach())
@@ -303,7 +275,7 @@ class PerSampleGradients:
             if losses.requires_grad and self._anchors:  # none: no hook can fire, and the check below says which
                 with warnings.catch_warnings():  # opacus' full backward hooks warn when inputs need no grad: harmless
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    torch.autograd.grad(losses.sum(), backward_roots(self._anchors), allow_unused=True)
+                    torch.autograd.grad(losses.sum(), self._anchors, allow_unused=True)
         finally:
             self._anchors.clear()
         grads = {}
