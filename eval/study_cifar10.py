@@ -32,7 +32,8 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
            also with the EMA (``scatternet-cnn-datanorm+ema0.99``). Simulated: GroupNorm 0.6854, data
            normalisation 0.6959, with the EMA 0.6927 (seed 0). Data normalisation also at twice the budget,
            Tramèr & Boneh's B=8192, S=360 (2,949,120 samples, sigma 2.195, sigma / B 14 % lower): simulated 0.6968
-           (b=2048), a tenth of a point for twice the compute. Full runs: both models without the EMA.
+           (b=2048), a tenth of a point for twice the compute; there also lr 8, and a cosine decay of the lr
+           (``scatternet-cnn-datanorm+cosine``, lr 4 and 8). Full runs: both models without the EMA.
            Results in ``eval/results/cifar10-release-long/``.
   release-long-eps3  CIFAR-10 at epsilon 3 for ``scatternet-cnn-datanorm`` at Tramèr & Boneh's B=8192, S=360
            (2,949,120 samples, about 60 epochs; their 69.3 % at this epsilon), the statistics' sigma 8 (the card's)
@@ -96,7 +97,11 @@ CONFIGS = {
                    # Tramèr & Boneh's normalisation for CIFAR-10: private data statistics instead of GroupNorm(27)
                    # and at twice the budget: Tramèr & Boneh's own B=8192 over their 60 epochs (S=360)
                    "scatternet-cnn-datanorm": {"fixed": _SCATTER, "full": True,
-                                               "points": [(4096, 360, 4.0), (8192, 360, 4.0)]},
+                                               "points": [(4096, 360, 4.0), (8192, 360, 4.0), (8192, 360, 8.0)]},
+                   # with a cosine decay of the lr to 0 over the steps (zoo.schedule), at the larger budget
+                   "scatternet-cnn-datanorm+cosine": {"model": "scatternet-cnn-datanorm", "full": False,
+                                                      "fixed": {**_SCATTER, "lr_schedule": "cosine"},
+                                                      "points": [(8192, 360, 4.0), (8192, 360, 8.0)]},
                    "scatternet-cnn-datanorm+ema0.99": {"model": "scatternet-cnn-datanorm", "full": False,
                                                        "fixed": {**_SCATTER, "ema_decay": 0.99},
                                                        "points": [(4096, 360, 4.0)]}},
