@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import statistics
@@ -68,9 +69,10 @@ def published(full: str) -> bool:
 
 def published_recipe(full: str) -> dict:
     """The training recipe recorded in the sidecar of the published checkpoint ``full`` (``NAME.TAG``)."""
-    import json
+    from zoo.checkpoint import paths
+    from zoo.registry import resolve_checkpoint
 
-    return json.loads((ROOT / "weights" / f"{full}.json").read_text())["train_state"]["recipe"]
+    return json.loads(paths(resolve_checkpoint(full)[0])[1].read_text())["train_state"]["recipe"]
 
 
 def run(cmd: list[str], out: Path) -> None:
