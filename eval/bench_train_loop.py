@@ -9,10 +9,16 @@ at other physical batch sizes. With ``--before REV`` the DP loop is also timed o
 (checked out into a temporary worktree and run in a subprocess), so the table shows before/after in one run.
 Models with a fixed front end (the ScatterNets) run their seeded steps once untimed first, so that the loop is
 timed as the releases run it: with each image's scattering computed once (``zoo.layers.memoized_fixed_layers``).
-Run it on an idle machine (it prints the load average at the start and the end). Reproduce:
+With ``--procs``, the DP loop at the largest physical batch is also timed in fresh processes that each use one
+thread (``OMP_NUM_THREADS=1``): one process alone, and ``--procs`` processes that train the one model together
+under ``torchrun`` (:mod:`zoo.distributed`: the same batches, clipping and noise as one process, the physical
+batches dealt round-robin). The last column compares that with the one process on every thread (torch's default),
+the way all earlier releases trained. Run it on an idle machine (it prints the load average at the start and the
+end). Reproduce:
     python eval/bench_train_loop.py --before 0c6891a            # about 6 minutes on 2 CPU cores
     python eval/bench_train_loop.py --before b8134cd --steps 6  # the ScatterNet step (about 12 minutes)
     python eval/bench_train_loop.py --before e4070ad --steps 6 --models wrn16-1 wrn16-1-pneumonia eq-resnet9-c4
+    python eval/bench_train_loop.py --steps 6 --procs 2 --physical 64 256   # one thread per process, 2 processes
 """
 from __future__ import annotations
 
@@ -116,7 +122,37 @@ def _before(rev: str, jobs: list[tuple], steps: int, data_dir) -> dict:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
 
 
+def _worker(job: str) -> int:
+    """One process of the ``--procs`` timings: :func:`dp_loop` of the JSON job ``[model, dataset, batch, steps,
+    physical, data_dir]``, inside the torchrun process group when there is one (both ``zoo.train`` calls of a
+    warm-up share it); rank 0 prints the rate as JSON."""
+    from zoo import distributed
+
+    model, dataset, batch, steps, physical, data_dir = json.loads(job)
+    with distributed.process_group(None):
+        rate = dp_loop(model, dataset, batch, steps, physical, data_dir)
+        if distributed.is_main():
+            print(json.dumps({"rate": rate}), flush=True)
+    return 0
+
+
+def in_processes(procs: int, model: str, dataset: str, batch: int, steps: int, physical: int, data_dir) -> float:
+    """Samples per second of the DP loop in ``procs`` fresh processes of one thread each (torchrun for more than
+    one; they train one model together)."""
+    job = json.dumps([model, dataset, batch, steps, physical, data_dir])
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+              if procs > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([*launch, str(Path(__file__).resolve()), "--worker", job], env=env, capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"the {procs}-process timing of {model} failed:\n{p.stdout[-2000:]}{p.stderr[-4000:]}")
+    return json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])["rate"]
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        return _worker(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--before", help="git revision whose DP loop to time too (e.g. 0c6891a)")
@@ -124,6 +160,7 @@ def main() -> int:
     ap.add_argument("--data-dir", default=os.environ.get("ZOO_DATA"))
     ap.add_argument("--json")
     ap.add_argument("--models", nargs="+", choices=[c[0] for c in CANDIDATES], help="a subset of the candidates")
+    ap.add_argument("--procs", type=int, help="also time the DP loop in 1 and in PROCS one-thread processes")
     args = ap.parse_args()
     import torch
 
@@ -137,13 +174,19 @@ def main() -> int:
         dp = {p: dp_loop(model, dataset, batch, args.steps, p, args.data_dir) for p in args.physical if p <= batch}
         plain = nonprivate_loop(model, dataset, batch, args.steps, args.data_dir)
         rows.append({"model": model, "dataset": dataset, "batch": batch, "nonprivate": plain, "dp": dp})
+        if args.procs:
+            p = max(dp)
+            rows[-1]["one_thread"] = in_processes(1, model, dataset, batch, args.steps, p, args.data_dir)
+            rows[-1]["procs"] = in_processes(args.procs, model, dataset, batch, args.steps, p, args.data_dir)
     if args.before:
         jobs = [(r["model"], r["dataset"], r["batch"], max(r["dp"])) for r in rows]
         before = _before(args.before, jobs, args.steps, args.data_dir)
         for r in rows:
             r["before"] = before.get(f"{r['model']}|{max(r['dp'])}")
     head = ["model", "data", "B", "non-private /s", *[f"DP phys {p} /s" for p in args.physical],
-            "DP / non-private", *(["DP before /s", "after / before"] if args.before else [])]
+            "DP / non-private", *(["DP before /s", "after / before"] if args.before else []),
+            *(["DP 1 thread /s", f"DP {args.procs} procs x 1 thread /s", f"{args.procs} procs / 1 proc"]
+              if args.procs else [])]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -153,6 +196,8 @@ def main() -> int:
                  f"{r['nonprivate'] / best:.2f}x slower"]
         if args.before:
             cells += [f"{r['before']:.0f}", f"{best / r['before']:.2f}x"]
+        if args.procs:
+            cells += [f"{r['one_thread']:.0f}", f"{r['procs']:.0f}", f"{r['procs'] / best:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     print(f"# load average at the end {os.getloadavg()}")
     if args.json:

@@ -12,6 +12,13 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
              (epsilon 8 the default), each result carrying the study's seed spread for ``zoo reproduce --retrain``.
   cifar10    ``wrn16-1`` at epsilon 8 (B=1024, 400 steps = 409,600 samples, K=1), secret seed, published as
              ``wrn16-1.dp_eps8`` (the default).
+  cifar10-eq ``eq-resnet9-c4`` at epsilon 8 at the compute of ``wrn16-1.dp_eps8`` (the plain release above):
+             the same idle CPU time, converted to samples by the two models' DP-loop throughput in
+             ``eval/results/bench-train-loop/results.md`` (eq-resnet9-c4 70 samples/s, wrn16-1 199 on the path
+             that trained its release): 409,600 x 70 / 199 = about 144,000 samples, run as B=512, S=280 (143,360;
+             sigma 0.55). Otherwise the plain release's recipe (clip 1, lr 2, no momentum, K=1, EMA 0.999,
+             physical batch 64). Secret seed, published as ``eq-resnet9-c4.dp_eps8`` (the default): the
+             equivariant CIFAR-10 release and the equal-compute comparison of issue 15 in one run.
   cifar10-study  ``eval/study_cifar10.py --config release``: TAN small-batch search at epsilon 8, then the best
              simulated recipe of each model at full privacy, 3 public seeds.
   scatternet ``scatternet-linear`` with the study's chosen full recipe, secret seed, published as
@@ -54,6 +61,8 @@ CIFAR_STUDY_CSV = ROOT / "eval" / "results" / "cifar10-release" / "results.csv"
 BACKBONE = "wrn16-1.nonprivate_cifar10"
 PNEUMONIA = {"batch-size": 256, "physical-batch-size": 128, "steps": 200, "augmult": 1, "lr": 2, "ema-decay": 0.99}
 CIFAR = {"epsilon": 8, "batch-size": 1024, "physical-batch-size": 64, "steps": 400, "augmult": 1, "ema-decay": 0.999}
+# the equivariant model at the plain release's compute (409,600 samples x 70 / 199 samples/s, the stage doc above)
+EQ_CIFAR = {**CIFAR, "batch-size": 512, "steps": 280, "clip-norm": 1.0, "lr": 2.0, "momentum": 0.0}
 METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 
 
@@ -75,17 +84,29 @@ def published_recipe(full: str) -> dict:
     return json.loads(paths(resolve_checkpoint(full)[0])[1].read_text())["train_state"]["recipe"]
 
 
+PROCS = 1
+"""Processes per training run (``--procs``): above 1, each ``zoo train`` / ``zoo finetune`` runs under ``torchrun``
+as that many one-thread processes that train the one model together (:mod:`zoo.distributed`: the same batches,
+clipping, noise and ledger as one process)."""
+
+
 def run(cmd: list[str], out: Path) -> None:
-    """Run a zoo training command into ``out`` (resuming what an interrupted call left), echoing its output."""
+    """Run a zoo training command into ``out`` (resuming what an interrupted call left), echoing its output; in
+    ``PROCS`` processes of one thread each when ``PROCS`` > 1."""
     t0 = time.time()
     cmd = [*cmd, "--out", str(out), "--checkpoint-every", "25", "--no-progress"]
+    env = None
+    if PROCS > 1 and cmd[:1] == ZOO:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCS),
+               "--no-python", *cmd]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if out.exists() and (out / "final.json").exists():
         print(f"  {out} is complete", flush=True)
         return
     if out.exists():
         cmd.append("--resume")
     print("  $ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -170,10 +191,15 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+",
-                    default=["backbone", "study", "pneumonia", "cifar10", "cifar10-study", "scatternet",
+                    default=["backbone", "study", "pneumonia", "cifar10", "cifar10-eq", "cifar10-study", "scatternet",
                              "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
                              "scatternet-cnn", "scatternet-cnn-datanorm", "scatternet-cnn-datanorm-eps3"])
+    ap.add_argument("--procs", type=int, default=1,
+                    help="one-thread processes per training run, under torchrun (eval/bench_train_loop.py --procs "
+                         "measures the gain); default 1: one process on every thread")
     args = ap.parse_args()
+    global PROCS
+    PROCS = args.procs
     os.environ.setdefault("ZOO_DATA", str(ROOT.parent / "shared" / "data"))
     RUNS.mkdir(parents=True, exist_ok=True)
     if "backbone" in args.stages and not published(BACKBONE):
@@ -214,6 +240,12 @@ def main() -> int:
         out = RUNS / "cifar10-wrn16-1-eps8"
         run([*ZOO, "train", "wrn16-1", *flags(CIFAR)], out)
         publish(out, "wrn16-1", "dp_eps8", default=True)
+    if "cifar10-eq" in args.stages and not published("eq-resnet9-c4.dp_eps8"):
+        out = RUNS / "cifar10-eq-resnet9-c4-eps8"
+        run([*ZOO, "train", "eq-resnet9-c4", *flags(EQ_CIFAR)], out)
+        publish(out, "eq-resnet9-c4", "dp_eps8", default=True,
+                note="equal compute with wrn16-1.dp_eps8 (the same idle CPU time at the two models' measured DP-loop "
+                     "throughput, eval/results/bench-train-loop): 143,360 samples against its 409,600")
     if "cifar10-study" in args.stages:
         subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release"], check=True)
     if "scatternet" in args.stages:
