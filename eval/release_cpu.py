@@ -245,7 +245,8 @@ def main() -> int:
         run([*ZOO, "train", "eq-resnet9-c4", *flags(EQ_CIFAR)], out)
         publish(out, "eq-resnet9-c4", "dp_eps8", default=True,
                 note="equal compute with wrn16-1.dp_eps8 (the same idle CPU time at the two models' measured DP-loop "
-                     "throughput, eval/results/bench-train-loop): 143,360 samples against its 409,600")
+                     f"throughput, eval/results/bench-train-loop): {EQ_CIFAR['batch-size'] * EQ_CIFAR['steps']:,} "
+                     f"samples against its {CIFAR['batch-size'] * CIFAR['steps']:,}")
     if "cifar10-study" in args.stages:
         subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release"], check=True)
     if "scatternet" in args.stages:
