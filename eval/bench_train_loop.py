@@ -185,8 +185,8 @@ def main() -> int:
             r["before"] = before.get(f"{r['model']}|{max(r['dp'])}")
     head = ["model", "data", "B", "non-private /s", *[f"DP phys {p} /s" for p in args.physical],
             "DP / non-private", *(["DP before /s", "after / before"] if args.before else []),
-            *(["DP 1 thread /s", f"DP {args.procs} procs x 1 thread /s", f"{args.procs} procs / 1 proc"]
-              if args.procs else [])]
+            *(["DP 1 thread /s", f"DP {args.procs} procs x 1 thread /s",
+               f"{args.procs} procs / 1 proc x {torch.get_num_threads()} threads"] if args.procs else [])]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:

@@ -87,7 +87,8 @@ def published_recipe(full: str) -> dict:
 PROCS = 1
 """Processes per training run (``--procs``): above 1, each ``zoo train`` / ``zoo finetune`` runs under ``torchrun``
 as that many one-thread processes that train the one model together (:mod:`zoo.distributed`: the same batches,
-clipping, noise and ledger as one process)."""
+clipping, noise and ledger as one process). Measured on the idle 2-core CPU (``eval/results/bench-train-loop``):
+no gain for ScatterNet + CNN (1.00x), a loss for the WRNs and eq-resnet9-c4, so the releases keep 1."""
 
 
 def run(cmd: list[str], out: Path) -> None:
