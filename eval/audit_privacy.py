@@ -43,6 +43,7 @@ import torch
 from scipy import optimize, special
 from tqdm.auto import tqdm
 
+from _fixtures import register_fixture_models
 from _results import read_rows, record
 from zoo.data import get_dataset_info
 from zoo.engine import _generator, _with_views, dp_gradients, load_split, poisson_batch
@@ -197,6 +198,7 @@ def canary_run(model: str = "test-wrn10-1", *, epsilon: float, canaries: int, st
     (``inf``: sigma = 0, same clipping). Returns the canaries' ``scores`` (summed released gradient at their
     coordinates, in units of C per expected batch), the secret ``members``, ``sigma``, ``q``, ``N`` and the
     ledger's claimed ``epsilon_claimed``."""
+    register_fixture_models()  # the default model is the test suite's tiny WRN (tests/models)
     card = get_card(model)
     recipe = {**card["recipe"], "augmult": augmult, **({"lr": lr} if lr is not None else {}),
               **({"delta": delta} if delta is not None else {})}

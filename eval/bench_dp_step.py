@@ -16,7 +16,7 @@ can dominate; the header prints any ``MALLOC_*`` settings, e.g. run once more wi
 ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`` to keep freed memory for reuse.
 Progress goes to stderr, the table to stdout. Reproduce (all models; several minutes on 2 CPU cores):
     python eval/bench_dp_step.py --batch-size 64 --repeats 3
-Only the small models, with JSON output:  ... --models 'wrn16-*' 'test-*' --json bench.json
+Only the small models, with JSON output:  ... --models 'wrn16-*' 'scatternet-*' --json bench.json
 Segmentation models (per-pixel loss; the image size is rounded up to each model's size multiple):
     python eval/bench_dp_step.py --models 'unet*' 'eq-unet*' 'linknet*' 'deeplab*' --batch-size 16 --image-size 64
 With ``--align all|subset``, a DP-SGD step with gradient self-alignment (:mod:`zoo.alignment`: per-sample gradients

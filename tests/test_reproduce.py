@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from zoo.cards import CARDS_DIR
 from zoo.io import sha256_file
 from zoo.registry import get_card
 from zoo.reproduce import (EVAL_TOLERANCE, ReproduceError, checkpoint_results, parse_command,
@@ -29,7 +28,7 @@ def zoo_cli(*args, cards: Path | None = None):
 
 
 def write_card(folder: Path, checkpoint: dict | None, results: list[dict]) -> Path:
-    card = json.loads((CARDS_DIR / "test-wrn10-1.json").read_text())
+    card = json.loads((Path(__file__).resolve().parent / "models" / "test-wrn10-1.json").read_text())
     card.update(name=NAME, summary="TEST ONLY: a user card (ZOO_CARDS)", results=results,
                 checkpoints=[] if checkpoint is None else [{"tag": "dp_test", **checkpoint}])
     folder.mkdir(parents=True, exist_ok=True)

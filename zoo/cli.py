@@ -249,9 +249,9 @@ def _card(check: bool) -> int:
 
     from .cards import PLOTS_DIR, render_plots
     from .io import atomic_write
-    from .registry import _ROOTS
+    from .registry import builtin_models
 
-    infos = [zoo.model_info(n) for n in zoo.list_models() if _ROOTS.get(n) == CARDS_DIR.parent]
+    infos = [zoo.model_info(n) for n in builtin_models()]
     files = {MODEL_CARD_PATH: render_model_card(infos).encode(),
              **{PLOTS_DIR / name: png for name, png in render_plots(infos).items()}}
     stale = [p for p, data in files.items() if not p.exists() or p.read_bytes() != data]

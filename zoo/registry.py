@@ -251,6 +251,12 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     return out
 
 
+def builtin_models() -> list[str]:
+    """Names of the models whose card is one of zoo's own (``models/``), not a ``$ZOO_CARDS`` card (a user's, or the
+    test suite's ``test-*`` fixtures): what MODEL_CARD.md describes."""
+    return [n for n in list_models() if _ROOTS.get(n) == CARDS_DIR.parent]
+
+
 def load_published(name: str, **overrides: Any) -> tuple[nn.Module, dict]:
     """The one path from a registered ``NAME`` or ``NAME.TAG`` to its verified published model: ``(model with the
     checkpoint's EMA weights, sidecar)``. The weights' sha256 is checked against the card and the sidecar, and the
