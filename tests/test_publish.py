@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.checkpoint import CheckpointIntegrityError, load_checkpoint, save_checkpoint
+from zoo.checkpoint import CheckpointIntegrityError, save_checkpoint
 from zoo.cli import main
 from zoo.data import get_dataset_info, prepare_input
 from zoo.publish import PublishError, publish
-from zoo.registry import UnknownTagError, load_published
+from zoo.registry import UnknownTagError, load_checkpoint, load_published
 from zoo.reproduce import reproduce_checkpoint
 
 NAME = "test-user-wrn10-1"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import zoo
-from zoo.cards import CARDS_DIR, MODEL_CARD_PATH, CardError, render_model_card, validate_card
+from zoo.cards import CARDS_DIR, CardError, validate_card
 from zoo.registry import DuplicateModelError, UnknownModelError, builtin_models, get_card
+from zoo.render import MODEL_CARD_PATH, render_model_card
 
 
 def test_list_models_pattern():
@@ -110,7 +111,7 @@ def test_family_modules_name_each_family_of_zoo_models():
 
     import zoo.models
     from zoo.models import FAMILY_MODULES
-    from zoo.registry import _FAMILIES, get_family
+    from zoo.models import _FAMILIES, get_family
 
     for info in pkgutil.iter_modules(zoo.models.__path__):
         importlib.import_module(f"zoo.models.{info.name}")

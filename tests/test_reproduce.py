@@ -115,7 +115,8 @@ def test_tolerance_is_a_parameter(published, data_dir, tmp_path, register):
 
 
 def test_tampered_or_replaced_checkpoint_is_refused(published, data_dir, tmp_path, register):
-    from zoo.checkpoint import CheckpointIntegrityError, load_checkpoint, save_checkpoint
+    from zoo.checkpoint import CheckpointIntegrityError, save_checkpoint
+    from zoo.registry import load_checkpoint
 
     root, _ = published
     shutil.copytree(root / "run", tmp_path / "run")

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cards import CARDS_DIR, MODEL_CARD_PATH, PATH_FORMS, RECIPE_SCHEMA, render_model_card
+from .cards import CARDS_DIR, PATH_FORMS, RECIPE_SCHEMA
+from .render import MODEL_CARD_PATH, render_model_card
 from .reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE  # constants: zoo.reproduce imports torch lazily
 
 REGISTERED_HELP = "cifar10, isbi2012, pneumoniamnist, weizmann-horse"
@@ -228,13 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(a: argparse.Namespace) -> dict:
-    from . import checkpoint as ckpt
-    from .registry import load_published, resolve_checkpoint
+    from .registry import load_checkpoint, load_published, resolve_checkpoint
     from .reproduce import evaluate_checkpoint
 
     path, sha = resolve_checkpoint(a.name)
     if sha is None:  # a checkpoint file given by path (a run's own)
-        model, sidecar = ckpt.load_checkpoint(path)
+        model, sidecar = load_checkpoint(path)
     else:  # a registered NAME or NAME.TAG: the published, verified checkpoint
         model, sidecar = load_published(a.name)
     dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset, a.dataset)
@@ -247,7 +247,7 @@ def _card(check: bool) -> int:
     removed) from the cards of models/ (not those of $ZOO_CARDS); ``check``: write nothing, 1 if any differs."""
     import zoo
 
-    from .cards import PLOTS_DIR, render_plots
+    from .render import PLOTS_DIR, render_plots
     from .io import atomic_write
     from .registry import builtin_models
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .cards import PATH_FORMS
-from .io import atomic_write, file_hashes, save_npy, write_text
-from .registry import instance_registrar
+from .io import atomic_write, cache_root, file_hashes, save_npy, write_text
+from .registrar import instance_registrar
 
 Split = Literal["train", "val", "test"]
 _ENV_HELP = "pass --data-dir DIR or set the ZOO_DATA environment variable"
@@ -53,11 +53,6 @@ def data_root(data_dir: str | Path | None = None) -> Path:
     if value is None:
         raise DataNotFoundError(f"no data root configured: {_ENV_HELP} (the folder holding e.g. cifar10/)")
     return Path(value).expanduser()
-
-
-def cache_root() -> Path:
-    """Return ``$ZOO_CACHE`` if set, else ``~/.cache/zoo`` (not created here)."""
-    return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo").expanduser()
 
 
 # ----------------------------------------------------------------------------- registry

@@ -50,9 +50,9 @@ from .grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_
 from .io import write_text
 from .layers import MEMO_BYTES, memoized_fixed_layers
 from .path_data import describe as describe_path_data
-from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
+from .accounting import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
 from .sparse import penalty_gradients
-from .registry import build, get_card, resolve_checkpoint
+from .registry import build, get_card, load_checkpoint, resolve_checkpoint
 from .schedule import lr_factor
 from .tasks import task_of
 
@@ -657,7 +657,7 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
     """
     with distributed.process_group(device):
         path, sha = resolve_checkpoint(name_or_checkpoint)
-        model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
+        model, sidecar = load_checkpoint(path, expected_sha256=sha)
         if sha is not None:  # a published NAME.TAG: its sidecar must state its ledger and input preparation
             ckpt.check_published(sidecar, path)
         card = sidecar["card"]

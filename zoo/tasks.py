@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import augment, check_batch
-from .registry import instance_registrar
+from .registrar import instance_registrar
 
 
 class Task:
