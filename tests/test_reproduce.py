@@ -159,7 +159,7 @@ def test_a_model_without_checkpoint_says_what_to_do():
 
 def test_parse_command_reads_recorded_commands_with_zoos_parser():
     a = parse_command("ZOO_DATA=../shared/data zoo train wrn16-1 --seed 0 --batch-size 128 --delta 1e-4")
-    assert (a.cmd, a.name, a.seed, a.batch_size, a.delta) == ("train", "wrn16-1", 0, 128, 1e-4)
+    assert (a.cmd, a.name, a.seed, a.recipe["batch_size"], a.recipe["delta"]) == ("train", "wrn16-1", 0, 128, 1e-4)
     assert parse_command(".venv/bin/python -m zoo.cli finetune ck.safetensors --dataset pneumoniamnist").cmd == \
         "finetune"
     with pytest.raises(ReproduceError, match="not a `zoo train` or `zoo finetune`"):
