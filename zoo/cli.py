@@ -131,14 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(a: argparse.Namespace) -> dict:
-    from .registry import load_checkpoint, load_published, resolve_checkpoint
+    from .registry import load_verified
     from .reproduce import evaluate_checkpoint
 
-    path, sha = resolve_checkpoint(a.name)
-    if sha is None:  # a checkpoint file given by path (a run's own)
-        model, sidecar = load_checkpoint(path)
-    else:  # a registered NAME or NAME.TAG: the published, verified checkpoint
-        model, sidecar = load_published(a.name)
+    model, sidecar, path = load_verified(a.name)
     dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset, a.dataset)
     return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,
             "ledger": sidecar.get("ledger"), "recorded_metrics": sidecar.get("metrics")}

@@ -52,7 +52,7 @@ from .io import write_text
 from .layers import MEMO_BYTES, memoized_fixed_layers
 from .path_data import describe as describe_path_data
 from .sparse import penalty_gradients
-from .registry import build, get_card, load_checkpoint, resolve_checkpoint
+from .registry import build, get_card, load_verified
 from .schedule import lr_factor
 from .tasks import task_of
 
@@ -697,10 +697,7 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
     total budget; on another data set a fresh ledger starts and the old one is kept as its ``parent``.
     """
     with distributed.process_group(device):
-        path, sha = resolve_checkpoint(name_or_checkpoint)
-        model, sidecar = load_checkpoint(path, expected_sha256=sha)
-        if sha is not None:  # a published NAME.TAG: its sidecar must state its ledger and input preparation
-            ckpt.check_published(sidecar, path)
+        model, sidecar, _ = load_verified(name_or_checkpoint)  # a published one states ledger and preparation
         card = sidecar["card"]
         info = get_dataset_info(dataset)
         dataset = info.name  # a path is recorded resolved

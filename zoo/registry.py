@@ -234,6 +234,16 @@ def load_published(name: str, **overrides: Any) -> tuple[nn.Module, dict]:
     return model, check_published(sidecar, path)
 
 
+def load_verified(name_or_path: str | Path, **overrides: Any) -> tuple[nn.Module, dict, Path]:
+    """``(model, sidecar, checkpoint path)`` for a registered ``NAME`` / ``NAME.TAG`` (its published checkpoint,
+    :func:`load_published`) or a checkpoint file given by path (a run's own, :func:`load_checkpoint`: hashes
+    checked against its sidecar). What ``zoo eval`` and :func:`zoo.finetune` load."""
+    path, sha = resolve_checkpoint(name_or_path)
+    if sha is None:
+        return (*load_checkpoint(path, **overrides), path)
+    return (*load_published(str(name_or_path), **overrides), path)
+
+
 def build(card: dict, num_classes: int | None = None, **overrides: Any) -> nn.Module:
     """``family(**card args, num_classes, in_chans, **overrides)``; arguments the family does not take, a
     ``num_classes`` below 2 or an ``in_chans`` below 1 raise before anything is built (:func:`check_family_args`)."""
