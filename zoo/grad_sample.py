@@ -11,12 +11,11 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample import grad_sample_module as _opacus_gsm
 from torch import nn
 
-from .tasks import task_of
+from .objectives import objective_of, per_sample_cross_entropy
 from .validate import DPCompatibilityError, validate_model
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,16 +71,11 @@ def check_finite_gradients(grads: dict[str, torch.Tensor], losses: torch.Tensor 
         "the last checkpoint.")
 
 
-def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Default loss: cross-entropy per sample, shape ``[B]``."""
-    return F.cross_entropy(logits, targets, reduction="none")
-
-
 def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: torch.Tensor, targets: torch.Tensor,
                   loss_fn: LossFn | None, views: int):
     """Checks shared by the per-sample gradient computers: ``(loss_fn, samples B, result for an empty batch or
-    None)``. The default loss is the model task's; then ``targets`` are checked like the inputs (shape, channels,
-    dtype, finite values, labels or masks in range: :meth:`zoo.tasks.Task.check_batch`); with a custom ``loss_fn``
+    None)``. The default loss is the model task's (:mod:`zoo.objectives`); then ``targets`` are checked like the
+    inputs (shape, channels, dtype, finite values, labels or masks in range: the objective's ``check``); with a custom ``loss_fn``
     only the inputs' values are checked here (the model's forward checks their shape and dtype). ``views`` must be
     a positive int dividing the batch. Errors are ``TypeError``/``ValueError`` saying what to change."""
     if isinstance(views, bool) or not isinstance(views, int) or views < 1:
@@ -90,9 +84,9 @@ def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: tor
         raise TypeError(f"inputs and targets must be torch.Tensors, got {type(inputs).__name__} and "
                         f"{type(targets).__name__}; convert with torch.as_tensor")
     if loss_fn is None and hasattr(model, "num_classes"):
-        task = task_of(model)
-        task.check_batch(inputs, targets, model.num_classes, model.in_chans)
-        loss_fn = task.loss
+        objective = objective_of(model)
+        objective.check(inputs, targets, model.num_classes, model.in_chans)
+        loss_fn = objective.loss
     elif not torch.isfinite(inputs).all():
         raise ValueError("inputs contain NaN or Inf values; clean or re-normalise the data")
     total = inputs.shape[0]
@@ -178,7 +172,7 @@ class PerSampleGradients:
         Raises :class:`NonFiniteGradientError` when a sample's gradient has a NaN or Inf entry (nothing is
         returned that an optimizer could apply); bad batches (:func:`prepare_batch`) raise before the forward pass.
 
-        The default loss is the per-sample loss of the model's task (:mod:`zoo.tasks`: cross-entropy for
+        The default loss is the per-sample loss of the model's task (:mod:`zoo.objectives`: cross-entropy for
         classifiers, Dice + cross-entropy per sample for segmenters); then ``targets`` are checked like the
         inputs."""
         loss_fn, b, empty = prepare_batch(self.model, self.params, inputs, targets, loss_fn, views)
@@ -229,7 +223,7 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.
     """``{parameter name: [B, *param.shape]}``; entry i is the gradient of ``loss_fn(model(x_i), y_i)``.
 
     ``loss_fn(outputs, targets)`` must return per-sample losses of shape ``[B]`` (default: the model's task loss,
-    :mod:`zoo.tasks`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
+    :mod:`zoo.objectives`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
     model's ``.grad`` is left untouched. An empty batch gives ``[0, *param.shape]`` tensors; a bad batch raises
     ``TypeError``/``ValueError`` (:func:`prepare_batch`), a NaN or Inf gradient :class:`NonFiniteGradientError`.
     """
