@@ -7,9 +7,9 @@ Method ("Privacy Auditing with One (1) Training Run", arXiv 2305.08846, white-bo
     fixed before membership is drawn (public, as the accountant assumes).
   * A canary's per-sample gradient is a Dirac vector: zero except ``magnitude * C`` (> C) at its own parameter
     coordinate (distinct, drawn at random); zoo's clipping leaves C there. They are inserted by wrapping the
-    ``PerSampleGradients`` handed to :func:`zoo.engine.dp_gradients`, so zoo's own clipping, summation, noise
-    and normalisation are what is audited; sampling (:func:`zoo.engine.poisson_batch`), the per-step
-    generators, sigma (:func:`zoo.privacy.calibrate_sigma` for the run's q and steps) and the claimed epsilon
+    ``PerSampleGradients`` handed to :class:`zoo.engine.DPStep`, the very step training calls, so zoo's own
+    sampling, clipping, summation, noise, normalisation and update are what is audited
+    (``tests/test_audit.py`` checks that without canaries the audit trains exactly what ``zoo.train`` trains); sigma (:func:`zoo.privacy.calibrate_sigma` for the run's q and steps) and the claimed epsilon
     (a :class:`zoo.privacy.Ledger`) are zoo's too. The real samples (a small public CIFAR-10 subset) train
     the model alongside, so their gradients are part of what the auditor must see through.
   * Score of a canary: the sum over steps of the released (noisy) gradient at its coordinate, in units of C per
@@ -43,9 +43,10 @@ import torch
 from scipy import optimize, special
 from tqdm.auto import tqdm
 
+from _fixtures import register_fixture_models
 from _results import read_rows, record
 from zoo.data import get_dataset_info
-from zoo.engine import _generator, _with_views, dp_gradients, load_split, poisson_batch
+from zoo.engine import DPStep, _generator, _with_views, load_split
 from zoo.grad_sample import PerSampleGradients
 from zoo.io import write_text
 from zoo.privacy import Ledger, calibrate_sigma
@@ -195,8 +196,9 @@ def canary_run(model: str = "test-wrn10-1", *, epsilon: float, canaries: int, st
     """One DP-SGD run of registered ``model`` (its card's recipe, with these overrides) on ``train_subset`` public
     CIFAR-10 images (the card's data set) plus the included canaries; sigma calibrated by zoo for ``epsilon``
     (``inf``: sigma = 0, same clipping). Returns the canaries' ``scores`` (summed released gradient at their
-    coordinates, in units of C per expected batch), the secret ``members``, ``sigma``, ``q``, ``N`` and the
-    ledger's claimed ``epsilon_claimed``."""
+    coordinates, in units of C per expected batch), the secret ``members``, ``sigma``, ``q``, ``N``, the
+    ledger's claimed ``epsilon_claimed`` and the trained ``model``."""
+    register_fixture_models()  # the default model is the test suite's tiny WRN (tests/models)
     card = get_card(model)
     recipe = {**card["recipe"], "augmult": augmult, **({"lr": lr} if lr is not None else {}),
               **({"delta": delta} if delta is not None else {})}
@@ -226,29 +228,29 @@ def canary_run(model: str = "test-wrn10-1", *, epsilon: float, canaries: int, st
     opt = torch.optim.SGD(net.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
     scores = torch.zeros(canaries, dtype=torch.float64)
     empty = (torch.zeros((0, *train.images.shape[1:]), device=dev), torch.zeros(0, dtype=torch.long, device=dev))
-    net.train()
-    t0 = time.time()
-    for step in tqdm(range(steps), desc=f"audit eps={epsilon:g}", disable=not progress, dynamic_ncols=True):
-        idx = poisson_batch(n, q, _generator(seed, step, "sample", dev))
+    # zoo's own DP-SGD step, the one training calls (sampling, clipping, noise, division, update)
+    dp_step = DPStep(psg, opt, n=n, sample_rate=q, sigma=sigma, clip_norm=c, expected_batch=batch_size, views=k,
+                     seed=seed, device=dev)
+
+    def batches_for(idx: torch.Tensor, aug: torch.Generator):
+        """The step's real samples as training batches them; its sampled canaries ride along in ``psg``."""
         real = idx[idx < n_real]
         psg.pending = included[idx[idx >= n_real] - n_real]
-        aug = _generator(seed, step, "augment", dev)
-        batches = itertools.chain(
+        return itertools.chain(
             (_with_views(train.batch(chunk), k, aug, dev, info, recipe)
              for chunk in (real.split(recipe["physical_batch_size"]) if len(real) else ())),
             (empty for _ in range(1) if len(psg.pending)))  # canaries only: one empty call carries them
-        grads, _, _ = dp_gradients(psg, batches, clip_norm=c, sigma=sigma, expected_batch=batch_size, views=k,
-                                   noise_generator=_generator(seed, step, "noise", dev))
+
+    net.train()
+    t0 = time.time()
+    for step in tqdm(range(steps), desc=f"audit eps={epsilon:g}", disable=not progress, dynamic_ncols=True):
+        _, grads, _, _ = dp_step(step, batches_for)
         scores += psg.released(grads).double().cpu() * (batch_size / c)
-        for name, p in psg.params.items():
-            p.grad = grads[name]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         ledger.record(sigma, q)
     psg.psg.close()
     return {"scores": scores.numpy(), "members": members.numpy(), "sigma": sigma, "q": q, "N": n,
             "n_real": n_real, "included": len(included), "delta": recipe["delta"], "steps": ledger.steps,
-            "epsilon_claimed": ledger.epsilon(), "time_s": round(time.time() - t0, 1)}
+            "epsilon_claimed": ledger.epsilon(), "time_s": round(time.time() - t0, 1), "model": net}
 
 
 # ----------------------------------------------------------------------------- the study

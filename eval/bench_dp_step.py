@@ -5,9 +5,9 @@ reports the median wall time over ``--repeats`` rounds (after one warm-up round;
 round, interleaved, so that drift of the machine hits all alike) of:
   (a) a non-private step: forward, mean of the task's loss (cross-entropy; Dice + cross-entropy for
       segmentation models, :mod:`zoo.tasks`), backward, SGD step;
-  (b) a DP-SGD step as ``zoo.engine._run`` does it (one physical batch, no augmentation multiplicity):
-      ``zoo.engine.dp_gradients`` (per-sample gradients, clipping with C=1, noise with sigma=1, division by B,
-      any data-free penalty gradient), SGD step;
+  (b) zoo's DP-SGD step, the one training calls (``zoo.engine.DPStep``; one physical batch holding every
+      sample, no augmentation multiplicity): per-sample gradients, clipping with C=1, noise with sigma=1,
+      division by B, any data-free penalty gradient, SGD step;
   (c) the memory held by the per-sample gradients: sum over parameters of B * numel * element size (MiB),
       taken from the tensors ``PerSampleGradients`` returns, and the same at the card's physical batch size:
       the engine computes per-sample gradients one physical batch at a time, so that is the bound in training.
@@ -16,7 +16,7 @@ can dominate; the header prints any ``MALLOC_*`` settings, e.g. run once more wi
 ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`` to keep freed memory for reuse.
 Progress goes to stderr, the table to stdout. Reproduce (all models; several minutes on 2 CPU cores):
     python eval/bench_dp_step.py --batch-size 64 --repeats 3
-Only the small models, with JSON output:  ... --models 'wrn16-*' 'test-*' --json bench.json
+Only the small models, with JSON output:  ... --models 'wrn16-*' 'scatternet-*' --json bench.json
 Segmentation models (per-pixel loss; the image size is rounded up to each model's size multiple):
     python eval/bench_dp_step.py --models 'unet*' 'eq-unet*' 'linknet*' 'deeplab*' --batch-size 16 --image-size 64
 With ``--align all|subset``, a DP-SGD step with gradient self-alignment (:mod:`zoo.alignment`: per-sample gradients
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -41,7 +42,7 @@ import torch
 import zoo
 from _timing import timer
 from zoo.alignment import AlignedPerSampleGradients, AlignSettings
-from zoo.engine import dp_gradients
+from zoo.engine import DPStep
 from zoo.grad_sample import PerSampleGradients
 from zoo.tasks import task_of
 
@@ -68,20 +69,14 @@ def vmap_step(model, x, y, chunk: int):
     return lambda: f(params, x, y)
 
 
-def dp_step_fn(psg, x, y, batch: int, gen: torch.Generator):
-    """The body of the step loop in ``zoo.engine._run`` (one physical batch, views=1) as a closure."""
-    params = dict(psg.params)
-    opt = torch.optim.SGD(params.values(), lr=LR)
-
-    def step():
-        grads, _, _ = dp_gradients(psg, [(x, y)], clip_norm=CLIP_NORM, sigma=SIGMA, expected_batch=batch, views=1,
-                                   noise_generator=gen)
-        for n, p in params.items():
-            p.grad = grads[n]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+def dp_step_fn(psg, x, y, batch: int, device: torch.device):
+    """zoo's DP-SGD step (:class:`zoo.engine.DPStep`, what training calls), on the one physical batch ``(x, y)``
+    (views=1): every sample is in the batch (q = 1), so the sampling draw is timed too but changes nothing."""
+    opt = torch.optim.SGD(dict(psg.params).values(), lr=LR)
+    dp_step = DPStep(psg, opt, n=batch, sample_rate=1.0, sigma=SIGMA, clip_norm=CLIP_NORM, expected_batch=batch,
+                     views=1, seed=0, device=device)
+    count = itertools.count()
+    return lambda: dp_step(next(count), lambda idx, gen: [(x, y)])
 
 
 def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.device,
@@ -110,11 +105,11 @@ def bench(name: str, batch: int, repeats: int, image_size: int, device: torch.de
         grads = psg(x, y)[0]
         psg_bytes.append(sum(g.numel() * g.element_size() for g in grads.values()))
 
-    variants = {"plain": plain_step, "dp": dp_step_fn(psg, x, y, batch, gen), "psg": psg_step}
+    variants = {"plain": plain_step, "dp": dp_step_fn(psg, x, y, batch, device), "psg": psg_step}
     if align:
         apsg = AlignedPerSampleGradients(aligned, AlignSettings(align))
         apsg.set_reference({n: torch.randn(p.shape, generator=gen, device=device) for n, p in apsg.params.items()})
-        variants["aligned"] = dp_step_fn(apsg, x, y, batch, gen)
+        variants["aligned"] = dp_step_fn(apsg, x, y, batch, device)
     if chunk_sizes:
         variants.update({f"vmap{c}": vmap_step(bare, x, y, c) for c in chunk_sizes})
     time_ms, times = timer(device), {k: [] for k in variants}

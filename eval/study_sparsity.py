@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import zoo
+from _fixtures import register_fixture_models
 from _results import append_row, read_rows
 from zoo.privacy import tan
 from zoo.sparse import HardConcreteGate
@@ -79,6 +80,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, help="stop after this many new runs (smoke tests)")
     args = ap.parse_args()
     cfg, out = CONFIGS[args.config], Path(args.out)
+    register_fixture_models()  # the cpu config trains the test suite's tiny L0 WRN (tests/models)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "results.csv"
     rows = read_rows(table)

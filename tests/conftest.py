@@ -9,6 +9,13 @@ import torch
 
 DATA = os.environ.get("ZOO_DATA")
 
+FIXTURE_CARDS = Path(__file__).resolve().parent / "models"
+"""The ``test-*`` fixture models: tiny cards that only the test suite registers, through ``$ZOO_CARDS`` (set here,
+before any test imports zoo, so that ``zoo`` subprocesses and torchrun workers of the tests see them too). They are
+not part of ``zoo.list_models()`` outside the tests, nor of MODEL_CARD.md; the registry-wide tests run over them
+and over every public model."""
+os.environ["ZOO_CARDS"] = os.pathsep.join([str(FIXTURE_CARDS), *filter(None, [os.environ.get("ZOO_CARDS")])])
+
 
 def pytest_configure(config):
     if os.environ.get("CI") and not DATA:

@@ -157,7 +157,7 @@ def test_more_orders_only_tighten_epsilon_and_opacus_warning_is_gone(history, de
     assert new <= old * (1 + 1e-12)
     if old_order == max(RDPAccountant.DEFAULT_ALPHAS):
         assert new < old * 0.99
-    assert not [w for w in caught if "Optimal order" in str(w.message) and w.filename.endswith("privacy.py")]
+    assert not [w for w in caught if "Optimal order" in str(w.message) and w.filename.endswith("accounting.py")]
     assert not [w for w in caught if issubclass(w.category, LargestOrderWarning)]
 
 

@@ -15,6 +15,7 @@ from scipy import special, stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 from audit_privacy import (DiracCanaryGradients, audit, canary_run, epsilon_lower_bound,  # noqa: E402
                            guesses, max_bound, p_value)
+import zoo  # noqa: E402
 from zoo.engine import clip_per_sample  # noqa: E402
 from zoo.grad_sample import PerSampleGradients  # noqa: E402
 from zoo.registry import build, get_card  # noqa: E402
@@ -124,3 +125,19 @@ def test_audit_of_zoo_dp_sgd_stays_below_the_claim_and_rises_far_above_it_withou
     mem = free["members"]
     assert free["scores"][mem].mean() == pytest.approx(free["q"] * 20, rel=0.1)
     assert abs(free["scores"][~mem].mean()) < 0.1
+
+
+def test_without_canaries_the_audit_trains_exactly_what_zoo_train_trains(data_dir):
+    """The audit runs zoo's own DP step (zoo.engine.DPStep), not a copy: without canaries, its run of test-wrn10-1
+    and ``zoo.train``'s run with the same seed and recipe (sampling, views, clipping, noise, division, update) end
+    in bit-identical weights. A change to the step that training uses and the audit does not is caught here."""
+    kw = dict(epsilon=4.0, steps=3, batch_size=8, train_subset=32, seed=0)
+    audited = canary_run("test-wrn10-1", canaries=0, data_dir=data_dir, **kw)["model"]
+    trained = zoo.train("test-wrn10-1", data_dir=data_dir, augmult=1, ema_decay=0.0, test_subset=16, progress=False,
+                        **kw)
+    assert audited.state_dict().keys() == trained["model_object"].state_dict().keys()
+    torch.manual_seed(0)
+    init = zoo.create_model("test-wrn10-1").state_dict()  # where both runs started (seed 0)
+    for name, value in trained["model_object"].state_dict().items():
+        assert torch.equal(audited.state_dict()[name], value), name
+    assert any(not torch.equal(v, init[k]) for k, v in trained["model_object"].state_dict().items())  # it trained

@@ -6,8 +6,8 @@ import json
 import pytest
 
 import zoo
-from zoo.checkpoint import CheckpointIntegrityError, load_checkpoint, read_checkpoint, save_checkpoint
-from zoo.registry import get_card
+from zoo.checkpoint import CheckpointIntegrityError, read_checkpoint, save_checkpoint
+from zoo.registry import get_card, load_checkpoint
 
 NAME = "test-wrn10-1"
 

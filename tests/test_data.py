@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import zoo.data as zd
+from zoo.objectives import check_batch
 
 DATA = os.environ.get("ZOO_DATA")
 needs_data = pytest.mark.skipif(not DATA, reason="ZOO_DATA is not set")
@@ -210,7 +211,7 @@ def test_augment():
 
 def test_check_batch():
     x, y = torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 2, 9])
-    zd.check_batch(x, y, num_classes=10, in_chans=3)
+    check_batch(x, y, num_classes=10, in_chans=3)
     cases = [
         (torch.zeros(3, 8, 8), y, ValueError, "4-D"),
         (torch.zeros(4, 1, 8, 8), y, ValueError, "expected 3 channels, got 1"),
@@ -226,7 +227,7 @@ def test_check_batch():
     ]
     for bx, by, exc, pat in cases:
         with pytest.raises(exc, match=pat):
-            zd.check_batch(bx, by, num_classes=10, in_chans=3)
+            check_batch(bx, by, num_classes=10, in_chans=3)
 
 
 # ----------------------------------------------------------------------------- PneumoniaMNIST

@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.checkpoint import load_checkpoint
 from zoo.data_norm import fit_private_statistics, needs_fitting, releases, statistics_history
 from zoo.layers import DataStandardize
 from zoo.privacy import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
-from zoo.registry import get_card
+from zoo.registry import get_card, load_checkpoint
 
 QUIET = dict(progress=False)
 

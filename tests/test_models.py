@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.checkpoint import load_checkpoint, save_checkpoint
-from zoo.registry import get_card
+from zoo.checkpoint import save_checkpoint
+from zoo.registry import get_card, load_checkpoint
 from zoo.tasks import task_of
 from zoo.validate import find_problems
 

@@ -219,7 +219,7 @@ def test_a_path_that_is_not_there_and_an_unknown_name(tmp_path):
 
 
 def test_dataset_help_names_the_registered_sets_and_the_path_forms():
-    from zoo.cli import REGISTERED_HELP
+    from zoo.runspec import REGISTERED_HELP
     from zoo.data import list_datasets
 
     from zoo.path_data import PathDataset

@@ -5,18 +5,18 @@ is checked the same way (parametrized over ``zoo.list_models(pretrained=True)``)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.cards import CARDS_DIR
-from zoo.checkpoint import CheckpointIntegrityError, load_checkpoint, save_checkpoint
+from zoo.checkpoint import CheckpointIntegrityError, save_checkpoint
 from zoo.cli import main
 from zoo.data import get_dataset_info, prepare_input
 from zoo.publish import PublishError, publish
-from zoo.registry import UnknownTagError, load_published
+from zoo.registry import UnknownTagError, load_checkpoint, load_published
 from zoo.reproduce import reproduce_checkpoint
 
 NAME = "test-user-wrn10-1"
@@ -44,7 +44,7 @@ def secret_run(data_dir, tmp_path_factory):
 def user_card(tmp_path, register):
     cards = tmp_path / "models"
     cards.mkdir()
-    card = json.loads((CARDS_DIR / "test-wrn10-1.json").read_text())
+    card = json.loads((Path(__file__).resolve().parent / "models" / "test-wrn10-1.json").read_text())
     card.update(name=NAME, summary="TEST ONLY: a user card", results=[], checkpoints=[])
     (cards / f"{NAME}.json").write_text(json.dumps(card, indent=2) + "\n")
     register(cards)

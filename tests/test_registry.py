@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import zoo
-from zoo.cards import CARDS_DIR, MODEL_CARD_PATH, CardError, render_model_card, validate_card
-from zoo.registry import DuplicateModelError, UnknownModelError, get_card
+from zoo.cards import CARDS_DIR, CardError, validate_card
+from zoo.registry import DuplicateModelError, UnknownModelError, builtin_models, get_card
+from zoo.render import MODEL_CARD_PATH, render_model_card
 
 
 def test_list_models_pattern():
@@ -17,8 +22,32 @@ def test_list_models_pattern():
     assert {n.split(".")[0] for n in zoo.list_models(pretrained=True)} <= set(zoo.list_models())  # NAME.TAG
 
 
+FIXTURES = Path(__file__).resolve().parent / "models"
+
+
 def test_every_card_file_is_registered():
-    assert sorted(p.stem for p in CARDS_DIR.glob("*.json")) == zoo.list_models()
+    """The public cards of models/ and the test suite's fixtures (tests/models, registered by conftest)."""
+    public = [p.stem for p in CARDS_DIR.glob("*.json")]
+    fixtures = [p.stem for p in FIXTURES.glob("*.json")]
+    assert fixtures and all(n.startswith("test-") for n in fixtures)
+    assert not [n for n in public if n.startswith("test-")]  # no fixture among the public models
+    assert sorted(public + fixtures) == zoo.list_models()
+    assert builtin_models() == sorted(public)  # what MODEL_CARD.md describes
+
+
+def test_fixtures_are_not_public_models():
+    """Outside the test suite (no $ZOO_CARDS), zoo lists exactly the cards of models/: no ``test-*`` fixture in
+    ``zoo.list_models()``, ``zoo list`` or MODEL_CARD.md."""
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_CARDS"}
+    out = subprocess.run([sys.executable, "-c", "import zoo, json; print(json.dumps(zoo.list_models()))"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == sorted(p.stem for p in CARDS_DIR.glob("*.json"))
+    listed = subprocess.run([sys.executable, "-m", "zoo", "list"], env=env, capture_output=True, text=True,
+                            check=True).stdout
+    assert "wrn16-4" in listed and "test-" not in listed
+    card_md = MODEL_CARD_PATH.read_text()
+    assert not [n for n in zoo.list_models("test-*") if f"| `{n}` |" in card_md or f"### `{n}`" in card_md]
+    assert "TEST ONLY" not in card_md  # every fixture's summary starts so
 
 
 def test_unknown_model_suggests_closest():
@@ -70,7 +99,7 @@ def test_pretrained_without_checkpoint_explains():
 
 
 def test_model_card_md_is_fresh():
-    text = render_model_card([zoo.model_info(n) for n in zoo.list_models()])
+    text = render_model_card([zoo.model_info(n) for n in builtin_models()])
     assert MODEL_CARD_PATH.read_text() == text, "MODEL_CARD.md is stale: run `zoo card`"
 
 
@@ -82,7 +111,7 @@ def test_family_modules_name_each_family_of_zoo_models():
 
     import zoo.models
     from zoo.models import FAMILY_MODULES
-    from zoo.registry import _FAMILIES, get_family
+    from zoo.models import _FAMILIES, get_family
 
     for info in pkgutil.iter_modules(zoo.models.__path__):
         importlib.import_module(f"zoo.models.{info.name}")

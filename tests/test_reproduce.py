@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from zoo.cards import CARDS_DIR
 from zoo.io import sha256_file
 from zoo.registry import get_card
 from zoo.reproduce import (EVAL_TOLERANCE, ReproduceError, checkpoint_results, parse_command,
@@ -29,7 +28,7 @@ def zoo_cli(*args, cards: Path | None = None):
 
 
 def write_card(folder: Path, checkpoint: dict | None, results: list[dict]) -> Path:
-    card = json.loads((CARDS_DIR / "test-wrn10-1.json").read_text())
+    card = json.loads((Path(__file__).resolve().parent / "models" / "test-wrn10-1.json").read_text())
     card.update(name=NAME, summary="TEST ONLY: a user card (ZOO_CARDS)", results=results,
                 checkpoints=[] if checkpoint is None else [{"tag": "dp_test", **checkpoint}])
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +115,8 @@ def test_tolerance_is_a_parameter(published, data_dir, tmp_path, register):
 
 
 def test_tampered_or_replaced_checkpoint_is_refused(published, data_dir, tmp_path, register):
-    from zoo.checkpoint import CheckpointIntegrityError, load_checkpoint, save_checkpoint
+    from zoo.checkpoint import CheckpointIntegrityError, save_checkpoint
+    from zoo.registry import load_checkpoint
 
     root, _ = published
     shutil.copytree(root / "run", tmp_path / "run")
@@ -159,7 +159,7 @@ def test_a_model_without_checkpoint_says_what_to_do():
 
 def test_parse_command_reads_recorded_commands_with_zoos_parser():
     a = parse_command("ZOO_DATA=../shared/data zoo train wrn16-1 --seed 0 --batch-size 128 --delta 1e-4")
-    assert (a.cmd, a.name, a.seed, a.batch_size, a.delta) == ("train", "wrn16-1", 0, 128, 1e-4)
+    assert (a.cmd, a.name, a.seed, a.recipe["batch_size"], a.recipe["delta"]) == ("train", "wrn16-1", 0, 128, 1e-4)
     assert parse_command(".venv/bin/python -m zoo.cli finetune ck.safetensors --dataset pneumoniamnist").cmd == \
         "finetune"
     with pytest.raises(ReproduceError, match="not a `zoo train` or `zoo finetune`"):

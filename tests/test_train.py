@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.checkpoint import load_checkpoint
+from zoo.registry import load_checkpoint
 from zoo.data import get_dataset_info
 from zoo.engine import evaluate
 from zoo.privacy import BudgetExhaustedError

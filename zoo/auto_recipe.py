@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from .privacy import calibrate_sigma
+from .accounting import calibrate_sigma
 
 MIN_BUDGET, MAX_BUDGET, EPOCHS = 100_000, 500_000, 40
 SAMPLE_RATE = 0.3

@@ -174,16 +174,12 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(path: str | Path, expected_sha256: str | None = None, use_ema: bool = True,
-                    **overrides: Any) -> tuple[nn.Module, dict]:
-    """Build the model recorded in the sidecar and load its weights (EMA ones when present and ``use_ema``)."""
-    from .registry import build
-
-    tensors, sidecar = read_checkpoint(path, expected_sha256)
-    model = build(sidecar["card"], **{**sidecar["args"], **overrides})
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], use_ema: bool = True) -> nn.Module:
+    """Load a verified checkpoint's weights into ``model`` (the EMA ones when present and ``use_ema``). Building
+    the model its sidecar records is :func:`zoo.registry.load_checkpoint`'s part."""
     state = _section(tensors, "ema.") if use_ema and any(k.startswith("ema.") for k in tensors) else None
     model.load_state_dict(state or _section(tensors, "model."))
-    return model, sidecar
+    return model
 
 
 def load_training_state(tensors: dict[str, torch.Tensor], model: nn.Module, ema: nn.Module | None,

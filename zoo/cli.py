@@ -6,56 +6,13 @@ import json
 import sys
 from pathlib import Path
 
-from .cards import CARDS_DIR, MODEL_CARD_PATH, PATH_FORMS, RECIPE_SCHEMA, render_model_card
+from .cards import CARDS_DIR, PATH_FORMS
+from .render import MODEL_CARD_PATH, render_model_card
 from .reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE  # constants: zoo.reproduce imports torch lazily
-
-REGISTERED_HELP = "cifar10, isbi2012, pneumoniamnist, weizmann-horse"
-"""The registered data sets, named in the help without importing the data stack (a test keeps it current)."""
+from .runspec import RunSpec, add_training_commands, run
 
 # torch, opacus and escnn are imported by the commands that need them, so that `zoo --help` and `zoo list` read the
 # cards alone (a test checks that they import none of them)
-
-
-def _recipe_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("recipe overrides (default: the model card's recipe)")
-    for key, (typ, _) in RECIPE_SCHEMA.items():
-        if key in ("source", "dataset"):
-            continue
-        kinds = set(typ if isinstance(typ, tuple) else (typ,)) - {type(None)}
-        kinds = set().union(*(k if isinstance(k, tuple) else (k,) for k in kinds))  # (int, float) is a number
-        if list in kinds:  # norm_clip: numbers
-            g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, nargs="+", metavar="C")
-            continue
-        t = str if str in kinds else float if float in kinds else int
-        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=t)
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="data root (default: $ZOO_DATA)")
-    p.add_argument("--out", help="output folder for checkpoints and result.json (default: runs/<model>)")
-    p.add_argument("--seed", type=int, help="seed for init, sampling and noise (default: a secret OS seed)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--test-subset", type=int, help="evaluate on a stratified subset of the test set")
-    p.add_argument("--download", action="store_true", help="download missing data (needs network access)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--recipe", choices=["auto", "card"], help="auto: delta, batch size, steps and K chosen for the "
-                   "data set's N and epsilon (zoo.auto_recipe; the default for data given by path); card: the "
-                   "model card's recipe. Explicit flags override either")
-    _recipe_args(p)
-
-
-def _run_kwargs(a: argparse.Namespace) -> dict:
-    kw = {k: getattr(a, k) for k in RECIPE_SCHEMA if k not in ("source", "dataset") and getattr(a, k, None) is not None}
-    for key in ("batch_size", "physical_batch_size", "steps", "augmult", "train_subset"):
-        if key in kw:
-            kw[key] = int(kw[key])
-    if kw.get("train_subset") == 0:  # --train-subset 0: all training images (unsets the card's subset)
-        kw["train_subset"] = None
-    return dict(kw, data_dir=a.data_dir, seed=a.seed, device=a.device, resume=a.resume,
-                checkpoint_every=a.checkpoint_every, test_subset=a.test_subset, progress=not a.no_progress,
-                download=a.download, auto_recipe=None if a.recipe is None else a.recipe == "auto")
 
 
 def _report(result: dict) -> None:
@@ -82,51 +39,9 @@ def _say_honestly(test: dict) -> None:
         print(f"WARNING: {w}")
 
 
-def _default_out(name: str, resume: bool) -> str:
-    """``runs/<name>``; for a new run, the first of ``runs/<name>``, ``runs/<name>-2``, ... that holds no run (an
-    explicit ``--out`` that holds one is refused instead: :class:`zoo.engine.RunFolderError`)."""
-    from .engine import run_files
-
-    base = Path("runs") / name.replace("/", "_")
-    if resume:
-        return str(base)
-    out, i = base, 1
-    while run_files(out):
-        i += 1
-        out = base.with_name(f"{base.name}-{i}")
-    if i > 1:
-        print(f"{base} holds an earlier run: writing this one to {out}", file=sys.stderr)
-    return str(out)
-
-
-def run_training(a: argparse.Namespace) -> dict:
-    """Run a parsed `zoo train` or `zoo finetune` command (the CLI and `zoo reproduce --retrain`): the result dict."""
-    import zoo
-
-    kw = _run_kwargs(a)
-    kw["out_dir"] = a.out or _default_out(a.name, a.resume)
-    if a.cmd == "train":
-        model_args = {}
-        for item in a.model_arg:
-            key, eq, value = item.partition("=")
-            if not eq or not key:
-                raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
-            try:
-                model_args[key] = json.loads(value)
-            except ValueError:
-                model_args[key] = value
-        if a.dataset:
-            kw["dataset"] = a.dataset
-        return zoo.train(a.name, model_args=model_args, **kw)
-    eps, delta = kw.pop("epsilon", None), kw.pop("delta", None)
-    if eps is None:
-        raise ValueError("finetune needs --epsilon (and --delta, except for data given by path, where zoo chooses "
-                         "it below 1/N)")
-    return zoo.finetune(a.name, a.dataset, eps, delta, **kw)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the `zoo` command (also used by `zoo reproduce` to read recorded commands)."""
+    """The parser of the `zoo` command; its `train` and `finetune` are :mod:`zoo.runspec`'s (which `zoo reproduce`
+    also reads recorded commands with)."""
     parser = argparse.ArgumentParser(prog="zoo", description="DP-SGD model zoo")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("list", help="list registered models")
@@ -134,19 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true")
     p = sub.add_parser("info", help="show a model's card, parameter count and checkpoint status")
     p.add_argument("name")
-    p = sub.add_parser("train", help="train a registered model with DP-SGD")
-    p.add_argument("name")
-    p.add_argument("--dataset", help=f"train on this data set instead of the card's: a registered name "
-                                     f"({REGISTERED_HELP}) or a path to your own data ({PATH_FORMS})")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an architecture argument of the card; VALUE is read as JSON when it parses "
-                        "(e.g. --model-arg l0_weight=0.01); repeatable")
-    _run_args(p)
-    p = sub.add_parser("finetune", help="privately fine-tune a checkpoint or pretrained model")
-    p.add_argument("name", help="registered name with a checkpoint, or a checkpoint path")
-    p.add_argument("--dataset", required=True, help=f"a registered name ({REGISTERED_HELP}) or a path to your own "
-                                                    f"data ({PATH_FORMS})")
-    _run_args(p)
+    add_training_commands(sub)  # train, finetune (zoo.runspec)
     p = sub.add_parser("eval", help="evaluate a pretrained model or a checkpoint on its test set")
     p.add_argument("name")
     p.add_argument("--dataset", help=f"evaluate on this registered data set or path instead of the checkpoint's "
@@ -201,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd in ("train", "finetune"):
             from . import distributed
 
-            result = run_training(a)
+            result = run(RunSpec.from_args(a))
             if distributed.is_main():  # under torchrun, rank 0 reports
                 _report(result)
         elif a.cmd == "eval":
@@ -228,15 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(a: argparse.Namespace) -> dict:
-    from . import checkpoint as ckpt
-    from .registry import load_published, resolve_checkpoint
+    from .registry import load_verified
     from .reproduce import evaluate_checkpoint
 
-    path, sha = resolve_checkpoint(a.name)
-    if sha is None:  # a checkpoint file given by path (a run's own)
-        model, sidecar = ckpt.load_checkpoint(path)
-    else:  # a registered NAME or NAME.TAG: the published, verified checkpoint
-        model, sidecar = load_published(a.name)
+    model, sidecar, path = load_verified(a.name)
     dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset, a.dataset)
     return {"model": sidecar["model"], "checkpoint": str(path), "dataset": dataset, "test": metrics,
             "ledger": sidecar.get("ledger"), "recorded_metrics": sidecar.get("metrics")}
@@ -247,11 +145,11 @@ def _card(check: bool) -> int:
     removed) from the cards of models/ (not those of $ZOO_CARDS); ``check``: write nothing, 1 if any differs."""
     import zoo
 
-    from .cards import PLOTS_DIR, render_plots
+    from .render import PLOTS_DIR, render_plots
     from .io import atomic_write
-    from .registry import _ROOTS
+    from .registry import builtin_models
 
-    infos = [zoo.model_info(n) for n in zoo.list_models() if _ROOTS.get(n) == CARDS_DIR.parent]
+    infos = [zoo.model_info(n) for n in builtin_models()]
     files = {MODEL_CARD_PATH: render_model_card(infos).encode(),
              **{PLOTS_DIR / name: png for name, png in render_plots(infos).items()}}
     stale = [p for p, data in files.items() if not p.exists() or p.read_bytes() != data]

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .cards import PATH_FORMS
-from .io import atomic_write, file_hashes, save_npy, write_text
-from .registry import instance_registrar
+from .io import atomic_write, cache_root, file_hashes, save_npy, write_text
+from .registrar import instance_registrar
 
 Split = Literal["train", "val", "test"]
 _ENV_HELP = "pass --data-dir DIR or set the ZOO_DATA environment variable"
@@ -53,11 +53,6 @@ def data_root(data_dir: str | Path | None = None) -> Path:
     if value is None:
         raise DataNotFoundError(f"no data root configured: {_ENV_HELP} (the folder holding e.g. cifar10/)")
     return Path(value).expanduser()
-
-
-def cache_root() -> Path:
-    """Return ``$ZOO_CACHE`` if set, else ``~/.cache/zoo`` (not created here)."""
-    return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo").expanduser()
 
 
 # ----------------------------------------------------------------------------- registry
@@ -549,37 +544,6 @@ def prepare_input(images: torch.Tensor, cfg: dict) -> torch.Tensor:
         else:
             x = x.repeat(1, cfg["input_size"][0] // c, 1, 1)
     return x
-
-
-def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int, per_pixel: bool = False
-                ) -> None:
-    """Validate a training batch; raise TypeError (wrong types/dtypes) or ValueError (shapes/values).
-
-    Requires: x float ``[B,in_chans,H,W]`` and finite; y int64 with values in ``[0, num_classes)``: labels ``[B]``,
-    or with ``per_pixel=True`` segmentation masks ``[B,H,W]`` matching x.
-    """
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"x must be 4-D [B,C,H,W], got {x.ndim}-D shape {tuple(x.shape)}")
-    if x.shape[1] != in_chans:
-        raise ValueError(f"x has the wrong channel count: expected {in_chans} channels, got {x.shape[1]} "
-                         f"(shape {tuple(x.shape)}; channels-last input must be permuted to [B,C,H,W])")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (convert and normalise uint8 images)")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or Inf values")
-    what = "masks" if per_pixel else "labels y"
-    if y.dtype != torch.int64:
-        raise TypeError(f"{what} must be int64 class indices{' per pixel' * per_pixel}, got {y.dtype} "
-                        "(use y.long())")
-    if per_pixel and tuple(y.shape) != (x.shape[0], *x.shape[2:]):
-        raise ValueError(f"masks must be [B,H,W] = {(x.shape[0], *x.shape[2:])} to match the images, "
-                         f"got {tuple(y.shape)}")
-    if not per_pixel and (y.ndim != 1 or y.shape[0] != x.shape[0]):
-        raise ValueError(f"batch size mismatch: x has {x.shape[0]} samples, y has shape {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{what} out of range [0, {num_classes}): min {int(y.min())}, max {int(y.max())}")
 
 
 from . import seg_data  # noqa: E402,F401  (registers the segmentation data sets)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .accounting import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
 from .alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
 from .cards import RECIPE_SCHEMA, check_recipe_values
 from .data import get_dataset_info, preparation
@@ -50,9 +51,8 @@ from .grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_
 from .io import write_text
 from .layers import MEMO_BYTES, memoized_fixed_layers
 from .path_data import describe as describe_path_data
-from .privacy import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
 from .sparse import penalty_gradients
-from .registry import build, get_card, resolve_checkpoint
+from .registry import build, get_card, load_verified
 from .schedule import lr_factor
 from .tasks import task_of
 
@@ -141,6 +141,53 @@ def _generator(seed: int, step: int, stream: str, device: torch.device) -> torch
 def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of a Poisson-sampled batch (as opacus' ``UniformWithReplacementSampler``)."""
     return (torch.rand(n, generator=generator, device=generator.device) < sample_rate).nonzero().flatten().cpu()
+
+
+class DPStep:
+    """One DP-SGD step (steps 1-4 of the module docstring), the only code in zoo that releases a gradient: training
+    (:func:`train`, :func:`finetune`), the privacy audit (``eval/audit_privacy.py``) and the step benchmark
+    (``eval/bench_dp_step.py``) all call it, so the audit certifies the step that trains the releases.
+
+    Fixed for a run: the gradient computer ``psg`` (:class:`~zoo.grad_sample.PerSampleGradients` or a wrapper of
+    it), the optimizer over ``psg.params``, the data set size ``n``, the sampling rate ``q``, ``sigma``, the clip
+    norm, the divisor ``expected_batch`` (``q * n`` in training), the ``views`` per sample, the secret ``seed`` and
+    the device. Calling it for step ``t`` with ``batches_for(idx, augment_generator)``, which turns the sampled
+    indices into that step's physical batches ``(x, y)`` (each sample as ``views`` consecutive views):
+
+    1. draws the Poisson batch ``idx`` from the step's "sample" stream;
+    2. computes the clipped, summed, noised gradient (:func:`dp_gradients`; noise from the step's "noise" stream,
+       model-internal randomness such as L0 gate draws from its "model" stream);
+    3. sets it as the parameters' ``.grad`` and takes the optimizer step.
+
+    Returns ``(idx, released gradient {name: tensor}, summed loss, summed score)``. The privacy accounting of the
+    step (``ledger.record(sigma, q)``) is the caller's, as are the EMA and the learning-rate schedule
+    (post-processing of released gradients). The guarantee assumes the seed stays secret.
+    """
+
+    def __init__(self, psg, optimizer: torch.optim.Optimizer, *, n: int, sample_rate: float, sigma: float,
+                 clip_norm: float, expected_batch: float, views: int, seed: int, device: torch.device):
+        self.psg, self.optimizer = psg, optimizer
+        self.n, self.q, self.sigma, self.clip_norm = n, sample_rate, sigma, clip_norm
+        self.expected_batch, self.views, self.seed, self.device = expected_batch, views, seed, torch.device(device)
+
+    def sample(self, step: int) -> torch.Tensor:
+        """Step ``step``'s Poisson batch: indices into the ``n`` training samples."""
+        return poisson_batch(self.n, self.q, _generator(self.seed, step, "sample", self.device))
+
+    def __call__(self, step: int, batches_for) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, float]:
+        idx = self.sample(step)
+        batches = batches_for(idx, _generator(self.seed, step, "augment", self.device))
+        # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(_generator(self.seed, step, "model", torch.device("cpu")).initial_seed())
+            grads, loss_sum, score = dp_gradients(
+                self.psg, batches, clip_norm=self.clip_norm, sigma=self.sigma, expected_batch=self.expected_batch,
+                views=self.views, noise_generator=_generator(self.seed, step, "noise", self.device))
+        for name, p in self.psg.params.items():
+            p.grad = grads[name]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return idx, grads, loss_sum, score
 
 
 @torch.no_grad()
@@ -528,28 +575,22 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     model.train()
     end = done + todo
     # un-augmented views repeat: fixed front ends (a ScatterNet's scattering) compute each training image once
+    dp_step = DPStep(psg, opt, n=n, sample_rate=q, sigma=sigma, clip_norm=c, expected_batch=expected, views=k,
+                     seed=seed, device=device)
+
+    def batches_for(idx: torch.Tensor, aug_gen: torch.Generator):
+        """This rank's physical batches of the sampled ``idx``; every rank draws all views (zoo.distributed)."""
+        return distributed.shard(_with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
+                                 for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))
+
     with memoized_fixed_layers(MEMO_BYTES if k == 1 else 0):
         for step in range(done, end):
-            idx = poisson_batch(n, q, _generator(seed, step, "sample", device))
-            samples += len(idx) * k
-            aug_gen = _generator(seed, step, "augment", device)
-            batches = distributed.shard(  # this rank's physical batches; every rank draws all views (zoo.distributed)
-                _with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
-                for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))  # empty: noise only
             if aligned:  # the public reference: an EMA of the updates released so far (zoo.alignment)
                 psg.set_reference({name: opt.state[p].get(REFERENCE_SLOT) for name, p in params.items()})
-            # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(_generator(seed, step, "model", torch.device("cpu")).initial_seed())
-                grads, loss_sum, correct = dp_gradients(
-                    psg, batches, clip_norm=c, sigma=sigma, expected_batch=expected, views=k,
-                    noise_generator=_generator(seed, step, "noise", device))
-            for name, p in params.items():
-                p.grad = grads[name]
             for group in opt.param_groups:  # a function of the step alone: public, resumes exactly (zoo.schedule)
                 group["lr"] = recipe["lr"] * lr_factor(recipe.get("lr_schedule"), step, planned)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            idx, grads, loss_sum, correct = dp_step(step, batches_for)  # empty idx: noise only
+            samples += len(idx) * k
             if aligned:
                 update_reference(opt.state, params, grads)  # from the released, noisy gradient only
             ema.update_parameters(model)
@@ -656,10 +697,7 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
     total budget; on another data set a fresh ledger starts and the old one is kept as its ``parent``.
     """
     with distributed.process_group(device):
-        path, sha = resolve_checkpoint(name_or_checkpoint)
-        model, sidecar = ckpt.load_checkpoint(path, expected_sha256=sha)
-        if sha is not None:  # a published NAME.TAG: its sidecar must state its ledger and input preparation
-            ckpt.check_published(sidecar, path)
+        model, sidecar, _ = load_verified(name_or_checkpoint)  # a published one states ledger and preparation
         card = sidecar["card"]
         info = get_dataset_info(dataset)
         dataset = info.name  # a path is recorded resolved

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from .layers import largest_divisor
+from .layers import conv_filter_grad_sample, empty_grad_sample, largest_divisor
 
 
 def relocate_escnn_cache() -> Path:
@@ -42,7 +42,7 @@ def relocate_escnn_cache() -> Path:
     """
     import joblib
 
-    from .data import cache_root
+    from .io import cache_root
 
     target = cache_root() / "escnn"
     for name, module in list(sys.modules.items()):
@@ -88,14 +88,13 @@ def he_init(weights: torch.Tensor, basis, key: str) -> None:
     """escnn's generalized He initialisation, with its per-coefficient variances cached on disk.
 
     escnn computes them in a Python loop over every coefficient (about 25 s for a D4 ResNet-9 on 2 cores) and
-    caches them per process only. zoo keeps them under ``$ZOO_CACHE/escnn`` (see :func:`zoo.data.cache_root`),
+    caches them per process only. zoo keeps them under ``$ZOO_CACHE/escnn`` (see :func:`zoo.io.cache_root`),
     keyed by escnn's version, the field types and the kernel settings; the random draw is unchanged.
     """
     import escnn
     from escnn.nn import init
 
-    from .data import cache_root
-    from .io import atomic_write, save_npy
+    from .io import atomic_write, cache_root, save_npy
 
     digest = hashlib.sha256(f"{escnn.__about__.__version__}|{key}|{basis.dimension()}".encode()).hexdigest()[:32]
     path = cache_root() / "escnn" / f"he-{digest}.npy"
@@ -233,8 +232,6 @@ class R2Conv(nn.Module):
 def r2conv_grad_sample(layer: R2Conv, activations: list[torch.Tensor], backprops: torch.Tensor):
     """Per-sample coefficient gradients: per-sample filter gradients (opacus' unfold trick) pulled back through
     the linear basis expansion (:meth:`R2Conv.coefficient_grads`). Exact."""
-    from .grad_sample import conv_filter_grad_sample, empty_grad_sample
-
     x = activations[0].to(backprops.dtype)
     if x.shape[0] == 0:
         return empty_grad_sample(layer)

@@ -1,8 +1,8 @@
 """Exact per-sample gradients: the contract every zoo model meets.
 
 ``per_sample_gradients(model, x, y)[name][i]`` is the gradient of ``loss_fn(model(x_i), y_i)`` for sample i
-alone. Computed with opacus' grad-sampler hooks (one registered sampler per layer type; zoo registers its
-own layers here), so it is exact, not an approximation, and it raises when any trainable parameter did not
+alone. Computed with opacus' grad-sampler hooks (one registered sampler per layer type; zoo's own layers register
+theirs beside them: :mod:`zoo.layers`, :mod:`zoo.eq_layers`, :mod:`zoo.sparse`), so it is exact, not an approximation, and it raises when any trainable parameter did not
 receive a per-sample gradient (that parameter would otherwise be updated without clipping: a privacy bug).
 """
 from __future__ import annotations
@@ -11,14 +11,11 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample import grad_sample_module as _opacus_gsm
-from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
-from .layers import WSConv2d
-from .tasks import task_of
+from .objectives import objective_of, per_sample_cross_entropy
 from .validate import DPCompatibilityError, validate_model
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,87 +71,11 @@ def check_finite_gradients(grads: dict[str, torch.Tensor], losses: torch.Tensor 
         "the last checkpoint.")
 
 
-def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Default loss: cross-entropy per sample, shape ``[B]``."""
-    return F.cross_entropy(logits, targets, reduction="none")
-
-
-def empty_grad_sample(layer: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of an empty (Poisson) batch: ``[0, *p.shape]`` for each trainable parameter."""
-    return {p: p.new_zeros((0, *p.shape)) for p in layer.parameters(recurse=False) if p.requires_grad}
-
-
-def _grouped_conv_pays(x: torch.Tensor, backprops: torch.Tensor, layer: nn.Module) -> bool:
-    """Whether :func:`conv_filter_grad_sample` computes the filter gradient as one grouped convolution (the batch as
-    groups) instead of opacus' unfold + batched matmul. A fixed rule, not a per-run timing, so that a seeded run is
-    the same computation every time: on the CPU (oneDNN) the grouped convolution was 3-6x faster for layers with
-    outputs of at least 16x16 and at least 8 input channels, and no faster (or slower, at 128 channels and 8x8)
-    elsewhere (``python eval/bench_train_loop.py`` times both in the training loop). GPUs keep opacus' route
-    until they are measured. Both are exact; they differ by float rounding only."""
-    return (x.device.type == "cpu" and getattr(layer, "groups", 1) == 1 and tuple(layer.dilation) == (1, 1)
-            and isinstance(layer.padding, tuple) and backprops.shape[-1] * backprops.shape[-2] >= 256
-            and x.shape[1] >= 8)
-
-
-def conv_filter_grad_sample(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor,
-                            out_channels: int | None = None) -> torch.Tensor:
-    """Per-sample gradient ``[B, C_out, C_in/groups, kH, kW]`` of the filter a conv layer applied to ``x``.
-
-    For any layer with ``kernel_size``, ``stride``, ``padding``, ``dilation`` (and ``groups``) attributes whose
-    forward is a conv2d with a computed filter. Either the unfold trick opacus uses for ``nn.Conv2d``, or, where
-    it is faster (:func:`_grouped_conv_pays`), the weight gradient of one convolution whose groups are the
-    samples: sample i's input ``[1, C_in, H, W]`` block convolved with its backprops is exactly its own gradient.
-    """
-    n, g = x.shape[0], getattr(layer, "groups", 1)
-    cout = out_channels or layer.out_channels
-    if _grouped_conv_pays(x, backprops, layer):
-        kh, kw = layer.kernel_size
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            backprops.reshape(1, n * cout, *backprops.shape[2:]), x.reshape(1, n * x.shape[1], *x.shape[2:]),
-            x.new_empty(n * cout, x.shape[1], kh, kw), None, list(layer.stride), list(layer.padding), [1, 1], False, [0, 0],
-            n, [False, True, False])
-        return gw.view(n, cout, x.shape[1], kh, kw)
-    cols = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
-                    dilation=layer.dilation)  # opacus' strided unfold: several times faster than F.unfold on CPU
-    cols = cols.view(n, g, -1, cols.shape[-1])                     # [n, g, Cin/g*kh*kw, L]
-    bp = backprops.reshape(n, g, -1, cols.shape[-1])                # [n, g, Cout/g, L]
-    return torch.einsum("ngol,ngpl->ngop", bp, cols).reshape(n, cout, x.shape[1] // g, *layer.kernel_size)
-
-
-@register_grad_sampler(WSConv2d)
-def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], backprops: torch.Tensor):
-    """Per-sample gradient of a weight-standardized conv.
-
-    First the per-sample gradient ``gh_i`` w.r.t. the standardized filter ``wh = (w - mean) / s``
-    (:func:`conv_filter_grad_sample`), then the exact pull-back through the standardization, per output channel
-    over its ``n = C_in/groups * kH * kW`` entries: ``g_i = (gh_i - mean(gh_i) - wh * mean(gh_i * wh)) / s``.
-    """
-    x = activations[0].to(backprops.dtype)
-    n, w = x.shape[0], layer.weight
-    if n == 0:
-        return empty_grad_sample(layer)
-    ret: dict[nn.Parameter, torch.Tensor] = {}
-    if w.requires_grad:
-        gh = conv_filter_grad_sample(layer, x, backprops)
-        with torch.no_grad():
-            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
-            s = torch.sqrt(var + layer.eps)
-            wh = (w - mean) / s
-        # in place on gh: it is the only [B, *w.shape] buffer this sampler allocates
-        fan = wh[0].numel()
-        proj = torch.einsum("noikl,oikl->no", gh, wh).div_(fan).view(n, -1, 1, 1, 1)  # mean(gh * wh)
-        gh.sub_(gh.mean((2, 3, 4), keepdim=True)).addcmul_(wh.unsqueeze(0), proj, value=-1.0).div_(s)
-        ret[w] = gh
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.sum((2, 3))
-    return ret
-
-
 def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: torch.Tensor, targets: torch.Tensor,
                   loss_fn: LossFn | None, views: int):
     """Checks shared by the per-sample gradient computers: ``(loss_fn, samples B, result for an empty batch or
-    None)``. The default loss is the model task's; then ``targets`` are checked like the inputs (shape, channels,
-    dtype, finite values, labels or masks in range: :meth:`zoo.tasks.Task.check_batch`); with a custom ``loss_fn``
+    None)``. The default loss is the model task's (:mod:`zoo.objectives`); then ``targets`` are checked like the
+    inputs (shape, channels, dtype, finite values, labels or masks in range: the objective's ``check``); with a custom ``loss_fn``
     only the inputs' values are checked here (the model's forward checks their shape and dtype). ``views`` must be
     a positive int dividing the batch. Errors are ``TypeError``/``ValueError`` saying what to change."""
     if isinstance(views, bool) or not isinstance(views, int) or views < 1:
@@ -163,9 +84,9 @@ def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: tor
         raise TypeError(f"inputs and targets must be torch.Tensors, got {type(inputs).__name__} and "
                         f"{type(targets).__name__}; convert with torch.as_tensor")
     if loss_fn is None and hasattr(model, "num_classes"):
-        task = task_of(model)
-        task.check_batch(inputs, targets, model.num_classes, model.in_chans)
-        loss_fn = task.loss
+        objective = objective_of(model)
+        objective.check(inputs, targets, model.num_classes, model.in_chans)
+        loss_fn = objective.loss
     elif not torch.isfinite(inputs).all():
         raise ValueError("inputs contain NaN or Inf values; clean or re-normalise the data")
     total = inputs.shape[0]
@@ -251,7 +172,7 @@ class PerSampleGradients:
         Raises :class:`NonFiniteGradientError` when a sample's gradient has a NaN or Inf entry (nothing is
         returned that an optimizer could apply); bad batches (:func:`prepare_batch`) raise before the forward pass.
 
-        The default loss is the per-sample loss of the model's task (:mod:`zoo.tasks`: cross-entropy for
+        The default loss is the per-sample loss of the model's task (:mod:`zoo.objectives`: cross-entropy for
         classifiers, Dice + cross-entropy per sample for segmenters); then ``targets`` are checked like the
         inputs."""
         loss_fn, b, empty = prepare_batch(self.model, self.params, inputs, targets, loss_fn, views)
@@ -302,7 +223,7 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.
     """``{parameter name: [B, *param.shape]}``; entry i is the gradient of ``loss_fn(model(x_i), y_i)``.
 
     ``loss_fn(outputs, targets)`` must return per-sample losses of shape ``[B]`` (default: the model's task loss,
-    :mod:`zoo.tasks`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
+    :mod:`zoo.objectives`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
     model's ``.grad`` is left untouched. An empty batch gives ``[0, *param.shape]`` tensors; a bad batch raises
     ``TypeError``/``ValueError`` (:func:`prepare_batch`), a NaN or Inf gradient :class:`NonFiniteGradientError`.
     """

@@ -1,4 +1,6 @@
-"""File helpers shared by checkpoints, data caches and run results: atomic writes and file hashes."""
+"""File helpers shared by checkpoints, data caches and run results: the cache root, atomic writes and file hashes.
+
+The ground floor of zoo: imports nothing of zoo."""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +8,12 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def cache_root() -> Path:
+    """zoo's cache folder (decoded data sets, escnn's stores): ``$ZOO_CACHE`` if set, else ``~/.cache/zoo`` (not
+    created here)."""
+    return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo").expanduser()
 
 
 def atomic_write(dest: str | Path, write: Callable[[str], object]) -> None:

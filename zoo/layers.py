@@ -2,7 +2,8 @@
 
 Nothing here uses batch statistics: every normalization averages over the features of one sample only,
 so a sample's output (and therefore its gradient) never depends on the other samples of the batch.
-Every layer with trainable parameters has an exact per-sample gradient (see :mod:`zoo.grad_sample`).
+Every layer with trainable parameters has an exact per-sample gradient: opacus' own samplers, or for zoo's layers the
+samplers registered at the end of this module, beside their layers (:mod:`zoo.grad_sample` checks that each is there).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 __all__ = ["WSConv2d", "Scattering2D", "DataStandardize", "get_norm_layer", "get_act_layer", "NORM_LAYERS", "ACT_LAYERS"]
@@ -347,3 +350,75 @@ def memoized_fixed_layers(max_bytes: int) -> Iterator[None]:
         _MEMO["max_bytes"] = before["max_bytes"]
         if not before["max_bytes"]:
             _MEMO["store"], _MEMO["bytes"] = {}, 0
+
+
+# ----------------------------------------------------------------------------- grad samplers of these layers
+def empty_grad_sample(layer: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of an empty (Poisson) batch: ``[0, *p.shape]`` for each trainable parameter."""
+    return {p: p.new_zeros((0, *p.shape)) for p in layer.parameters(recurse=False) if p.requires_grad}
+
+
+def _grouped_conv_pays(x: torch.Tensor, backprops: torch.Tensor, layer: nn.Module) -> bool:
+    """Whether :func:`conv_filter_grad_sample` computes the filter gradient as one grouped convolution (the batch as
+    groups) instead of opacus' unfold + batched matmul. A fixed rule, not a per-run timing, so that a seeded run is
+    the same computation every time: on the CPU (oneDNN) the grouped convolution was 3-6x faster for layers with
+    outputs of at least 16x16 and at least 8 input channels, and no faster (or slower, at 128 channels and 8x8)
+    elsewhere (``python eval/bench_train_loop.py`` times both in the training loop). GPUs keep opacus' route
+    until they are measured. Both are exact; they differ by float rounding only."""
+    return (x.device.type == "cpu" and getattr(layer, "groups", 1) == 1 and tuple(layer.dilation) == (1, 1)
+            and isinstance(layer.padding, tuple) and backprops.shape[-1] * backprops.shape[-2] >= 256
+            and x.shape[1] >= 8)
+
+
+def conv_filter_grad_sample(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor,
+                            out_channels: int | None = None) -> torch.Tensor:
+    """Per-sample gradient ``[B, C_out, C_in/groups, kH, kW]`` of the filter a conv layer applied to ``x``.
+
+    For any layer with ``kernel_size``, ``stride``, ``padding``, ``dilation`` (and ``groups``) attributes whose
+    forward is a conv2d with a computed filter. Either the unfold trick opacus uses for ``nn.Conv2d``, or, where
+    it is faster (:func:`_grouped_conv_pays`), the weight gradient of one convolution whose groups are the
+    samples: sample i's input ``[1, C_in, H, W]`` block convolved with its backprops is exactly its own gradient.
+    """
+    n, g = x.shape[0], getattr(layer, "groups", 1)
+    cout = out_channels or layer.out_channels
+    if _grouped_conv_pays(x, backprops, layer):
+        kh, kw = layer.kernel_size
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            backprops.reshape(1, n * cout, *backprops.shape[2:]), x.reshape(1, n * x.shape[1], *x.shape[2:]),
+            x.new_empty(n * cout, x.shape[1], kh, kw), None, list(layer.stride), list(layer.padding), [1, 1], False, [0, 0],
+            n, [False, True, False])
+        return gw.view(n, cout, x.shape[1], kh, kw)
+    cols = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                    dilation=layer.dilation)  # opacus' strided unfold: several times faster than F.unfold on CPU
+    cols = cols.view(n, g, -1, cols.shape[-1])                     # [n, g, Cin/g*kh*kw, L]
+    bp = backprops.reshape(n, g, -1, cols.shape[-1])                # [n, g, Cout/g, L]
+    return torch.einsum("ngol,ngpl->ngop", bp, cols).reshape(n, cout, x.shape[1] // g, *layer.kernel_size)
+
+
+@register_grad_sampler(WSConv2d)
+def ws_conv2d_grad_sample(layer: WSConv2d, activations: list[torch.Tensor], backprops: torch.Tensor):
+    """Per-sample gradient of a weight-standardized conv.
+
+    First the per-sample gradient ``gh_i`` w.r.t. the standardized filter ``wh = (w - mean) / s``
+    (:func:`conv_filter_grad_sample`), then the exact pull-back through the standardization, per output channel
+    over its ``n = C_in/groups * kH * kW`` entries: ``g_i = (gh_i - mean(gh_i) - wh * mean(gh_i * wh)) / s``.
+    """
+    x = activations[0].to(backprops.dtype)
+    n, w = x.shape[0], layer.weight
+    if n == 0:
+        return empty_grad_sample(layer)
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if w.requires_grad:
+        gh = conv_filter_grad_sample(layer, x, backprops)
+        with torch.no_grad():
+            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+            s = torch.sqrt(var + layer.eps)
+            wh = (w - mean) / s
+        # in place on gh: it is the only [B, *w.shape] buffer this sampler allocates
+        fan = wh[0].numel()
+        proj = torch.einsum("noikl,oikl->no", gh, wh).div_(fan).view(n, -1, 1, 1, 1)  # mean(gh * wh)
+        gh.sub_(gh.mean((2, 3, 4), keepdim=True)).addcmul_(wh.unsqueeze(0), proj, value=-1.0).div_(s)
+        ret[w] = gh
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.sum((2, 3))
+    return ret

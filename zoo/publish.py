@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from .cards import CARDS_DIR, load_card
-from .checkpoint import check_published, load_checkpoint, paths, save_checkpoint
+from .checkpoint import check_published, paths, save_checkpoint
 from .io import sha256_file, write_text
-from .registry import NONPRIVATE_PREFIX, get_card
+from .registry import NONPRIVATE_PREFIX, get_card, load_checkpoint
 
 FP16_TOLERANCE = 1e-3
 """Largest change of any test metric that float16 storage may cause (0.1 points; on a 624-image test set that is

@@ -1,27 +1,25 @@
 """Model registry: architecture families (Python classes) and registered models (cards).
 
-A *family* is a class registered with :func:`register_family`; a *model* is a card (``models/<name>.json``)
+A *family* is a class registered with :func:`zoo.models.register_family`; a *model* is a card (``models/<name>.json``)
 naming a family and its arguments. ``create_model`` = family(**card args, **overrides).
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib
 import inspect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cards import CARDS_DIR, CardError, check_card_dataset, load_card, validate_card
-from .models import FAMILY_MODULES
+from .models import get_family, known_families
 
 if TYPE_CHECKING:
     from torch import nn
 
 # torch, escnn and the data stack are imported only when a model is built or described: listing the registry (and
 # `zoo list`, `zoo --help`) reads the cards alone
-_FAMILIES: dict[str, type[nn.Module]] = {}
 _MODELS: dict[str, dict] = {}
 _UNCHECKED: set[str] = set()  # cards of load_cards whose family arguments and data set are checked on first use
 _ROOTS: dict[str, Path] = {}  # model -> folder its card's relative checkpoint path starts from
@@ -36,51 +34,6 @@ class UnknownModelError(KeyError):
 
 class DuplicateModelError(ValueError):
     """A model or family of that name is already registered."""
-
-
-def register_family(name: str):
-    """Class decorator registering an architecture family under ``name``."""
-
-    def deco(cls):
-        if name in _FAMILIES and _FAMILIES[name] is not cls:
-            raise DuplicateModelError(f"family {name!r} is already registered ({_FAMILIES[name].__qualname__})")
-        _FAMILIES[name] = cls
-        cls.family_name = name
-        return cls
-
-    return deco
-
-
-def get_family(name: str) -> type[nn.Module]:
-    """The class of family ``name``, importing the module of ``zoo.models`` that registers it on first use
-    (:data:`zoo.models.FAMILY_MODULES`)."""
-    if name not in _FAMILIES and name in FAMILY_MODULES:
-        importlib.import_module(f"{__package__}.models.{FAMILY_MODULES[name]}")
-    if name not in _FAMILIES:
-        raise CardError(f"unknown family {name!r}; known: {known_families()}")
-    return _FAMILIES[name]
-
-
-def known_families() -> list[str]:
-    """Names of the families zoo ships (:data:`zoo.models.FAMILY_MODULES`) and of those registered since."""
-    return sorted({*FAMILY_MODULES, *_FAMILIES})
-
-
-def instance_registrar(table: dict, kind: str):
-    """``register(name)``, a class decorator for registries of singletons (data sets, tasks): it sets
-    ``cls.name = name`` and stores ``cls()`` in ``table``; registering a name twice is an error."""
-
-    def register(name: str):
-        def deco(cls):
-            if name in table:
-                raise ValueError(f"{kind} {name!r} is already registered")
-            cls.name = name
-            table[name] = cls()
-            return cls
-
-        return deco
-
-    return register
 
 
 def check_family_args(family: type[nn.Module], kwargs: dict[str, Any], where: str) -> None:
@@ -109,7 +62,7 @@ def register_model(card: dict, defer_checks: bool = False) -> dict:
     family's name now, and the two checks that need the family's module and the data stack when the card is first
     used (:func:`get_card`), so that listing models stays cheap."""
     source = f"card {card.get('name', '?')!r}"
-    validate_card(card, source, check_dataset=False)
+    validate_card(card, source)
     name = card["name"]
     if name in _MODELS:
         raise DuplicateModelError(f"model {name!r} is already registered; pick another name")
@@ -129,7 +82,9 @@ def _check_references(card: dict, source: str) -> None:
         check_family_args(get_family(card["family"]), card["args"], f"{source}: args")
     except (TypeError, ValueError) as e:
         raise CardError(str(e)) from None
-    check_card_dataset(card, source)
+    from .data import list_datasets  # the data stack: only when a card is first used
+
+    check_card_dataset(card, source, list_datasets())
 
 
 def user_card_dirs() -> list[Path]:
@@ -145,7 +100,7 @@ def load_cards(directory: Path | None = None) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(f"cards folder {folder} does not exist (check $ZOO_CARDS)")
         for path in sorted(folder.glob("*.json")):
-            card = register_model(load_card(path, check_dataset=False), defer_checks=True)
+            card = register_model(load_card(path), defer_checks=True)
             _ROOTS[card["name"]] = folder.resolve().parent
 
 
@@ -251,15 +206,42 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     return out
 
 
+def builtin_models() -> list[str]:
+    """Names of the models whose card is one of zoo's own (``models/``), not a ``$ZOO_CARDS`` card (a user's, or the
+    test suite's ``test-*`` fixtures): what MODEL_CARD.md describes."""
+    return [n for n in list_models() if _ROOTS.get(n) == CARDS_DIR.parent]
+
+
+def load_checkpoint(path: str | Path, expected_sha256: str | None = None, use_ema: bool = True,
+                    **overrides: Any) -> tuple[nn.Module, dict]:
+    """Build the model recorded in a checkpoint's sidecar and load its verified weights (the EMA ones when present
+    and ``use_ema``; :func:`zoo.checkpoint.read_checkpoint` checks the hashes). ``(model, sidecar)``."""
+    from .checkpoint import load_weights, read_checkpoint
+
+    tensors, sidecar = read_checkpoint(path, expected_sha256)
+    model = build(sidecar["card"], **{**sidecar["args"], **overrides})
+    return load_weights(model, tensors, use_ema), sidecar
+
+
 def load_published(name: str, **overrides: Any) -> tuple[nn.Module, dict]:
     """The one path from a registered ``NAME`` or ``NAME.TAG`` to its verified published model: ``(model with the
     checkpoint's EMA weights, sidecar)``. The weights' sha256 is checked against the card and the sidecar, and the
     sidecar must carry the privacy ledger and the input preparation (:func:`zoo.checkpoint.check_published`)."""
-    from .checkpoint import check_published, load_checkpoint
+    from .checkpoint import check_published
 
     path, sha = resolve_checkpoint(name)
     model, sidecar = load_checkpoint(path, expected_sha256=sha, **overrides)
     return model, check_published(sidecar, path)
+
+
+def load_verified(name_or_path: str | Path, **overrides: Any) -> tuple[nn.Module, dict, Path]:
+    """``(model, sidecar, checkpoint path)`` for a registered ``NAME`` / ``NAME.TAG`` (its published checkpoint,
+    :func:`load_published`) or a checkpoint file given by path (a run's own, :func:`load_checkpoint`: hashes
+    checked against its sidecar). What ``zoo eval`` and :func:`zoo.finetune` load."""
+    path, sha = resolve_checkpoint(name_or_path)
+    if sha is None:
+        return (*load_checkpoint(path, **overrides), path)
+    return (*load_published(str(name_or_path), **overrides), path)
 
 
 def build(card: dict, num_classes: int | None = None, **overrides: Any) -> nn.Module:

@@ -22,15 +22,13 @@ checked (no checkpoint, no matching result, a tampered checkpoint, missing data)
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import math
-import re
-import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from . import runspec
+from .runspec import RunSpec
 
 EVAL_TOLERANCE = 0.005
 """Default tolerance for evaluating a fixed checkpoint: 0.5 percentage points of accuracy (50 of CIFAR-10's 10,000
@@ -55,8 +53,6 @@ it passes when within this many standard deviations of the study's seed-to-seed 
 EPSILON_MATCH = 0.01
 """Two epsilons are the same when they differ by at most this: cards report the spent epsilon to two decimals, and
 the accountant is deterministic, so a rerun's ledger must give the reported epsilon to this precision."""
-
-_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 class ReproduceError(ValueError):
@@ -120,31 +116,13 @@ def _same_eps(a: float, b: float) -> bool:
     return a == b if math.isinf(a) or math.isinf(b) else abs(a - b) <= EPSILON_MATCH
 
 
-def parse_command(command: str) -> argparse.Namespace:
-    """Parse a recorded ``[VAR=value ...] zoo train|finetune ...`` command (also ``python -m zoo.cli ...``) with
-    zoo's own parser. Raises :class:`ReproduceError` for anything else."""
-    from .cli import build_parser
-
+def parse_command(command: str) -> RunSpec:
+    """The run spec of a recorded ``[VAR=value ...] zoo train|finetune ...`` command, read with zoo's own parser
+    (:func:`zoo.runspec.parse_command`). Raises :class:`ReproduceError` for anything else."""
     try:
-        words = shlex.split(command)
-    except ValueError as e:
-        raise ReproduceError(f"cannot split the command {command!r}: {e}") from None
-    while words and _ENV.match(words[0]):
-        words.pop(0)  # the recorder's environment (its data root): this machine's --data-dir / ZOO_DATA is used
-    if len(words) >= 3 and Path(words[0]).name.startswith("python") and words[1:3] == ["-m", "zoo.cli"]:
-        words = words[3:]
-    elif words and Path(words[0]).name == "zoo":
-        words = words[1:]
-    else:
-        raise ReproduceError(f"{command!r} is not a zoo command")
-    if not words or words[0] not in ("train", "finetune"):
-        raise ReproduceError(f"{command!r} is not a `zoo train` or `zoo finetune` command")
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(words)
-    except SystemExit:
-        raise ReproduceError(f"zoo's parser refuses {command!r}: {err.getvalue().strip().splitlines()[-1]}") from None
+        return runspec.parse_command(command)
+    except runspec.CommandError as e:
+        raise ReproduceError(str(e)) from None
 
 
 def evaluate_checkpoint(model, sidecar: dict, data_dir=None, device: str | None = None,
@@ -252,7 +230,6 @@ def reproduce_by_retraining(name: str, *, tolerance: float = RETRAIN_TOLERANCE, 
     run's metrics and ledger epsilon with the reported ones (module docstring). Runs go to ``out_dir/run-<i>``
     (default ``runs/reproduce/<name>``); ``data_dir`` and ``device`` replace the command's."""
     from .checkpoint import hardware
-    from .cli import run_training
     from .registry import get_card
 
     card = get_card(name)
@@ -276,12 +253,12 @@ def reproduce_by_retraining(name: str, *, tolerance: float = RETRAIN_TOLERANCE, 
             report.checks += [Check(_label(r), r["metric"], r["value"], None, tolerance,
                                     f"its command trains {args.name!r}, not {name!r}") for r in rs]
             continue
-        args.out, args.resume, args.no_progress = str(out / f"run-{i}"), False, not progress
+        args.out, args.resume, args.progress = str(out / f"run-{i}"), False, progress
         args.data_dir, args.device = data_dir or args.data_dir, device or args.device
         seeded = "" if args.seed is not None else " (no seed recorded: a fresh secret seed, so not a replay)"
         report.notes.append(f"run-{i}: `{command}` -> {args.out}{seeded}; recorded on: "
                             + "; ".join(sorted({r['hardware'] for r in rs})))
-        result = run_training(args)
+        result = runspec.run(args)
         for r in rs:
             value = result["test"].get(r["metric"]) if result["dataset"] == r["dataset"] else None
             note = "" if value is not None else (

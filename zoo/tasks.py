@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import augment, check_batch
-from .registry import instance_registrar
+from .data import augment
+from .objectives import check_batch, dice_ce_loss, per_sample_cross_entropy
+from .registrar import instance_registrar
 
 
 class Task:
@@ -87,7 +88,7 @@ class Classification(Task):
         check_batch(x, y, num_classes, in_chans)
 
     def loss(self, outputs, targets):
-        return F.cross_entropy(outputs, targets, reduction="none")
+        return per_sample_cross_entropy(outputs, targets)
 
     def score(self, outputs, targets):
         return (outputs.argmax(1) == targets).sum().item()
@@ -196,20 +197,6 @@ def roc_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     aucs = [binary_auc(probs[:, c], labels == c) for c in range(probs.shape[1]) if (labels == c).any()]
     aucs = [a for a in aucs if a == a]
     return sum(aucs) / len(aucs) if aucs else float("nan")
-
-
-def dice_ce_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Per-sample Dice + cross-entropy ``[B]``: for sample i, the mean over its pixels of the cross-entropy plus
-    ``1 - mean_c (2 sum p_c t_c + s) / (sum p_c + sum t_c + s)`` with softmax probabilities p, one-hot masks t,
-    sums over that sample's pixels only and ``s = smooth`` (which makes a class absent from both 1)."""
-    ce = F.cross_entropy(logits, masks, reduction="none").flatten(1).mean(1)
-    probs = logits.softmax(1)
-    classes = torch.arange(logits.shape[1], device=masks.device).view(1, -1, 1, 1)
-    onehot = (masks.unsqueeze(1) == classes).to(probs.dtype)  # F.one_hot checks values: not vmap-able
-    inter = (probs * onehot).flatten(2).sum(2)
-    total = probs.flatten(2).sum(2) + onehot.flatten(2).sum(2)
-    dice = (2 * inter + smooth) / (total + smooth)
-    return ce + 1 - dice.mean(1)
 
 
 def confusion_counts(pred: torch.Tensor, masks: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..eq_layers import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
 from ..layers import get_act_layer
-from ..registry import register_family
+from . import register_family
 from ._base import ZooClassifier
 
 

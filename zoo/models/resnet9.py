@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import get_act_layer, get_norm_layer
-from ..registry import register_family
+from . import register_family
 from ._base import ZooClassifier
 
 

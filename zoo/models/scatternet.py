@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import DataStandardize, Scattering2D, get_act_layer, largest_divisor
-from ..registry import register_family
+from . import register_family
 from ._base import ZooClassifier
 
 

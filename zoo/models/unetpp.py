@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import double_conv, get_act_layer, get_norm_layer, upsample2x
-from ..registry import register_family
+from . import register_family
 from ._base import ZooSegmenter
 
 

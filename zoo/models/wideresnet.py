@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..layers import WSConv2d, conv3x3, get_act_layer, get_norm_layer, standardize
-from ..registry import register_family
+from . import register_family
 from ..sparse import HardConcreteGate, register_pruner
 from ._base import ZooClassifier
 
