@@ -574,7 +574,6 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     writes = out is not None and distributed.is_main()  # one process writes the checkpoints (one ledger)
     model.train()
     end = done + todo
-    # un-augmented views repeat: fixed front ends (a ScatterNet's scattering) compute each training image once
     dp_step = DPStep(psg, opt, n=n, sample_rate=q, sigma=sigma, clip_norm=c, expected_batch=expected, views=k,
                      seed=seed, device=device)
 
@@ -583,6 +582,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         return distributed.shard(_with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
                                  for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))
 
+    # un-augmented views repeat: fixed front ends (a ScatterNet's scattering) compute each training image once
     with memoized_fixed_layers(MEMO_BYTES if k == 1 else 0):
         for step in range(done, end):
             if aligned:  # the public reference: an EMA of the updates released so far (zoo.alignment)
