@@ -2,8 +2,9 @@
 
 ``per_sample_gradients(model, x, y)[name][i]`` is the gradient of ``loss_fn(model(x_i), y_i)`` for sample i
 alone. Computed with opacus' grad-sampler hooks (one registered sampler per layer type; zoo's own layers register
-theirs beside them: :mod:`zoo.layers`, :mod:`zoo.eq_layers`, :mod:`zoo.sparse`), so it is exact, not an approximation, and it raises when any trainable parameter did not
-receive a per-sample gradient (that parameter would otherwise be updated without clipping: a privacy bug).
+theirs beside them: :mod:`zoo.layers`, :mod:`zoo.eq_layers`, :mod:`zoo.sparse`), so it is exact, not an
+approximation, and it raises when any trainable parameter did not receive a per-sample gradient (that parameter
+would otherwise be updated without clipping: a privacy bug).
 """
 from __future__ import annotations
 
@@ -75,9 +76,10 @@ def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: tor
                   loss_fn: LossFn | None, views: int):
     """Checks shared by the per-sample gradient computers: ``(loss_fn, samples B, result for an empty batch or
     None)``. The default loss is the model task's (:mod:`zoo.objectives`); then ``targets`` are checked like the
-    inputs (shape, channels, dtype, finite values, labels or masks in range: the objective's ``check``); with a custom ``loss_fn``
-    only the inputs' values are checked here (the model's forward checks their shape and dtype). ``views`` must be
-    a positive int dividing the batch. Errors are ``TypeError``/``ValueError`` saying what to change."""
+    inputs (shape, channels, dtype, finite values, labels or masks in range: the objective's ``check``); with a
+    custom ``loss_fn`` only the inputs' values are checked here (the model's forward checks their shape and dtype).
+    ``views`` must be a positive int dividing the batch. Errors are ``TypeError``/``ValueError`` saying what to
+    change."""
     if isinstance(views, bool) or not isinstance(views, int) or views < 1:
         raise ValueError(f"views must be a positive int (augmented views per sample), got {views!r}")
     if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):

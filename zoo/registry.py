@@ -1,7 +1,7 @@
 """Model registry: architecture families (Python classes) and registered models (cards).
 
-A *family* is a class registered with :func:`zoo.models.register_family`; a *model* is a card (``models/<name>.json``)
-naming a family and its arguments. ``create_model`` = family(**card args, **overrides).
+A *family* is a class registered with :func:`zoo.models.register_family`; a *model* is a card
+(``models/<name>.json``) naming a family and its arguments. ``create_model`` = family(**card args, **overrides).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class UnknownModelError(KeyError):
 
 
 class DuplicateModelError(ValueError):
-    """A model or family of that name is already registered."""
+    """A model of that name is already registered (a family: :class:`zoo.models.DuplicateFamilyError`)."""
 
 
 def check_family_args(family: type[nn.Module], kwargs: dict[str, Any], where: str) -> None:
