@@ -7,7 +7,7 @@ Method ("Privacy Auditing with One (1) Training Run", arXiv 2305.08846, white-bo
     fixed before membership is drawn (public, as the accountant assumes).
   * A canary's per-sample gradient is a Dirac vector: zero except ``magnitude * C`` (> C) at its own parameter
     coordinate (distinct, drawn at random); zoo's clipping leaves C there. They are inserted by wrapping the
-    ``PerSampleGradients`` handed to :class:`zoo.engine.DPStep`, the very step training calls, so zoo's own
+    ``PerSampleGradients`` handed to :class:`zoo.dp.step.DPStep`, the very step training calls, so zoo's own
     sampling, clipping, summation, noise, normalisation and update are what is audited
     (``tests/test_audit.py`` checks that without canaries the audit trains exactly what ``zoo.train`` trains); sigma (:func:`zoo.privacy.calibrate_sigma` for the run's q and steps) and the claimed epsilon
     (a :class:`zoo.privacy.Ledger`) are zoo's too. The real samples (a small public CIFAR-10 subset) train
@@ -46,11 +46,13 @@ from tqdm.auto import tqdm
 from _fixtures import register_fixture_models
 from _results import read_rows, record
 from zoo.data import get_dataset_info
-from zoo.engine import DPStep, _generator, _with_views, load_split
-from zoo.grad_sample import PerSampleGradients
+from zoo.data.tasks import task_of
+from zoo.dp.step import DPStep, step_generator
+from zoo.training.engine import _with_views, load_split
+from zoo.dp.grad_sample import PerSampleGradients
 from zoo.io import write_text
 from zoo.privacy import Ledger, calibrate_sigma
-from zoo.registry import build, get_card
+from zoo.catalog.registry import build, get_card
 
 
 # ----------------------------------------------------------------------------- the bound
@@ -155,10 +157,10 @@ def max_bound(m: int, ks, delta: float, confidence: float = 0.95) -> float:
 
 # ----------------------------------------------------------------------------- the canary run
 class DiracCanaryGradients:
-    """A :class:`zoo.grad_sample.PerSampleGradients` that adds the Dirac gradients of the canaries in
+    """A :class:`zoo.dp.grad_sample.PerSampleGradients` that adds the Dirac gradients of the canaries in
     ``pending`` to the next call's per-sample gradients (then clears ``pending``). Canary j's gradient is zero
     except ``value`` at flat coordinate ``coords[j]`` of the concatenated parameters. An empty input returns
-    no real samples (so a step whose batch holds only canaries still reaches :func:`zoo.engine.dp_gradients`)."""
+    no real samples (so a step whose batch holds only canaries still reaches :func:`zoo.dp.step.dp_gradients`)."""
 
     def __init__(self, psg: PerSampleGradients, coords: torch.Tensor, value: float):
         self.psg, self.params, self.model, self.value = psg, psg.params, psg.model, value
@@ -203,7 +205,7 @@ def canary_run(model: str = "test-wrn10-1", *, epsilon: float, canaries: int, st
     recipe = {**card["recipe"], "augmult": augmult, **({"lr": lr} if lr is not None else {}),
               **({"delta": delta} if delta is not None else {})}
     dev = torch.device(device)
-    member_gen = _generator(seed, 0, "audit/membership", torch.device("cpu"))
+    member_gen = step_generator(seed, 0, "audit/membership", torch.device("cpu"))
     members = torch.rand(canaries, generator=member_gen) < 0.5           # the secret S of the paper
     included = members.nonzero().flatten()
     info = get_dataset_info(recipe["dataset"])
@@ -222,7 +224,7 @@ def canary_run(model: str = "test-wrn10-1", *, epsilon: float, canaries: int, st
     total = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if canaries > total:
         raise ValueError(f"{canaries} canaries need as many distinct coordinates; {model} has {total}")
-    coords = torch.randperm(total, generator=_generator(seed, 0, "audit/coordinates", torch.device("cpu")))[:canaries]
+    coords = torch.randperm(total, generator=step_generator(seed, 0, "audit/coordinates", torch.device("cpu")))[:canaries]
     c, k = recipe["clip_norm"], recipe["augmult"]
     psg = DiracCanaryGradients(PerSampleGradients(net), coords, magnitude * c)
     opt = torch.optim.SGD(net.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
@@ -230,7 +232,7 @@ def canary_run(model: str = "test-wrn10-1", *, epsilon: float, canaries: int, st
     empty = (torch.zeros((0, *train.images.shape[1:]), device=dev), torch.zeros(0, dtype=torch.long, device=dev))
     # zoo's own DP-SGD step, the one training calls (sampling, clipping, noise, division, update)
     dp_step = DPStep(psg, opt, n=n, sample_rate=q, sigma=sigma, clip_norm=c, expected_batch=batch_size, views=k,
-                     seed=seed, device=dev)
+                     seed=seed, device=dev, score=task_of(net).score)
 
     def batches_for(idx: torch.Tensor, aug: torch.Generator):
         """The step's real samples as training batches them; its sampled canaries ride along in ``psg``."""

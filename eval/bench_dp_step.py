@@ -4,8 +4,8 @@ For each model, on a random batch (``--batch-size`` samples of ``in_chans x imag
 reports the median wall time over ``--repeats`` rounds (after one warm-up round; every variant runs once per
 round, interleaved, so that drift of the machine hits all alike) of:
   (a) a non-private step: forward, mean of the task's loss (cross-entropy; Dice + cross-entropy for
-      segmentation models, :mod:`zoo.tasks`), backward, SGD step;
-  (b) zoo's DP-SGD step, the one training calls (``zoo.engine.DPStep``; one physical batch holding every
+      segmentation models, :mod:`zoo.data.tasks`), backward, SGD step;
+  (b) zoo's DP-SGD step, the one training calls (``zoo.dp.step.DPStep``; one physical batch holding every
       sample, no augmentation multiplicity): per-sample gradients, clipping with C=1, noise with sigma=1,
       division by B, any data-free penalty gradient, SGD step;
   (c) the memory held by the per-sample gradients: sum over parameters of B * numel * element size (MiB),
@@ -19,7 +19,7 @@ Progress goes to stderr, the table to stdout. Reproduce (all models; several min
 Only the small models, with JSON output:  ... --models 'wrn16-*' 'scatternet-*' --json bench.json
 Segmentation models (per-pixel loss; the image size is rounded up to each model's size multiple):
     python eval/bench_dp_step.py --models 'unet*' 'eq-unet*' 'linknet*' 'deeplab*' --batch-size 16 --image-size 64
-With ``--align all|subset``, a DP-SGD step with gradient self-alignment (:mod:`zoo.alignment`: per-sample gradients
+With ``--align all|subset``, a DP-SGD step with gradient self-alignment (:mod:`zoo.dp.alignment`: per-sample gradients
 of the self-aligned loss, a per-sample Hessian-vector product through ``torch.func``; random public reference) is
 timed too, and its ratio to the plain DP step printed:  ... --models 'wrn16-1' 'eq-resnet9-c4' --align subset
 With ``--compare-vmap``, zoo's per-sample gradients alone are also timed against whole-model ``torch.func``
@@ -41,10 +41,10 @@ import torch
 
 import zoo
 from _timing import timer
-from zoo.alignment import AlignedPerSampleGradients, AlignSettings
-from zoo.engine import DPStep
-from zoo.grad_sample import PerSampleGradients
-from zoo.tasks import task_of
+from zoo.dp.alignment import AlignedPerSampleGradients, AlignSettings
+from zoo.dp.step import DPStep
+from zoo.dp.grad_sample import PerSampleGradients
+from zoo.data.tasks import task_of
 
 CLIP_NORM, SIGMA, LR = 1.0, 1.0, 0.1
 
@@ -70,11 +70,11 @@ def vmap_step(model, x, y, chunk: int):
 
 
 def dp_step_fn(psg, x, y, batch: int, device: torch.device):
-    """zoo's DP-SGD step (:class:`zoo.engine.DPStep`, what training calls), on the one physical batch ``(x, y)``
+    """zoo's DP-SGD step (:class:`zoo.dp.step.DPStep`, what training calls), on the one physical batch ``(x, y)``
     (views=1): every sample is in the batch (q = 1), so the sampling draw is timed too but changes nothing."""
     opt = torch.optim.SGD(dict(psg.params).values(), lr=LR)
     dp_step = DPStep(psg, opt, n=batch, sample_rate=1.0, sigma=SIGMA, clip_norm=CLIP_NORM, expected_batch=batch,
-                     views=1, seed=0, device=device)
+                     views=1, seed=0, device=device, score=task_of(psg.model).score)
     count = itertools.count()
     return lambda: dp_step(next(count), lambda idx, gen: [(x, y)])
 

@@ -22,7 +22,7 @@ import torch
 
 import zoo
 from _timing import timer
-from zoo.registry import get_card
+from zoo.catalog.registry import get_card
 
 
 def main() -> int:

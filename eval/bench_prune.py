@@ -3,7 +3,7 @@
 For each sparse model (default: every registered model with ``l0`` gates) the gates are set so that a fraction
 ``--closed`` of each block's channel gates is shut (the channels with the lowest random ``log_alpha``; in a
 trained network the penalty does this), then ``zoo.prune`` builds the smaller network. Both take a DP step
-(``zoo.engine.dp_gradients`` + SGD, one physical batch) on the same random batch, interleaved, ``--repeats``
+(``zoo.dp.step.dp_gradients`` + SGD, one physical batch) on the same random batch, interleaved, ``--repeats``
 rounds after a warm-up; medians are reported. Reproduce (2 CPU cores, about a minute):
     python eval/bench_prune.py --closed 0.5 --batch-size 64 --repeats 3
 """
@@ -17,10 +17,10 @@ import torch
 
 import zoo
 from _timing import timer
-from zoo.engine import dp_gradients
-from zoo.grad_sample import PerSampleGradients
-from zoo.registry import get_card
-from zoo.sparse import HardConcreteGate
+from zoo.dp.step import dp_gradients
+from zoo.dp.grad_sample import PerSampleGradients
+from zoo.catalog.registry import get_card
+from zoo.nn.sparse import HardConcreteGate
 
 
 def shut(model: torch.nn.Module, fraction: float, generator: torch.Generator) -> None:

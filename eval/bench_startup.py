@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 import zoo
-from zoo.registry import get_card
+from zoo.catalog.registry import get_card
 
 PROBE = """
 import json, sys, time, warnings

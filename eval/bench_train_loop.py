@@ -8,10 +8,10 @@ the same model on the same batches: forward, mean of the task's loss, backward, 
 at other physical batch sizes. With ``--before REV`` the DP loop is also timed on the code of git revision REV
 (checked out into a temporary worktree and run in a subprocess), so the table shows before/after in one run.
 Models with a fixed front end (the ScatterNets) run their seeded steps once untimed first, so that the loop is
-timed as the releases run it: with each image's scattering computed once (``zoo.layers.memoized_fixed_layers``).
+timed as the releases run it: with each image's scattering computed once (``zoo.nn.layers.memoized_fixed_layers``).
 With ``--procs``, the DP loop at the largest physical batch is also timed in fresh processes that each use one
 thread (``OMP_NUM_THREADS=1``): one process alone, and ``--procs`` processes that train the one model together
-under ``torchrun`` (:mod:`zoo.distributed`: the same batches, clipping and noise as one process, the physical
+under ``torchrun`` (:mod:`zoo.dp.distributed`: the same batches, clipping and noise as one process, the physical
 batches dealt round-robin). The last column compares that with the one process on every thread (torch's default),
 the way all earlier releases trained. Run it on an idle machine (it prints the load average at the start and the
 end). Reproduce:
@@ -39,7 +39,7 @@ CANDIDATES = [  # (model, dataset, batch size): the release candidates of issue 
     ("scatternet-linear", "cifar10", 1024),
 ]
 # models with a fixed front end (a ScatterNet's scattering): the training loop computes it once per image
-# (zoo.layers.memoized_fixed_layers), so a short benchmark first runs the same seeded steps once untimed, and then
+# (zoo.nn.layers.memoized_fixed_layers), so a short benchmark first runs the same seeded steps once untimed, and then
 # times the loop the releases spend their time in
 WARM = ("scatternet",)
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def dp_loop(model: str, dataset: str, batch: int, steps: int, physical: int, data_dir) -> float:
     """Samples x views per second of ``zoo.train``'s loop (seeded, so every variant sees the same batches)."""
     import zoo
-    from zoo.layers import MEMO_BYTES, memoized_fixed_layers
+    from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
 
     kw = dict(dataset=dataset, seed=0, steps=steps, batch_size=batch, physical_batch_size=physical, augmult=1,
               epsilon=8.0, delta=1e-5 if dataset == "cifar10" else 1e-4, data_dir=data_dir, test_subset=10,
@@ -66,9 +66,9 @@ def nonprivate_loop(model: str, dataset: str, batch: int, steps: int, data_dir) 
 
     import zoo
     from zoo.data import get_dataset_info
-    from zoo.engine import _generator, poisson_batch
-    from zoo.layers import MEMO_BYTES, memoized_fixed_layers
-    from zoo.tasks import task_of
+    from zoo.dp.step import poisson_batch, step_generator
+    from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
+    from zoo.data.tasks import task_of
 
     info = get_dataset_info(dataset)
     net = zoo.create_model(model, num_classes=info.num_classes, in_chans=info.in_chans)
@@ -79,7 +79,7 @@ def nonprivate_loop(model: str, dataset: str, batch: int, steps: int, data_dir) 
     def loop() -> float:
         seen, t0 = 0, time.perf_counter()
         for step in range(steps):
-            idx = poisson_batch(n, batch / n, _generator(0, step, "sample", torch.device("cpu")))
+            idx = poisson_batch(n, batch / n, step_generator(0, step, "sample", torch.device("cpu")))
             x, y = train.batch(idx)
             task.loss(net(x), y).mean().backward()
             opt.step()
@@ -101,7 +101,7 @@ def _before(rev: str, jobs: list[tuple], steps: int, data_dir) -> dict:
                        capture_output=True)
         try:
             code = ("import json, sys, time, zoo\n"
-                    "from zoo.layers import MEMO_BYTES, memoized_fixed_layers\n"
+                    "from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers\n"
                     "out = {}\n"
                     "for m, d, b, p in json.loads(sys.argv[1]):\n"
                     "    kw = dict(dataset=d, seed=0, steps=int(sys.argv[2]), batch_size=b,\n"
@@ -126,8 +126,7 @@ def _worker(job: str) -> int:
     """One process of the ``--procs`` timings: :func:`dp_loop` of the JSON job ``[model, dataset, batch, steps,
     physical, data_dir]``, inside the torchrun process group when there is one (both ``zoo.train`` calls of a
     warm-up share it); rank 0 prints the rate as JSON."""
-    from zoo import distributed
-
+    from zoo.dp import distributed
     model, dataset, batch, steps, physical, data_dir = json.loads(job)
     with distributed.process_group(None):
         rate = dp_loop(model, dataset, batch, steps, physical, data_dir)

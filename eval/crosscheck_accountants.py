@@ -32,12 +32,12 @@ import zoo
 from _results import append_row
 from zoo.io import write_text
 from zoo.privacy import RDP_ORDERS, calibrate_sigma, compute_epsilon
-from zoo.registry import get_card
+from zoo.catalog.registry import get_card
 
 ORDERS = list(RDP_ORDERS)
 WIDE = list(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)  # opacus' orders, 11, and 128, 256, 512, 1024
 # training-set sizes N of the card data sets: CIFAR-10 train, PneumoniaMNIST train, ISBI 2012 train split
-# (slices 0-19, zoo.seg_data); a card's q = batch_size / N, as in zoo.engine.train
+# (slices 0-19, zoo.data.segmentation); a card's q = batch_size / N, as in zoo.training.engine.train
 SMALL_EPS = 12.0  # the table splits dp-accounting's fractional-order gap at this RDP epsilon
 DATASET_SIZES = {"cifar10": 50_000, "pneumoniamnist": 4708, "isbi2012": 20}
 FIELDS = ["source", "q", "sigma", "steps", "delta", "zoo_rdp", "zoo_rdp_order", "opacus_rdp_stepped", "zoo_prv",

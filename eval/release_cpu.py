@@ -33,7 +33,7 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
              ``scatternet-cnn.dp_eps8`` (the default); the study's full-privacy seeds come after it (``python
              eval/study_cifar10.py --config release-long --stage full``), as each takes most of a session.
   scatternet-cnn-datanorm  the same for ScatterNet + CNN with Tramèr & Boneh's private data normalisation
-             (``zoo.data_norm``; its statistics' release is in the ledger), with or without the EMA, whichever
+             (``zoo.dp.data_norm``; its statistics' release is in the ledger), with or without the EMA, whichever
              simulated better, published as ``scatternet-cnn-datanorm.dp_eps8`` (its card's default).
   scatternet-cnn-datanorm-eps3  ``eval/study_cifar10.py --config release-long-eps3 --stage search`` (the
              statistics' sigma 8 or 16 at B=8192, S=360), then the better simulated variant at epsilon 3, secret
@@ -78,15 +78,15 @@ def published(full: str) -> bool:
 
 def published_recipe(full: str) -> dict:
     """The training recipe recorded in the sidecar of the published checkpoint ``full`` (``NAME.TAG``)."""
-    from zoo.checkpoint import paths
-    from zoo.registry import resolve_checkpoint
+    from zoo.catalog.checkpoint import paths
+    from zoo.catalog.registry import resolve_checkpoint
 
     return json.loads(paths(resolve_checkpoint(full)[0])[1].read_text())["train_state"]["recipe"]
 
 
 PROCS = 1
 """Processes per training run (``--procs``): above 1, each ``zoo train`` / ``zoo finetune`` runs under ``torchrun``
-as that many one-thread processes that train the one model together (:mod:`zoo.distributed`: the same batches,
+as that many one-thread processes that train the one model together (:mod:`zoo.dp.distributed`: the same batches,
 clipping, noise and ledger as one process). Measured on the idle 2-core CPU (``eval/results/bench-train-loop``):
 no gain for ScatterNet + CNN (1.00x), a loss for the WRNs and eq-resnet9-c4, so the releases keep 1."""
 

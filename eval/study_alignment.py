@@ -1,7 +1,7 @@
-"""Study: gradient self-alignment (zoo.alignment) against plain DP-SGD at equal epsilon, on CIFAR-10 and PneumoniaMNIST.
+"""Study: gradient self-alignment (zoo.dp.alignment) against plain DP-SGD at equal epsilon, on CIFAR-10 and PneumoniaMNIST.
 
 Grid: data set x alignment (``off``: plain DP-SGD; ``all``: every coordinate; ``subset``: the ``align_fraction`` of
-coordinates with the largest public reference, see zoo.alignment; each at the configuration's weights lambda) x
+coordinates with the largest public reference, see zoo.dp.alignment; each at the configuration's weights lambda) x
 epsilon x seed. Within a (data set, epsilon,
 seed) cell every variant uses the same recipe, sampling rate, step count and therefore the same sigma: alignment
 changes what each sample contributes, never the privacy cost (the ledgers are equal; the CSV shows it).
@@ -28,7 +28,7 @@ from pathlib import Path
 import zoo
 from _results import (LABELS, METRICS, classification_fields, classification_summary, close, record, report,
                       study_dirs, study_parser)
-from zoo.alignment import ALIGN_MODES, DEFAULT_FRACTION, DEFAULT_WEIGHT
+from zoo.dp.alignment import ALIGN_MODES, DEFAULT_FRACTION, DEFAULT_WEIGHT
 
 COMMON = {"clip_norm": 1.0, "lr": 2.0, "momentum": 0.0, "ema_decay": 0.99, "accountant": "rdp",
           "align_weight": DEFAULT_WEIGHT, "align_fraction": DEFAULT_FRACTION}
@@ -107,7 +107,7 @@ def table(rows: list[dict], config: str) -> str:
     lines = [f"### Gradient self-alignment: `{config}` configuration", "",
              f"Test metrics (mean ± std over seeds) at equal ε, from `eval/study_alignment.py --config {config}` "
              "(settings in its docstring): `off` is plain DP-SGD, `all` aligns every coordinate, `subset` the "
-             "coordinates with the largest public reference (`zoo.alignment`). σ is the same within a row.", "",
+             "coordinates with the largest public reference (`zoo.dp.alignment`). σ is the same within a row.", "",
              "| data set | model | ε | σ | alignment | λ | f | accuracy | balanced accuracy | ROC-AUC | time (s) |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for dataset, eps in sorted({(r["dataset"], float(r["epsilon"])) for r in rows}):

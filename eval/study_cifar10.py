@@ -3,7 +3,7 @@ the same procedure for the ScatterNet models of PneumoniaMNIST (config ``pneumon
 
 For each candidate full recipe ``(model, B, S)`` at a target epsilon (CIFAR-10: 8, delta 1e-5, RDP, N = 50,000),
 sigma is calibrated by the accountant, and the recipe is *simulated* at a smaller batch ``b``: the same steps ``S`` and the same ``sigma /
-B`` (``zoo.tan.scale_down``), so it costs ``b / B`` of the full run. TAN show that test accuracy follows ``sigma /
+B`` (``zoo.dp.tan.scale_down``), so it costs ``b / B`` of the full run. TAN show that test accuracy follows ``sigma /
 B`` at fixed ``S`` while the simulated sigma stays above about 0.5, so the ranking of the simulated runs predicts
 the full runs'; ``b`` is the smallest that keeps it there. A simulated run is **not private at epsilon 8**: it
 spends the far larger epsilon recorded in its row (column ``epsilon_spent``) and is only used to choose learning
@@ -58,11 +58,11 @@ from pathlib import Path
 
 import zoo
 from _results import LABELS, METRICS, close, mean_std, record, report, study_dirs, study_parser
-from zoo.data_norm import releases, statistics_history
-from zoo.layers import MEMO_BYTES, memoized_fixed_layers
+from zoo.dp.data_norm import releases, statistics_history
+from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
 from zoo.privacy import calibrate_sigma, compute_epsilon
-from zoo.registry import get_card
-from zoo.tan import scale_down
+from zoo.catalog.registry import get_card
+from zoo.dp.tan import scale_down
 
 _SCATTER = {"physical_batch_size": 256, "clip_norm": 0.1, "momentum": 0.9, "augmult": 1, "ema_decay": 0.0}
 CONFIGS = {
@@ -145,7 +145,7 @@ def fields(cfg: dict) -> list[str]:
 
 def released_before(model: str, spec: dict) -> list:
     """What a run of the entry releases before DP-SGD, in the accountant's format: the private normalisation
-    statistics of each ``DataStandardize`` layer of the model (``zoo.data_norm``) at the recipe's norm_sigma."""
+    statistics of each ``DataStandardize`` layer of the model (``zoo.dp.data_norm``) at the recipe's norm_sigma."""
     name = spec.get("model", model)
     sigma = {**get_card(name)["recipe"], **spec["fixed"]}.get("norm_sigma")
     count = releases(zoo.create_model(name))
@@ -309,7 +309,7 @@ def main() -> int:
                        + f", epsilon {row['epsilon_spent']}, {row['samples_per_s']} samples/s, "
                          f"{row['train_time_s']} s")
 
-    with memoized_fixed_layers(MEMO_BYTES):  # the ScatterNet runs share one scattering of each image (zoo.layers)
+    with memoized_fixed_layers(MEMO_BYTES):  # the ScatterNet runs share one scattering of each image (zoo.nn.layers)
         if args.stage in ("search", "both"):
             for eps in epsilons:
                 for model in models:

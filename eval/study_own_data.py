@@ -5,7 +5,7 @@ stands in here as a stratified random subset of PneumoniaMNIST's training split 
 the size of MedMNIST's BreastMNIST; about 26 % normal, 74 % pneumonia), written as a MedMNIST-style ``.npz`` with
 the full 624-image test split. The study trains on it through a path, as a user would (``zoo.train(model,
 dataset=PATH, epsilon=E)``, nothing else given): delta, batch size, steps and K are chosen for N and epsilon by
-:mod:`zoo.auto_recipe`. The cards' own recipes do not even apply here: they sample batches of 2,048 and 1,024
+:mod:`zoo.training.auto_recipe`. The cards' own recipes do not even apply here: they sample batches of 2,048 and 1,024
 from the 4,708 training X-rays, more than the 546 images there are.
 
 Every row records the majority-class baseline and whether the run was flagged as degenerate (constant predictions,
@@ -55,7 +55,7 @@ def table(rows: list[dict], config: str) -> str:
     lines = ["### Your own small data set, by path, with the recipe zoo chooses", "",
              f"From `eval/study_own_data.py` (settings in its docstring): {n} training images of PneumoniaMNIST "
              "(stratified, about 26 % normal) given as a `.npz` path with only ε set; δ, B, S and K chosen by "
-             "`zoo.auto_recipe`; the full 624-image test split (majority-class baseline: accuracy 0.625, balanced "
+             "`zoo.training.auto_recipe`; the full 624-image test split (majority-class baseline: accuracy 0.625, balanced "
              "accuracy 0.5, ROC-AUC 0.5). Cells: mean ± std over the seeds (public: measurements); \"degenerate\" "
              "counts the runs flagged for constant predictions or a balanced accuracy no better than chance.", "",
              "| model | ε | δ | B | S | σ | seeds | " + " | ".join(f"test {m.replace('_', ' ')}" for m in METRICS)

@@ -36,7 +36,7 @@ import torch
 import zoo
 from _results import close, record, study_dirs, study_parser
 from zoo.data import get_dataset_info
-from zoo.engine import load_split
+from zoo.training.engine import load_split
 from zoo.io import write_text
 
 EPSILONS = [math.inf, 8.0, 3.0, 1.0]

@@ -26,7 +26,7 @@ import zoo
 from _fixtures import register_fixture_models
 from _results import append_row, read_rows
 from zoo.privacy import tan
-from zoo.sparse import HardConcreteGate
+from zoo.nn.sparse import HardConcreteGate
 
 CONFIGS = {
     "cpu": {"model": "test-wrn10-1-l0", "l0_weights": [0.0, 0.2, 0.3, 0.4], "epsilons": [2.0, 8.0],

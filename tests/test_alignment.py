@@ -1,4 +1,4 @@
-"""Gradient self-alignment (zoo.alignment): the privacy claim (each contribution reads only its sample and public
+"""Gradient self-alignment (zoo.dp.alignment): the privacy claim (each contribution reads only its sample and public
 values, so removing one sample moves the clipped sum by at most C), exactness, the variants and the engine's use of
 the public reference."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.alignment import (REFERENCE_DECAY, AlignedPerSampleGradients, AlignSettings, subset_masks)
-from zoo.engine import clip_per_sample
-from zoo.grad_sample import PerSampleGradients
-from zoo.tasks import task_of
+from zoo.dp.alignment import (REFERENCE_DECAY, AlignedPerSampleGradients, AlignSettings, subset_masks)
+from zoo.dp.step import clip_per_sample
+from zoo.dp.grad_sample import PerSampleGradients
+from zoo.data.tasks import task_of
 
 from test_models import MODELS, _input, _targets
 from test_train import QUIET, _interrupted_run_resumes_exactly

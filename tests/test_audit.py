@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 from audit_privacy import (DiracCanaryGradients, audit, canary_run, epsilon_lower_bound,  # noqa: E402
                            guesses, max_bound, p_value)
 import zoo  # noqa: E402
-from zoo.engine import clip_per_sample  # noqa: E402
-from zoo.grad_sample import PerSampleGradients  # noqa: E402
-from zoo.registry import build, get_card  # noqa: E402
+from zoo.dp.step import clip_per_sample  # noqa: E402
+from zoo.dp.grad_sample import PerSampleGradients  # noqa: E402
+from zoo.catalog.registry import build, get_card  # noqa: E402
 
 
 def test_all_correct_guesses_give_a_bound_that_grows_with_r_and_random_guessing_gives_none():
@@ -128,7 +128,7 @@ def test_audit_of_zoo_dp_sgd_stays_below_the_claim_and_rises_far_above_it_withou
 
 
 def test_without_canaries_the_audit_trains_exactly_what_zoo_train_trains(data_dir):
-    """The audit runs zoo's own DP step (zoo.engine.DPStep), not a copy: without canaries, its run of test-wrn10-1
+    """The audit runs zoo's own DP step (zoo.dp.step.DPStep), not a copy: without canaries, its run of test-wrn10-1
     and ``zoo.train``'s run with the same seed and recipe (sampling, views, clipping, noise, division, update) end
     in bit-identical weights. A change to the step that training uses and the audit does not is caught here."""
     kw = dict(epsilon=4.0, steps=3, batch_size=8, train_subset=32, seed=0)

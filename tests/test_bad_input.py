@@ -46,7 +46,7 @@ data sets                  data root unset / missing folder / files    DataNotFo
                                                                        test_seg_data::test_tampered_*
                            unknown split                               ValueError: test_data, test_seg_data
 data by path               missing path, mixed sizes, unreadable or    DataNotFoundError / BadDataError naming the
-(zoo.path_data)            16-bit image, float/NaN arrays, labels      file or index and the fix: test_path_data
+(zoo.data.folder)            16-bit image, float/NaN arrays, labels      file or index and the fix: test_path_data
                            outside the classes, empty class, too few   ::test_bad_data_gets_an_error_*,
                            images, the same image in two splits,       test_segmentation_bad_data; changed content
                            unmatched or missized masks; changed data   refused (eval, resume, composing):
@@ -86,11 +86,11 @@ import torch.nn.functional as F
 
 import zoo
 import zoo.data as zd
-from zoo.cards import CardError, load_card, validate_card
-from zoo.checkpoint import save_checkpoint
-from zoo.grad_sample import NonFiniteGradientError, PerSampleGradients
-from zoo.registry import UnknownModelError, get_card, load_checkpoint, register_model
-from zoo.tasks import task_of
+from zoo.catalog.cards import CardError, load_card, validate_card
+from zoo.catalog.checkpoint import save_checkpoint
+from zoo.dp.grad_sample import NonFiniteGradientError, PerSampleGradients
+from zoo.catalog.registry import UnknownModelError, get_card, load_checkpoint, register_model
+from zoo.data.tasks import task_of
 
 
 def _one_card_per_family() -> list[str]:
@@ -291,7 +291,7 @@ class _OverflowInfo(zd.DatasetInfo):
 
 
 def test_dp_step_on_overflowing_data_stops_before_the_update(tmp_path):
-    from zoo.engine import dp_gradients
+    from zoo.dp.step import dp_gradients
 
     model = zoo.create_model("test-wrn10-1", num_classes=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -322,7 +322,7 @@ def test_dp_step_on_overflowing_data_stops_before_the_update(tmp_path):
 def test_aligned_gradients_on_overflowing_data_are_refused_too():
     """Gradient self-alignment computes its per-sample gradients with torch.func (no input check inside): the
     same non-finite gradient check runs on its result."""
-    from zoo.alignment import AlignedPerSampleGradients, AlignSettings
+    from zoo.dp.alignment import AlignedPerSampleGradients, AlignSettings
 
     model = zoo.create_model("test-wrn10-1", num_classes=2)
     psg = AlignedPerSampleGradients(model, AlignSettings(mode="all"))

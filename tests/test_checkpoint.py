@@ -6,8 +6,8 @@ import json
 import pytest
 
 import zoo
-from zoo.checkpoint import CheckpointIntegrityError, read_checkpoint, save_checkpoint
-from zoo.registry import get_card, load_checkpoint
+from zoo.catalog.checkpoint import CheckpointIntegrityError, read_checkpoint, save_checkpoint
+from zoo.catalog.registry import get_card, load_checkpoint
 
 NAME = "test-wrn10-1"
 
@@ -65,7 +65,7 @@ def test_missing_files_named(saved):
 def test_failed_write_keeps_the_old_checkpoint(saved, monkeypatch):
     path, model, args, card = saved
     before = path.read_bytes()
-    import zoo.checkpoint as ck
+    import zoo.catalog.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -99,7 +99,7 @@ def test_tampered_checkpoint_is_refused(data_dir, tmp_path):
 
 
 def test_train_on_another_dataset_with_model_args(data_dir, tmp_path):
-    from zoo.registry import load_checkpoint
+    from zoo.catalog.registry import load_checkpoint
 
     zoo_cli("train", "test-wrn10-1-l0", "--dataset", "pneumoniamnist", "--model-arg", "l0_weight=0.2",
             "--steps", "2", "--batch-size", "64", "--physical-batch-size", "64", "--augmult", "1",
@@ -128,7 +128,7 @@ def test_finetune_a_cifar10_checkpoint_on_pneumonia_with_alignment_then_eval(dat
     """`zoo finetune` of an RGB CIFAR-10 checkpoint on grayscale PneumoniaMNIST: the head is reset to 2 classes, the
     X-rays are repeated to the 3 input channels (in training and in `zoo eval`), a fresh ledger starts with the
     CIFAR-10 one as its parent, and `--align subset` is taken from the command line."""
-    from zoo.registry import load_checkpoint
+    from zoo.catalog.registry import load_checkpoint
 
     zoo_cli("train", "test-wrn10-1", "--data-dir", str(data_dir), "--out", str(tmp_path / "cifar"), "--seed", "0",
             "--steps", "1", "--test-subset", "50", "--no-progress")
@@ -163,7 +163,7 @@ def test_card_plots_are_deterministic_and_the_card_links_them():
 
 def test_card_sparsity_counts_the_open_gates_of_an_l0_checkpoint():
     from zoo.render import _sparsity
-    from zoo.sparse import expected_l0, gate_modules
+    from zoo.nn.sparse import expected_l0, gate_modules
 
     info = zoo.model_info("test-wrn10-1-l0")
     model = zoo.create_model("test-wrn10-1-l0")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.checkpoint import read_checkpoint
+from zoo.catalog.checkpoint import read_checkpoint
 
 STEPS = 8
 RUN = dict(train_subset=128, batch_size=32, physical_batch_size=16, augmult=2, steps=STEPS, epsilon=3.0, delta=1e-3)
@@ -99,7 +99,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(data_d
 def test_resume_refuses_a_checkpoint_whose_ledger_and_step_disagree(data_dir, tmp_path):
     """A verified checkpoint whose ledger counts another number of steps than its training state (a step counted
     twice or lost) is refused on resume, not silently continued."""
-    from zoo.checkpoint import CheckpointIntegrityError, load_training_state, save_checkpoint
+    from zoo.catalog.checkpoint import CheckpointIntegrityError, load_training_state, save_checkpoint
 
     kw = dict(data_dir=data_dir, seed=0, test_subset=50, progress=False, **{**RUN, "steps": 2})
     zoo.train("test-wrn10-1", out_dir=tmp_path, checkpoint_every=1, **kw)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import zoo.data as zd
-from zoo.objectives import check_batch
+from zoo.data import images
+from zoo.io import cache_root
+from zoo.dp.objectives import check_batch
 
 DATA = os.environ.get("ZOO_DATA")
 needs_data = pytest.mark.skipif(not DATA, reason="ZOO_DATA is not set")
@@ -45,9 +47,9 @@ def test_data_root(monkeypatch, tmp_path):
 
 
 def test_cache_root(monkeypatch, tmp_path):
-    assert zd.cache_root() == Path(os.environ["ZOO_CACHE"])
+    assert cache_root() == Path(os.environ["ZOO_CACHE"])
     monkeypatch.delenv("ZOO_CACHE")
-    assert zd.cache_root() == Path.home() / ".cache" / "zoo"
+    assert cache_root() == Path.home() / ".cache" / "zoo"
 
 
 def test_registry():
@@ -84,7 +86,7 @@ def test_cifar10_second_load_cached(cifar, cache_dir):
     print(f"first load {first:.2f}s, cached load {second:.3f}s")  # reported, not asserted (no timed tests)
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
     (extracted,) = [p for p in (cache_dir / "data" / "cifar10").iterdir() if p.is_dir()]
-    assert extracted.name == zd._CIFAR_SHA256_REPACK[:16]
+    assert extracted.name == images._CIFAR_SHA256_REPACK[:16]
     assert (extracted / "cifar-10-batches-py" / "data_batch_1").is_file()
     assert sorted(p.name for p in extracted.glob("*.npy")) == [
         "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
@@ -103,7 +105,7 @@ def test_corrupt_archive_refused(tmp_path):
     with pytest.raises(zd.DataIntegrityError) as e:
         zd.get_dataset_info("cifar10").load("test", data_dir=tmp_path)
     msg = str(e.value)
-    assert str(bad) in msg and zd._CIFAR_SHA256_REPACK in msg and zd._CIFAR_MD5_OFFICIAL in msg
+    assert str(bad) in msg and images._CIFAR_SHA256_REPACK in msg and images._CIFAR_MD5_OFFICIAL in msg
     assert isinstance(e.value, ValueError)
 
 

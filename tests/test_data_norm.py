@@ -1,4 +1,4 @@
-"""Private data normalisation (zoo.data_norm, zoo.layers.DataStandardize): the layer's contract, the mechanism's
+"""Private data normalisation (zoo.dp.data_norm, zoo.nn.layers.DataStandardize): the layer's contract, the mechanism's
 sensitivity and noise scale (the privacy claim), and its place in the ledger of a real run."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.data_norm import fit_private_statistics, needs_fitting, releases, statistics_history
-from zoo.layers import DataStandardize
+from zoo.dp.data_norm import fit_private_statistics, needs_fitting, releases, statistics_history
+from zoo.nn.layers import DataStandardize
 from zoo.privacy import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
-from zoo.registry import get_card, load_checkpoint
+from zoo.catalog.registry import get_card, load_checkpoint
 
 QUIET = dict(progress=False)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.eq_layers import FieldGroupNorm, FieldNorm, field_norm_layer
-from zoo.registry import get_card
+from zoo.nn.equivariant import FieldGroupNorm, FieldNorm, field_norm_layer
+from zoo.catalog.registry import get_card
 
 EQ_MODELS = [n for n in zoo.list_models() if get_card(n)["family"].startswith("eq-")]
 EQ_CLASSIFIERS = [n for n in EQ_MODELS if zoo.model_info(n)["task"] == "classification"]
@@ -99,7 +99,7 @@ def test_plain_groupnorm_affine_would_break_equivariance_but_field_norms_do_not(
 
 @pytest.mark.parametrize("name", EQ_MODELS)
 def test_export_gives_plain_layers_and_the_same_outputs(name):
-    from zoo.eq_layers import R2Conv
+    from zoo.nn.equivariant import R2Conv
 
     model = zoo.create_model(name).eval()
     with torch.no_grad():  # a trained-looking affine, so the export of the field-tied parameters is tested
@@ -143,7 +143,7 @@ def test_coefficient_projection_matches_vjp_of_the_basis_expansion(types):
     the adjoint of escnn's basis expansion applied to each sample's filter gradient."""
     from escnn import nn as enn
 
-    from zoo.eq_layers import R2Conv, gspace, regular_type, trivial_type
+    from zoo.nn.equivariant import R2Conv, gspace, regular_type, trivial_type
 
     gs = gspace("d4")
     mixed = enn.FieldType(gs, [gs.regular_repr] * 2 + [gs.trivial_repr] * 3)
@@ -202,7 +202,7 @@ def test_escnn_disk_cache_follows_zoo_cache(tmp_path, monkeypatch):
     moved under ZOO_CACHE, and what escnn computes for a new group lands there."""
     import escnn.group._clebsh_gordan as cg
 
-    from zoo.eq_layers import relocate_escnn_cache
+    from zoo.nn.equivariant import relocate_escnn_cache
 
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
     try:

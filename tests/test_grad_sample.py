@@ -1,4 +1,4 @@
-"""How zoo.grad_sample.PerSampleGradients gets opacus' per-sample gradients: the same values as opacus' own
+"""How zoo.dp.grad_sample.PerSampleGradients gets opacus' per-sample gradients: the same values as opacus' own
 GradSampleModule (bit for bit, over the registry), no gradient of the data or of a fixed front end, and opacus'
 accumulation where a layer is used twice."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 import zoo
-from zoo.grad_sample import PerSampleGradients, per_sample_cross_entropy
-from zoo.tasks import task_of
+from zoo.dp.grad_sample import PerSampleGradients, per_sample_cross_entropy
+from zoo.data.tasks import task_of
 
 MODELS = zoo.list_models()
 

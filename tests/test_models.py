@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import zoo
-from zoo.checkpoint import save_checkpoint
-from zoo.registry import get_card, load_checkpoint
-from zoo.tasks import task_of
-from zoo.validate import find_problems
+from zoo.catalog.checkpoint import save_checkpoint
+from zoo.catalog.registry import get_card, load_checkpoint
+from zoo.data.tasks import task_of
+from zoo.dp.validate import find_problems
 
 MODELS = zoo.list_models()
 
@@ -112,7 +112,7 @@ def test_model_info(name):
     model = zoo.create_model(name)
     assert info["num_params"] == sum(p.numel() for p in model.parameters())
     assert info["checkpoint_status"] in ("none", "available") or info["checkpoint_status"].startswith(
-        "only non-private checkpoints")  # a public backbone is not a default (zoo.registry.checkpoint_entry)
+        "only non-private checkpoints")  # a public backbone is not a default (zoo.catalog.registry.checkpoint_entry)
     assert info["recipe"]["delta"] < 1 / 1000
 
 

@@ -1,4 +1,4 @@
-"""Your own data by path (zoo.path_data): the two forms, what a run records, and every refusal of bad input.
+"""Your own data by path (zoo.data.folder): the two forms, what a run records, and every refusal of bad input.
 
 The data are small synthetic images written to tmp_path (no data root needed): learnable (the class sets the
 brightness), so a short private run beats chance and the checks of a fresh process compare real metrics.
@@ -17,7 +17,7 @@ from PIL import Image
 
 import zoo
 from zoo.data import DataIntegrityError, DataNotFoundError, UnknownDatasetError, get_dataset_info
-from zoo.path_data import BadDataError, from_arrays, from_path
+from zoo.data.folder import BadDataError, from_arrays, from_path
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -122,10 +122,10 @@ def test_image_folder_trains_from_the_cli(tmp_path):
     assert f"on {root.resolve()}: test accuracy" in p.stdout and "imagefolder" in p.stdout
 
 
-def test_from_arrays_registers_in_process(tmp_path, monkeypatch):
-    from zoo import data
-
-    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))  # registered for this test only
+def test_from_arrays_registers_in_process(tmp_path, request):
+    from zoo.data.base import _REGISTRY
+    saved = dict(_REGISTRY)
+    request.addfinalizer(lambda: (_REGISTRY.clear(), _REGISTRY.update(saved)))  # registered for this test only
     x, y = _images(40, 0)
     ds = from_arrays("my-arrays", x, y, *_images(20, 1), classes=("dark", "bright"))
     assert get_dataset_info("my-arrays") is ds and ds.manifest["form"] == "arrays"
@@ -222,7 +222,7 @@ def test_dataset_help_names_the_registered_sets_and_the_path_forms():
     from zoo.runspec import REGISTERED_HELP
     from zoo.data import list_datasets
 
-    from zoo.path_data import PathDataset
+    from zoo.data.folder import PathDataset
 
     shipped = [n for n in list_datasets() if type(get_dataset_info(n)).__module__.startswith("zoo.")
                and not isinstance(get_dataset_info(n), PathDataset)]  # not those that tests register
@@ -233,13 +233,13 @@ def test_dataset_help_names_the_registered_sets_and_the_path_forms():
 
 @pytest.mark.parametrize("n,delta", [(50_000, 1e-5), (4_708, 1e-4), (1_000, 1e-4), (546, 1e-3), (300, 1e-3)])
 def test_auto_recipe_delta_is_the_power_of_ten_below_one_over_n(n, delta):
-    from zoo.auto_recipe import delta_for
+    from zoo.training.auto_recipe import delta_for
 
     assert delta_for(n) == pytest.approx(delta) and delta_for(n) < 1 / n
 
 
 def test_auto_recipe_splits_the_budget_by_tan_and_keeps_what_is_given():
-    from zoo.auto_recipe import MIN_STEPS, SAMPLE_RATE, choose
+    from zoo.training.auto_recipe import MIN_STEPS, SAMPLE_RATE, choose
 
     values, record = choose(4_708, 3.0, {})
     assert values["delta"] == 1e-4 and values["augmult"] == 1 and values["steps"] >= MIN_STEPS
@@ -333,7 +333,6 @@ def test_segmentation_bad_data(tmp_path, case, pattern):
 ], ids=["numpy-floats-accepted", "mean-per-channel", "zero-std", "one-class", "size-channels"])
 def test_registering_a_dataset_class_checks_its_attributes(attrs, error, pattern):
     from zoo import data
-
     base = {"num_classes": 2, "in_chans": 1, "image_size": (1, 28, 28), "mean": (0.5,), "std": (0.25,)}
     cls = type("Mine", (data.DatasetInfo,), {**base, **attrs})
     if error is None:

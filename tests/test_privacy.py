@@ -10,8 +10,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 import zoo
-from zoo.engine import _generator, add_noise, clip_per_sample, poisson_batch
-from zoo.grad_sample import PerSampleGradients
+from zoo.dp.step import add_noise, clip_per_sample, poisson_batch, step_generator
+from zoo.dp.grad_sample import PerSampleGradients
 from zoo.privacy import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
 
 
@@ -100,7 +100,7 @@ def test_empty_poisson_batch():
     assert all(s.abs().sum() == 0 and s.shape == p.shape for s, p in zip(summed.values(), model.parameters()))
     psg.close()
     # with q = 1/200 and N = 200, some steps draw no sample at all
-    sizes = [len(poisson_batch(200, 1 / 200, _generator(0, s, "sample", torch.device("cpu")))) for s in range(20)]
+    sizes = [len(poisson_batch(200, 1 / 200, step_generator(0, s, "sample", torch.device("cpu")))) for s in range(20)]
     assert 0 in sizes and max(sizes) > 0
 
 
@@ -138,7 +138,7 @@ def test_bad_inputs_get_clear_errors():
 
 def test_a_per_sample_norm_that_overflows_stops_the_step_instead_of_dropping_the_sample():
     """Finite entries (1e19) whose float32 norm is inf would get a clip factor of 0: refused, not silently dropped."""
-    from zoo.grad_sample import NonFiniteGradientError
+    from zoo.dp.grad_sample import NonFiniteGradientError
 
     with pytest.raises(NonFiniteGradientError, match="overflow"):
         clip_per_sample({"w": torch.full((2, 4), 1e19), "b": torch.ones(2, 3)}, 1.0)

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.checkpoint import CheckpointIntegrityError, save_checkpoint
+from zoo.catalog.checkpoint import CheckpointIntegrityError, save_checkpoint
 from zoo.cli import main
 from zoo.data import get_dataset_info, prepare_input
 from zoo.publish import PublishError, publish
-from zoo.registry import UnknownTagError, load_checkpoint, load_published
+from zoo.catalog.registry import UnknownTagError, load_checkpoint, load_published
 from zoo.reproduce import reproduce_checkpoint
 
 NAME = "test-user-wrn10-1"
@@ -25,8 +25,7 @@ NAME = "test-user-wrn10-1"
 @pytest.fixture
 def register(monkeypatch):
     """``register(folder)``: load a cards folder with the registry's own loader, for this test only."""
-    from zoo import registry
-
+    from zoo.catalog import registry
     monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
     monkeypatch.setattr(registry, "_ROOTS", dict(registry._ROOTS))
     return registry.load_cards
@@ -54,8 +53,7 @@ def user_card(tmp_path, register):
 def _publish(secret_run, user_card, data_dir, register, tag="dp_test", **kw):
     out = publish(secret_run, NAME, tag, data_dir=data_dir, cards_dir=user_card,
                   weights_dir=user_card.parent / "weights", **kw)
-    from zoo import registry
-
+    from zoo.catalog import registry
     registry._MODELS.pop(NAME)
     register(user_card)  # the card as written
     return out
@@ -113,8 +111,7 @@ def test_a_sidecar_without_preparation_or_ledger_is_refused(missing, secret_run,
 
     card["checkpoints"] = [{"tag": "bare", "file": f"weights/{st.name}", "sha256": sha256_file(st)}]
     (user_card / f"{NAME}.json").write_text(json.dumps(card, indent=2) + "\n")
-    from zoo import registry
-
+    from zoo.catalog import registry
     registry._MODELS.pop(NAME)
     register(user_card)
     with pytest.raises(CheckpointIntegrityError, match=f"not a publishable checkpoint: its sidecar has no {missing}"):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import zoo
-from zoo.cards import CARDS_DIR, CardError, validate_card
-from zoo.registry import DuplicateModelError, UnknownModelError, builtin_models, get_card
+from zoo.catalog.cards import CARDS_DIR, CardError, validate_card
+from zoo.catalog.registry import DuplicateModelError, UnknownModelError, builtin_models, get_card
 from zoo.render import MODEL_CARD_PATH, render_model_card
 
 
@@ -82,7 +82,7 @@ def test_card_schema_rejects_unknown_and_missing():
 
 
 def test_card_on_disk_is_schema_checked(tmp_path):
-    from zoo.cards import load_card
+    from zoo.catalog.cards import load_card
 
     card = json.loads((CARDS_DIR / "wrn16-4.json").read_text())
     card["colour"] = "blue"
@@ -123,8 +123,7 @@ def test_family_modules_name_each_family_of_zoo_models():
 def test_cards_from_disk_are_checked_on_first_use(tmp_path, monkeypatch):
     """load_cards defers the checks that need the family's module and the data stack: a user card whose args its
     family does not take, or whose data set is unknown, is listed, and refused with a CardError naming it when used."""
-    from zoo import registry
-
+    from zoo.catalog import registry
     for name, edit, pattern in (("test-late-args", {"args": {"depth": 10, "colour": 1}}, r"takes no argument"),
                                 ("test-late-data", {"recipe": {**get_card("test-wrn10-1")["recipe"],
                                                                "dataset": "no-such-data"}}, "a registered data set")):

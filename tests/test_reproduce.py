@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from zoo.io import sha256_file
-from zoo.registry import get_card
+from zoo.catalog.registry import get_card
 from zoo.reproduce import (EVAL_TOLERANCE, ReproduceError, checkpoint_results, parse_command,
                              reproduce_by_retraining, reproduce_checkpoint)
 
@@ -62,8 +62,7 @@ def published(data_dir, tmp_path_factory):
 @pytest.fixture
 def register(monkeypatch):
     """``register(folder)``: load a cards folder with the registry's own loader, for this test only."""
-    from zoo import registry
-
+    from zoo.catalog import registry
     monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
     monkeypatch.setattr(registry, "_ROOTS", dict(registry._ROOTS))
     return registry.load_cards
@@ -115,8 +114,8 @@ def test_tolerance_is_a_parameter(published, data_dir, tmp_path, register):
 
 
 def test_tampered_or_replaced_checkpoint_is_refused(published, data_dir, tmp_path, register):
-    from zoo.checkpoint import CheckpointIntegrityError, save_checkpoint
-    from zoo.registry import load_checkpoint
+    from zoo.catalog.checkpoint import CheckpointIntegrityError, save_checkpoint
+    from zoo.catalog.registry import load_checkpoint
 
     root, _ = published
     shutil.copytree(root / "run", tmp_path / "run")

@@ -8,7 +8,7 @@ import pytest
 
 import zoo
 from zoo.cli import main
-from zoo.engine import RunFolderError
+from zoo.training.engine import RunFolderError
 
 COMMON = ["--test-subset", "50", "--no-progress"]
 

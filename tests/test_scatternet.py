@@ -1,4 +1,4 @@
-"""The scattering front end (zoo.layers.Scattering2D) against kymatio, its memo, and ScatterNet training."""
+"""The scattering front end (zoo.nn.layers.Scattering2D) against kymatio, its memo, and ScatterNet training."""
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import zoo
-import zoo.engine
-from zoo.layers import _MEMO as layers_memo
-from zoo.layers import Scattering2D, memoized_fixed_layers
+import zoo.training.engine
+from zoo.nn.layers import _MEMO as layers_memo
+from zoo.nn.layers import Scattering2D, memoized_fixed_layers
 
 from kymatio.scattering2d.frontend import torch_frontend as kymatio_frontend  # noqa: E402  (a dependency)
 
@@ -85,7 +85,7 @@ def test_scatternet_training_is_the_same_with_and_without_the_memo(data_dir, tmp
     monkeypatch.setattr(Scattering2D, "transform", lambda self, x: calls.append(len(x)) or transform(self, x))
     a = zoo.train("scatternet-cnn", out_dir=tmp_path / "a", **kw)
     with_memo = sum(calls)
-    monkeypatch.setattr(zoo.engine, "memoized_fixed_layers", lambda n: contextlib.nullcontext())
+    monkeypatch.setattr(zoo.training.engine, "memoized_fixed_layers", lambda n: contextlib.nullcontext())
     calls.clear()
     b = zoo.train("scatternet-cnn", out_dir=tmp_path / "b", **kw)
     assert with_memo < sum(calls)  # the memo saved transforms of samples seen before

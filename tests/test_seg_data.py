@@ -1,4 +1,4 @@
-"""Tests for zoo.seg_data: the ISBI 2012 and Weizmann horse loaders on the real data ($ZOO_DATA), and
+"""Tests for zoo.data.segmentation: the ISBI 2012 and Weizmann horse loaders on the real data ($ZOO_DATA), and
 the joint image/mask augmentation."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zoo.data as zd
-import zoo.seg_data as sd
+import zoo.data.segmentation as sd
 
 SPLITS = ("train", "val", "test")
 

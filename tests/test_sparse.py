@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import zoo
-from zoo.engine import dp_gradients
-from zoo.grad_sample import PerSampleGradients
-from zoo.sparse import BETA, GAMMA, ZETA, HardConcreteGate, expected_l0, gate_modules, penalty_gradients
+from zoo.dp.step import dp_gradients
+from zoo.dp.grad_sample import PerSampleGradients
+from zoo.nn.sparse import BETA, GAMMA, ZETA, HardConcreteGate, expected_l0, gate_modules, penalty_gradients
 
-SPARSE = [n for n in zoo.list_models() if zoo.registry.get_card(n)["args"].get("l0")]
+SPARSE = [n for n in zoo.list_models() if zoo.catalog.registry.get_card(n)["args"].get("l0")]
 
 
 def test_gate_formulas():

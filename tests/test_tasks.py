@@ -1,4 +1,4 @@
-"""Tasks (zoo.tasks): the segmentation loss is per sample, the metrics are the textbook ones, bad masks are refused."""
+"""Tasks (zoo.data.tasks): the segmentation loss is per sample, the metrics are the textbook ones, bad masks are refused."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,8 @@ import torch
 
 import zoo
 from zoo.privacy import Ledger, compute_epsilon
-from zoo.tasks import confusion_counts, dice_ce_loss, dice_iou, get_task, task_of
+from zoo.data.tasks import confusion_counts, dice_iou, get_task, task_of
+from zoo.dp.objectives import dice_ce_loss
 
 
 def test_dice_and_iou_match_hand_counts():
@@ -74,7 +75,7 @@ def test_noise_free_steps_have_no_guarantee():
 
 
 def test_roc_auc_equals_the_pairwise_definition_with_ties():
-    from zoo.tasks import binary_auc, roc_auc
+    from zoo.data.tasks import binary_auc, roc_auc
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 6, (200,), generator=g).double()  # many ties
@@ -91,7 +92,7 @@ def test_roc_auc_equals_the_pairwise_definition_with_ties():
 
 
 def test_balanced_accuracy_averages_recall_over_present_classes():
-    from zoo.tasks import balanced_accuracy
+    from zoo.data.tasks import balanced_accuracy
 
     labels = torch.tensor([0, 0, 0, 0, 1, 1])  # imbalanced: predicting 0 everywhere has accuracy 4/6
     assert balanced_accuracy(torch.zeros(6, dtype=torch.long), labels, 3) == pytest.approx(0.5)
@@ -120,7 +121,7 @@ def _imbalanced(n_per_class, k):
 
 
 def test_a_constant_classifier_is_called_one_and_the_baseline_is_given():
-    from zoo.tasks import get_task
+    from zoo.data.tasks import get_task
 
     data = _imbalanced([30, 70], 2)
     m = get_task("classification").evaluate(_fixed_logits_model(torch.tensor([0.0, 1.0])), data, 64, "cpu", False)
@@ -133,7 +134,7 @@ def test_a_constant_classifier_is_called_one_and_the_baseline_is_given():
 
 
 def test_a_classifier_that_learned_gets_no_warning_and_three_classes_get_the_full_report():
-    from zoo.tasks import honesty_report
+    from zoo.data.tasks import honesty_report
 
     y = torch.tensor([0] * 10 + [1] * 10 + [2] * 20)
     pred = y.clone()

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.registry import load_checkpoint
+from zoo.catalog.registry import load_checkpoint
 from zoo.data import get_dataset_info
-from zoo.engine import evaluate
+from zoo.training.engine import evaluate
 from zoo.privacy import BudgetExhaustedError
 
 QUIET = dict(progress=False)
@@ -77,9 +77,9 @@ def test_steps_with_empty_poisson_batches_still_count_and_add_noise(data_dir):
     r = zoo.train("test-wrn10-1", data_dir=data_dir, seed=5, batch_size=1, train_subset=5000, steps=3,
                   test_subset=50, **QUIET)
     assert r["ledger"]["steps"] == 3 and r["ledger"]["epsilon"] <= 8.0
-    from zoo.engine import _generator, poisson_batch
+    from zoo.dp.step import poisson_batch, step_generator
 
-    sizes = [len(poisson_batch(5000, 1 / 5000, _generator(5, s, "sample", torch.device("cpu")))) for s in range(3)]
+    sizes = [len(poisson_batch(5000, 1 / 5000, step_generator(5, s, "sample", torch.device("cpu")))) for s in range(3)]
     assert 0 in sizes  # the run really met empty batches
     torch.manual_seed(5)
     start = zoo.create_model("test-wrn10-1")  # the same initialisation as the run (seeded before building)
@@ -88,8 +88,8 @@ def test_steps_with_empty_poisson_batches_still_count_and_add_noise(data_dir):
 
 
 def test_training_refuses_a_model_with_the_wrong_head(data_dir):
-    from zoo.engine import _run
-    from zoo.registry import get_card
+    from zoo.training.engine import _run
+    from zoo.catalog.registry import get_card
 
     card = get_card("test-wrn10-1")
     with pytest.raises(ValueError, match="classes"):

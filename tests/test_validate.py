@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.grad_sample import MissingPerSampleGradientError
-from zoo.layers import get_norm_layer
-from zoo.validate import BatchStatisticsError, NoPerSampleGradientError, RunningBufferError, validate_model
+from zoo.dp.grad_sample import MissingPerSampleGradientError
+from zoo.nn.layers import get_norm_layer
+from zoo.dp.validate import BatchStatisticsError, NoPerSampleGradientError, RunningBufferError, validate_model
 
 
 def _net(*layers):

@@ -9,14 +9,15 @@ a name that needs them is first used (``zoo.create_model``, ``zoo.train``, ...),
 """
 from importlib import import_module
 
-from .registry import create_model, list_models, load_cards, model_info, register_model
+from zoo.catalog.registry import create_model, list_models, load_cards, model_info, register_model
 
 __version__ = "0.1.0"
 
 load_cards()
 
-_LAZY = {"per_sample_gradients": "grad_sample", "validate_model": "validate", "export": "eq_layers",
-         "prune": "sparse", "train": "engine", "finetune": "engine", "evaluate": "engine"}
+_LAZY = {"per_sample_gradients": "zoo.dp.grad_sample", "validate_model": "zoo.dp.validate",
+         "export": "zoo.nn.equivariant", "prune": "zoo.nn.sparse", "train": "zoo.training.engine",
+         "finetune": "zoo.training.engine", "evaluate": "zoo.training.engine"}
 """Public names of zoo -> the module that defines them, imported on first access."""
 
 __all__ = ["list_models", "create_model", "model_info", "register_model", "per_sample_gradients",
@@ -25,7 +26,7 @@ __all__ = ["list_models", "create_model", "model_info", "register_model", "per_s
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+        value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value  # later accesses skip this function
         return value
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

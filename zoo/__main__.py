@@ -1,6 +1,6 @@
 """``python -m zoo``: the ``zoo`` command line (:mod:`zoo.cli`)."""
 import sys
 
-from .cli import main
+from zoo.cli import main
 
 sys.exit(main())

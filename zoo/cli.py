@@ -6,10 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from .cards import CARDS_DIR, PATH_FORMS
-from .render import MODEL_CARD_PATH, render_model_card
-from .reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE  # constants: zoo.reproduce imports torch lazily
-from .runspec import RunSpec, add_training_commands, run
+from zoo.catalog.cards import CARDS_DIR
+from zoo.io import PATH_FORMS
+from zoo.render import MODEL_CARD_PATH, render_model_card
+from zoo.reproduce import EVAL_TOLERANCE, RETRAIN_TOLERANCE  # constants: zoo.reproduce imports torch lazily
+from zoo.runspec import RunSpec, add_training_commands, run
 
 # torch, opacus and escnn are imported by the commands that need them, so that `zoo --help` and `zoo list` read the
 # cards alone (a test checks that they import none of them)
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "info":
             print(json.dumps(zoo.model_info(a.name), indent=2, ensure_ascii=False))
         elif a.cmd in ("train", "finetune"):
-            from . import distributed
-
+            from zoo.dp import distributed
             result = run(RunSpec.from_args(a))
             if distributed.is_main():  # under torchrun, rank 0 reports
                 _report(result)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "card":
             return _card(a.check)
         elif a.cmd == "publish":
-            from .publish import publish
+            from zoo.publish import publish
 
             print(json.dumps(publish(a.run, a.name, a.tag, default=a.default, data_dir=a.data_dir, note=a.note),
                              indent=2))
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(a: argparse.Namespace) -> dict:
-    from .registry import load_verified
-    from .reproduce import evaluate_checkpoint
+    from zoo.catalog.registry import load_verified
+    from zoo.reproduce import evaluate_checkpoint
 
     model, sidecar, path = load_verified(a.name)
     dataset, metrics = evaluate_checkpoint(model, sidecar, a.data_dir, a.device, a.test_subset, a.dataset)
@@ -145,9 +145,9 @@ def _card(check: bool) -> int:
     removed) from the cards of models/ (not those of $ZOO_CARDS); ``check``: write nothing, 1 if any differs."""
     import zoo
 
-    from .render import PLOTS_DIR, render_plots
-    from .io import atomic_write
-    from .registry import builtin_models
+    from zoo.render import PLOTS_DIR, render_plots
+    from zoo.io import atomic_write
+    from zoo.catalog.registry import builtin_models
 
     infos = [zoo.model_info(n) for n in builtin_models()]
     files = {MODEL_CARD_PATH: render_model_card(infos).encode(),
@@ -171,8 +171,8 @@ def _card(check: bool) -> int:
 
 def _reproduce(a: argparse.Namespace) -> int:
     """`zoo reproduce`: print the checks; 0 when all pass, 1 otherwise (errors raise: 2)."""
-    from .io import write_text
-    from .reproduce import reproduce_by_retraining, reproduce_checkpoint
+    from zoo.io import write_text
+    from zoo.reproduce import reproduce_by_retraining, reproduce_checkpoint
 
     tol = {} if a.tolerance is None else {"tolerance": a.tolerance}  # else the defaults of zoo.reproduce
     if a.retrain:

@@ -1,4 +1,5 @@
-"""File helpers shared by checkpoints, data caches and run results: the cache root, atomic writes and file hashes.
+"""File helpers shared by checkpoints, data caches and run results: the cache root, atomic writes and file hashes,
+and the forms of data files zoo reads (:data:`PATH_FORMS`).
 
 The ground floor of zoo: imports nothing of zoo."""
 from __future__ import annotations
@@ -8,6 +9,13 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+PATH_FORMS = ("a MedMNIST-style .npz file (train_images, train_labels, optional val_*/test_*), an ImageFolder tree "
+              "(train/<class>/*.png|jpg, optional val/ and test/), or for segmentation images/ + masks/ with "
+              "matching file names")
+"""What a recipe's ``dataset`` may name besides a registered data set: a path to data of these forms
+(:mod:`zoo.data.folder`); for help texts and errors. Here, on the ground floor, so that ``zoo --help`` names
+them without importing the data stack."""
 
 
 def cache_root() -> Path:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .cards import CARDS_DIR, load_card
-from .checkpoint import check_published, paths, save_checkpoint
-from .io import sha256_file, write_text
-from .registry import NONPRIVATE_PREFIX, get_card, load_checkpoint
+from zoo.catalog.cards import CARDS_DIR, load_card
+from zoo.catalog.checkpoint import check_published, paths, save_checkpoint
+from zoo.catalog.registry import NONPRIVATE_PREFIX, get_card, load_checkpoint
+from zoo.io import sha256_file, write_text
 
 FP16_TOLERANCE = 1e-3
 """Largest change of any test metric that float16 storage may cause (0.1 points; on a 624-image test set that is
@@ -72,7 +72,7 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
     ``spread``: ``{metric: (std, n_seeds, source)}`` of the recipe over seeds in a study; stored with each card
     result, so that ``zoo reproduce --retrain`` (a fresh secret seed) compares against the spread.
     """
-    from .engine import evaluate, load_split
+    from zoo.training.engine import evaluate, load_split
 
     run = Path(run_dir)
     final = run / "final.safetensors"
@@ -107,7 +107,7 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
     worst = max(abs(full[k] - rounded[k]) for k in keys)
     use_half = worst <= FP16_TOLERANCE
     metrics = rounded if use_half else full
-    from .data import get_dataset_info, preparation
+    from zoo.data import get_dataset_info, preparation
 
     prep = side.get("preparation") or preparation(get_dataset_info(dataset), recipe, model.in_chans)
     training = dict(side.get("training") or {})
@@ -146,7 +146,7 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
              f"{training.get('wall_time_s')} s on {training.get('hardware')}; sigma={led['noise_multiplier']:.3f}, "
              f"q={led['sample_rate']:.4g}, {led['steps']} steps, K={led.get('augmult')}; stored "
              f"{training['precision_check']['stored']} {stored}")
-    for st in led.get("statistics") or []:  # releases before DP-SGD (zoo.data_norm), composed into epsilon
+    for st in led.get("statistics") or []:  # releases before DP-SGD (zoo.dp.data_norm), composed into epsilon
         words += (f"; before training, the normalisation statistics of layer {st['layer']!r} released with the "
                   f"Gaussian mechanism (sigma={st['sigma']:g}, {st['releases']} releases, composed into epsilon)")
     if pre:

@@ -1,5 +1,5 @@
 """The one registry helper of zoo's ground floor (imports nothing of zoo): name -> singleton tables for the data
-sets (:mod:`zoo.data`) and the tasks (:mod:`zoo.tasks`)."""
+sets (:mod:`zoo.data`) and the tasks (:mod:`zoo.data.tasks`)."""
 from __future__ import annotations
 
 

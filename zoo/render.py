@@ -1,7 +1,7 @@
 """MODEL_CARD.md and its privacy-utility plots, rendered from the registered cards (``zoo card``; never edited by hand).
 
 Above the catalog: it describes each card's group and parameter count (:mod:`zoo.models`), loads each default
-checkpoint verified (:func:`zoo.registry.load_published`) for its training facts and sparsity, and includes each
+checkpoint verified (:func:`zoo.catalog.registry.load_published`) for its training facts and sparsity, and includes each
 study's ``eval/results/*/results.md``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .cards import CARDS_DIR
+from zoo.catalog.cards import CARDS_DIR
 
 MODEL_CARD_PATH = CARDS_DIR.parent / "MODEL_CARD.md"
 STUDIES_DIR = CARDS_DIR.parent / "eval" / "results"  # each study's results.md is included in MODEL_CARD.md
@@ -28,7 +28,7 @@ def _group(info: dict) -> str:
     """The symmetry group of an equivariant model (with the subgroup of a restricted last stage), else "-"."""
     import inspect
 
-    from .models import get_family
+    from zoo.models import get_family
 
     params = inspect.signature(get_family(info["family"])).parameters
     args = {**{k: p.default for k, p in params.items() if p.default is not p.empty}, **info["args"]}
@@ -40,9 +40,9 @@ def _group(info: dict) -> str:
 
 
 def _checkpoint_facts(info: dict):
-    """``(sidecar, model)`` of ``info``'s default checkpoint, loaded verified (:func:`zoo.registry.load_published`:
+    """``(sidecar, model)`` of ``info``'s default checkpoint, loaded verified (:func:`zoo.catalog.registry.load_published`:
     the EMA weights evaluation uses); ``(None, None)`` when the card names none or its file is not there."""
-    from .registry import checkpoint_path, load_published
+    from zoo.catalog.registry import checkpoint_path, load_published
 
     try:
         path = checkpoint_path(info)
@@ -56,15 +56,15 @@ def _checkpoint_facts(info: dict):
 
 def _sparsity(info: dict, model) -> str:
     """"dense", or for an L0 model the share of open test-time gates and the expected L0 of its checkpoint's
-    ``model`` (:mod:`zoo.sparse`); the gate count alone without one (``model`` None)."""
+    ``model`` (:mod:`zoo.nn.sparse`); the gate count alone without one (``model`` None)."""
     if not (info["args"].get("l0") or info["args"].get("l0_blocks")):
         return "dense"
     import torch
 
-    from .sparse import expected_l0, gate_modules
+    from zoo.nn.sparse import expected_l0, gate_modules
 
     if model is None:
-        from .registry import build
+        from zoo.catalog.registry import build
 
         with torch.device("meta"):
             n = sum(g.log_alpha.numel() for g in gate_modules(build(info)))

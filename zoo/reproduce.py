@@ -27,8 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import runspec
-from .runspec import RunSpec
+from zoo import runspec
+from zoo.runspec import RunSpec
 
 EVAL_TOLERANCE = 0.005
 """Default tolerance for evaluating a fixed checkpoint: 0.5 percentage points of accuracy (50 of CIFAR-10's 10,000
@@ -134,8 +134,8 @@ def evaluate_checkpoint(model, sidecar: dict, data_dir=None, device: str | None 
     Data given by path must have the content the ledger's manifest records (else
     :class:`~zoo.data.DataIntegrityError`). ``dataset``: evaluate on this data set or path instead; when it holds
     the recorded content it is the same data (at another path), otherwise another data set of the same classes."""
-    from .data import get_dataset_info
-    from .engine import _resolve_device, evaluate, load_split
+    from zoo.data import get_dataset_info
+    from zoo.training.engine import _resolve_device, evaluate, load_split
 
     recipe = (sidecar.get("train_state") or {}).get("recipe") or sidecar["card"]["recipe"]
     ledger = sidecar.get("ledger") or {}
@@ -190,10 +190,10 @@ def _test_subset(command: str) -> int | None:
 def reproduce_checkpoint(name: str, *, tolerance: float = EVAL_TOLERANCE, data_dir=None, device: str | None = None,
                          test_subset: int | None = None) -> Report:
     """Evaluate each published checkpoint of ``name`` (``NAME.TAG``: that one only), verified
-    (:func:`zoo.registry.load_published`), and compare it with the card's results of that checkpoint (module
+    (:func:`zoo.catalog.registry.load_published`), and compare it with the card's results of that checkpoint (module
     docstring). Raises :class:`ReproduceError` when there is no checkpoint or no matching result,
-    :class:`zoo.checkpoint.CheckpointIntegrityError` for a tampered file."""
-    from .registry import checkpoint_path, get_card, load_published, split_name
+    :class:`zoo.catalog.checkpoint.CheckpointIntegrityError` for a tampered file."""
+    from zoo.catalog.registry import checkpoint_path, get_card, load_published, split_name
 
     card = get_card(name)
     base, tag = split_name(name)
@@ -229,8 +229,8 @@ def reproduce_by_retraining(name: str, *, tolerance: float = RETRAIN_TOLERANCE, 
     """Rerun each distinct command of ``name``'s card results (those at ``epsilon`` when given) and compare the new
     run's metrics and ledger epsilon with the reported ones (module docstring). Runs go to ``out_dir/run-<i>``
     (default ``runs/reproduce/<name>``); ``data_dir`` and ``device`` replace the command's."""
-    from .checkpoint import hardware
-    from .registry import get_card
+    from zoo.catalog.checkpoint import hardware
+    from zoo.catalog.registry import get_card
 
     card = get_card(name)
     results = [r for r in card["results"] if epsilon is None or _same_eps(r["epsilon"], epsilon)]

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cards import PATH_FORMS, RECIPE_SCHEMA
+from zoo.catalog.cards import RECIPE_SCHEMA
+from zoo.io import PATH_FORMS
 
 REGISTERED_HELP = "cifar10, isbi2012, pneumoniamnist, weizmann-horse"
 """The registered data sets, named in the help without importing the data stack (a test keeps it current)."""
@@ -38,7 +39,7 @@ class CommandError(ValueError):
 class RunSpec:
     """One `zoo train` (``cmd="train"``: a registered model from scratch) or `zoo finetune` (a checkpoint or
     pretrained model on ``dataset``) run. ``recipe``: the recipe fields given (they override the card's; the rest
-    come from the card); ``recipe_mode``: ``"auto"`` (:mod:`zoo.auto_recipe`), ``"card"`` or None (auto for data
+    come from the card); ``recipe_mode``: ``"auto"`` (:mod:`zoo.training.auto_recipe`), ``"card"`` or None (auto for data
     given by path); ``out``: None for ``runs/<name>`` (a new run takes the first free ``runs/<name>-<i>``)."""
 
     cmd: str
@@ -103,7 +104,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download missing data (needs network access)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--recipe", choices=["auto", "card"], help="auto: delta, batch size, steps and K chosen for the "
-                   "data set's N and epsilon (zoo.auto_recipe; the default for data given by path); card: the "
+                   "data set's N and epsilon (zoo.training.auto_recipe; the default for data given by path); card: the "
                    "model card's recipe. Explicit flags override either")
     _recipe_args(p)
 
@@ -154,8 +155,8 @@ def parse_command(command: str) -> RunSpec:
 
 def _default_out(name: str, resume: bool) -> str:
     """``runs/<name>``; for a new run, the first of ``runs/<name>``, ``runs/<name>-2``, ... that holds no run (an
-    explicit ``--out`` that holds one is refused instead: :class:`zoo.engine.RunFolderError`)."""
-    from .engine import run_files
+    explicit ``--out`` that holds one is refused instead: :class:`zoo.training.engine.RunFolderError`)."""
+    from zoo.training.engine import run_files
 
     base = Path("runs") / name.replace("/", "_")
     if resume:
@@ -170,8 +171,8 @@ def _default_out(name: str, resume: bool) -> str:
 
 
 def run(spec: RunSpec) -> dict:
-    """Train ``spec`` (:func:`zoo.engine.train` or :func:`zoo.engine.finetune`): the result dict."""
-    from .engine import finetune, train
+    """Train ``spec`` (:func:`zoo.training.engine.train` or :func:`zoo.training.engine.finetune`): the result dict."""
+    from zoo.training.engine import finetune, train
 
     kw = dict(spec.recipe)
     if kw.get("train_subset") == 0:  # --train-subset 0: all training images (unsets the card's subset)

@@ -1,11 +1,11 @@
 """The architecture families of zoo.
 
-A *family* is an ``nn.Module`` class registered here with :func:`register_family`; the catalog (:mod:`zoo.registry`)
+A *family* is an ``nn.Module`` class registered here with :func:`register_family`; the catalog (:mod:`zoo.catalog.registry`)
 builds a model as ``family(**card args)``. ``FAMILY_MODULES`` maps each family name to the module of ``zoo.models``
 that registers it: :func:`get_family` imports that module the first time a model of its family is built or
 described, so that ``import zoo``, ``zoo.list_models()`` and ``zoo list`` need neither torch nor escnn. A test checks
 that each module registers exactly the families listed for it. This package imports only the layers below it
-(:mod:`zoo.layers`, :mod:`zoo.eq_layers`, :mod:`zoo.sparse`), never the catalog.
+(:mod:`zoo.nn.layers`, :mod:`zoo.nn.equivariant`, :mod:`zoo.nn.sparse`), never the catalog.
 """
 from __future__ import annotations
 

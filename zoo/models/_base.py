@@ -1,15 +1,12 @@
 """The contract every zoo model meets: input checks, and a timm-style head API (``get_classifier``,
 ``reset_classifier``). :class:`ZooClassifier` predicts ``[B, K]`` logits, :class:`ZooSegmenter` per-pixel logits
-``[B, K, H, W]``; each names its task (:mod:`zoo.tasks`)."""
+``[B, K, H, W]``; each names its task (:mod:`zoo.data.tasks`)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-
-def _functorch_wrapped(x: torch.Tensor) -> bool:
-    """True inside a torch.func transform (vmap, grad), where a tensor's values cannot decide a branch."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+from zoo.nn.inputs import check_images
 
 
 class ZooClassifier(nn.Module):
@@ -17,7 +14,7 @@ class ZooClassifier(nn.Module):
 
     ``forward`` checks its input first (:meth:`check_input`): a ``[B, in_chans, H, W]`` tensor of the
     parameters' floating dtype, of a size the model takes, with finite values (not checked inside ``torch.func``
-    transforms, whose callers check the batch: :func:`zoo.grad_sample.prepare_batch`); anything else raises
+    transforms, whose callers check the batch: :func:`zoo.dp.grad_sample.prepare_batch`); anything else raises
     ``TypeError``/``ValueError`` saying what to change. A batch of size 0 gives an empty output.
 
     Subclasses set ``in_chans``, ``num_classes``, ``min_size`` (smallest accepted height/width) and
@@ -33,42 +30,21 @@ class ZooClassifier(nn.Module):
     head_name: str = "head"
 
     def check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(
-                f"{type(self).__name__} expects images [B, C, H, W], got shape {tuple(x.shape)}; "
-                "add a batch dimension with x.unsqueeze(0) for a single image"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"{type(self).__name__} was built for {self.in_chans} input channels, got {x.shape[1]}; "
-                f"create the model with in_chans={x.shape[1]} or convert the images"
-            )
+        """The model's input contract: :func:`zoo.nn.inputs.check_images` (a finite floating ``[B, in_chans, H,
+        W]`` tensor), then this model's own rules: height and width at least ``min_size`` and divisible by
+        ``size_multiple``, and the parameters' dtype."""
+        name = type(self).__name__
+        check_images(x, self.in_chans, name)
         if min(x.shape[2:]) < self.min_size:
-            raise ValueError(
-                f"{type(self).__name__} needs images of at least {self.min_size}x{self.min_size}, "
-                f"got {x.shape[2]}x{x.shape[3]}; resize or pad the input"
-            )
+            raise ValueError(f"{name} needs images of at least {self.min_size}x{self.min_size}, got "
+                             f"{x.shape[2]}x{x.shape[3]}; resize or pad the input")
         if x.shape[2] % self.size_multiple or x.shape[3] % self.size_multiple:
-            raise ValueError(
-                f"{type(self).__name__} needs a height and width divisible by {self.size_multiple} (one per "
-                f"downsampling), got {x.shape[2]}x{x.shape[3]}; crop or pad the input"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"expected floating point images, got {x.dtype}; convert with x.float() / 255")
+            raise ValueError(f"{name} needs a height and width divisible by {self.size_multiple} (one per "
+                             f"downsampling), got {x.shape[2]}x{x.shape[3]}; crop or pad the input")
         weight = next(self.parameters(), None)
         if weight is not None and x.dtype != weight.dtype:
-            raise TypeError(
-                f"{type(self).__name__} has {weight.dtype} parameters but the images are {x.dtype}; convert the "
-                f"images with x.to({weight.dtype}) or the model with model.to({x.dtype})"
-            )
-        if not _functorch_wrapped(x) and not bool(torch.isfinite(x).all()):  # vmap cannot branch on values
-            bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(
-                f"images contain {bad} NaN or Inf values (of {x.numel()}); the outputs would be NaN. Clean the data "
-                "or fix its normalisation (e.g. a zero std) before calling the model"
-            )
+            raise TypeError(f"{name} has {weight.dtype} parameters but the images are {x.dtype}; convert the "
+                            f"images with x.to({weight.dtype}) or the model with model.to({x.dtype})")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -21,7 +21,7 @@ paper's rates (6, 12, 18 at output stride 16; doubled at output stride 8) would 
 kept. Channel counts are smaller than the paper's (ASPP and decoder 256, ResNet-101 encoder) to stay at a few
 million parameters, which suits DP-SGD (noise grows with the dimension).
 
-Changes for DP: BatchNorm -> a per-sample normalization (:func:`zoo.layers.get_norm_layer`, GroupNorm by default;
+Changes for DP: BatchNorm -> a per-sample normalization (:func:`zoo.nn.layers.get_norm_layer`, GroupNorm by default;
 no batch statistics). The image-pooling branch normalizes a ``[B, C, 1, 1]`` map: a norm whose groups hold a
 single channel (instance norm, or GroupNorm with as many groups as channels) would output a constant there, so
 that branch always uses ``get_norm_layer("layernorm")``, a GroupNorm with one group over its ``width * 8``
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import conv_norm_act, get_act_layer, get_norm_layer
-from . import register_family
-from ._base import ZooSegmenter
-from .linknet import ResNetEncoder
+from zoo.models import register_family
+from zoo.models._base import ZooSegmenter
+from zoo.models.linknet import ResNetEncoder
+from zoo.nn.layers import conv_norm_act, get_act_layer, get_norm_layer
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -68,7 +68,7 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(ZooSegmenter):
     """DeepLabv3+. Args: width (encoder stages have ``width * (2, 4, 8, 16)`` channels, ASPP and decoder
     ``width * 8``, the reduced low-level feature ``width * 3``), layers (basic blocks per encoder stage), rates
-    (ASPP dilation rates at output stride 8), num_classes, in_chans, norm (:func:`zoo.layers.get_norm_layer`), act."""
+    (ASPP dilation rates at output stride 8), num_classes, in_chans, norm (:func:`zoo.nn.layers.get_norm_layer`), act."""
 
     def __init__(self, width: int = 16, layers: Sequence[int] = (2, 2, 2, 2), rates: Sequence[int] = (2, 4, 6),
                  num_classes: int = 2, in_chans: int = 1, norm: str = "groupnorm", act: str = "relu"):

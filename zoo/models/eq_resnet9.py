@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..eq_layers import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
-from ..layers import get_act_layer
-from . import register_family
-from ._base import ZooClassifier
+from zoo.models import register_family
+from zoo.models._base import ZooClassifier
+from zoo.nn.equivariant import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
+from zoo.nn.layers import get_act_layer
 
 
 class _EqBlock(nn.Module):
@@ -61,7 +61,7 @@ class EqResNet9(ZooClassifier):
     """Args: group ('c4', 'c8', 'd4', 'd8', ...), layout (plain channel counts of the three stages; Hölzl et al.
     use 16, 32, 64), restrict (the last stage works on the subgroup of half the rotation order, e.g. D4 -> D2,
     as Hölzl et al.'s "halved"), num_classes, in_chans, act, norm (``'fieldgroupnorm'`` or ``'fieldnorm'``, see
-    :func:`zoo.eq_layers.field_norm_layer`), norm_groups (field groups per GroupNorm: the largest divisor of the
+    :func:`zoo.nn.equivariant.field_norm_layer`), norm_groups (field groups per GroupNorm: the largest divisor of the
     field count not above it), affine (normalization affine; Hölzl et al. use none).
 
     ``invariance_group`` is the group the logits are invariant under: ``group``, or its halved subgroup when

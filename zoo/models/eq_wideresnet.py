@@ -2,7 +2,7 @@
 
 The group G acts on the plane (C_N rotations or D_N rotations and flips; escnn ``gspace``). Every feature map
 is a stack of regular fields; convolutions are escnn R2Convs between them (3x3, and 1x1 on the shortcut when
-the shape changes); normalizations are per-sample field norms (:func:`zoo.eq_layers.field_norm_layer`);
+the shape changes); normalizations are per-sample field norms (:func:`zoo.nn.equivariant.field_norm_layer`);
 the activation is pointwise, so it commutes with the permutation action of regular fields. Group pooling (max
 over each field's channels) and global average pooling give invariant features before a linear head.
 
@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..eq_layers import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
-from ..layers import get_act_layer
-from . import register_family
-from ._base import ZooClassifier
+from zoo.models import register_family
+from zoo.models._base import ZooClassifier
+from zoo.nn.equivariant import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
+from zoo.nn.layers import get_act_layer
 
 
 class EqWideBasicBlock(nn.Module):
@@ -49,7 +49,7 @@ class EqWideBasicBlock(nn.Module):
 @register_family("eq-wideresnet")
 class EqWideResNet(ZooClassifier):
     """Equivariant WRN-``depth``-``width``. Args: group ('c4', 'c8', 'd4', 'd8', ...), depth (6n+4), width (k;
-    plain widths 16, 16k, 32k, 64k become regular fields by :func:`zoo.eq_layers.fields_for`), num_classes,
+    plain widths 16, 16k, 32k, 64k become regular fields by :func:`zoo.nn.equivariant.fields_for`), num_classes,
     in_chans, norm (``'fieldgroupnorm'`` or ``'fieldnorm'``), norm_groups, affine, act.
 
     ``invariance_group``: the logits are invariant under this group's grid actions (inputs a multiple of 4).

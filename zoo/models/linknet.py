@@ -14,7 +14,7 @@ Architecture, at width 16 the paper's ResNet-18 LinkNet (channel counts ``width 
 * classifier: ``x2 upsampling + conv 3x3 -> norm -> act`` (``width * 4 -> width * 2`` channels),
   ``conv 3x3 -> norm -> act``, ``x2 bilinear upsampling`` to the input size, then the 1x1 conv ``head``.
 
-Changes for DP: BatchNorm -> a per-sample normalization (:func:`zoo.layers.get_norm_layer`, GroupNorm by
+Changes for DP: BatchNorm -> a per-sample normalization (:func:`zoo.nn.layers.get_norm_layer`, GroupNorm by
 default); every transposed conv -> bilinear upsampling followed by a conv (opacus has no per-sample gradient for
 ``nn.ConvTranspose2d``, and this avoids checkerboard artefacts). The paper's last layer, a 2x2 stride-2
 transposed conv to the classes, becomes bilinear x2 upsampling then the 1x1 head (a linear map commutes with
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import conv_norm_act, get_act_layer, get_norm_layer, upsample2x
-from . import register_family
-from ._base import ZooSegmenter
+from zoo.models import register_family
+from zoo.models._base import ZooSegmenter
+from zoo.nn.layers import conv_norm_act, get_act_layer, get_norm_layer, upsample2x
 
 
 class BasicBlock(nn.Module):
@@ -106,7 +106,7 @@ class DecoderBlock(nn.Module):
 class LinkNet(ZooSegmenter):
     """LinkNet with a ResNet-18-style encoder. Args: width (encoder stages have ``width * (4, 8, 16, 32)``
     channels, the classifier ``width * 2``), layers (basic blocks per stage; ResNet-18: ``(2, 2, 2, 2)``),
-    num_classes, in_chans, norm (:func:`zoo.layers.get_norm_layer`), act."""
+    num_classes, in_chans, norm (:func:`zoo.nn.layers.get_norm_layer`), act."""
 
     def __init__(self, width: int = 16, layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 2,
                  in_chans: int = 1, norm: str = "groupnorm", act: str = "relu"):

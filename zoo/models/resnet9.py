@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import get_act_layer, get_norm_layer
-from . import register_family
-from ._base import ZooClassifier
+from zoo.models import register_family
+from zoo.models._base import ZooClassifier
+from zoo.nn.layers import get_act_layer, get_norm_layer
 
 
 def _conv_block(cin, cout, norm, act, pool=False):

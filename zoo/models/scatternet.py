@@ -7,13 +7,13 @@ no parameters, so DP-SGD's noise falls only on the small network after it.
 
 Layout (CIFAR-10, 3x32x32, the paper's ``CIFAR10_CNN`` on scattered input):
 
-- :class:`zoo.layers.Scattering2D` (J=2 scales, L=8 orientations, order 2): 81 coefficients per input channel
+- :class:`zoo.nn.layers.Scattering2D` (J=2 scales, L=8 orientations, order 2): 81 coefficients per input channel
   at a quarter of the resolution, 243x8x8;
 - ``norm="group"``: GroupNorm without affine parameters over groups of scattering channels (27 groups of 9):
   mean and variance per sample over the channels of a group and all positions; it spends no privacy budget.
-  ``norm="data"``: the paper's data normalisation (:class:`zoo.layers.DataStandardize`): each scattering channel
+  ``norm="data"``: the paper's data normalisation (:class:`zoo.nn.layers.DataStandardize`): each scattering channel
   standardised with its mean and variance over the whole training set, released privately once before training
-  (:mod:`zoo.data_norm`, recorded in the ledger; the paper's choice for CIFAR-10), the channels of each
+  (:mod:`zoo.dp.data_norm`, recorded in the ledger; the paper's choice for CIFAR-10), the channels of each
   scattering order (0, 1, 2) as a group with clips of their own (three groups: six Gaussian releases);
 - conv 3x3 (``width``) + tanh, max pooling to 4x4, conv 3x3 (``width``) + tanh, flatten, linear head; or, with
   ``width=0``, the paper's ScatterNet + linear: a linear head on the 15,552 normalised coefficients.
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import DataStandardize, Scattering2D, get_act_layer, largest_divisor
-from . import register_family
-from ._base import ZooClassifier
+from zoo.models import register_family
+from zoo.models._base import ZooClassifier
+from zoo.nn.layers import DataStandardize, Scattering2D, get_act_layer, largest_divisor
 
 
 class _ToGrid(nn.AdaptiveAvgPool2d):

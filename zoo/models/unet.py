@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..eq_layers import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
-from ..layers import double_conv, get_act_layer, get_norm_layer, upsample2x
-from . import register_family
-from ._base import ZooSegmenter
+from zoo.models import register_family
+from zoo.models._base import ZooSegmenter
+from zoo.nn.equivariant import R2Conv, field_norm_layer, fields_for, group_pool, gspace, regular_type, trivial_type
+from zoo.nn.layers import double_conv, get_act_layer, get_norm_layer, upsample2x
 
 
 def unet_forward(x: torch.Tensor, encoder: nn.ModuleList, decoder: nn.ModuleList) -> torch.Tensor:
@@ -33,7 +33,7 @@ def unet_forward(x: torch.Tensor, encoder: nn.ModuleList, decoder: nn.ModuleList
 @register_family("unet")
 class UNet(ZooSegmenter):
     """U-Net. Args: width (channels of the first level), depth (max-pooling stages), num_classes, in_chans,
-    norm (:func:`zoo.layers.get_norm_layer`), act, ws (weight-standardized convs)."""
+    norm (:func:`zoo.nn.layers.get_norm_layer`), act, ws (weight-standardized convs)."""
 
     def __init__(self, width: int = 16, depth: int = 4, num_classes: int = 2, in_chans: int = 1,
                  norm: str = "groupnorm", act: str = "relu", ws: bool = False):
@@ -67,7 +67,7 @@ class EqUNet(ZooSegmenter):
 
     Input: ``in_chans`` trivial fields (the image); every feature map: regular fields of the group, level ``l``
     with ``fields_for(width * 2**l, |G|)`` of them (parameter count close to the plain U-Net's). Convs are
-    R2Convs, norms per-sample field norms (:func:`zoo.eq_layers.field_norm_layer`), the activation pointwise.
+    R2Convs, norms per-sample field norms (:func:`zoo.nn.equivariant.field_norm_layer`), the activation pointwise.
     Max pooling 2x2, bilinear upsampling and concatenation of regular fields commute with the group's grid
     actions (90-degree rotations, and flips for D_N) on even grids, and group pooling (max over each field)
     before the 1x1 head gives invariant per-pixel features. So the mask is exactly equivariant:

@@ -8,8 +8,8 @@ other node fuses the nodes before it on its level with the upsampled node below:
 ``X^{0,depth}`` through a 1x1 conv head. ``block`` is the U-Net block, two ``conv 3x3 -> norm -> act`` units.
 
 Changes for DP (the DP contract of zoo's models): the paper's BatchNorm is a per-sample normalization
-(:func:`zoo.layers.get_norm_layer`, GroupNorm by default), and the upsampling is bilinear
-(:func:`zoo.layers.upsample2x`; no transposed conv, which opacus has no per-sample gradient for). Every trainable
+(:func:`zoo.nn.layers.get_norm_layer`, GroupNorm by default), and the upsampling is bilinear
+(:func:`zoo.nn.layers.upsample2x`; no transposed conv, which opacus has no per-sample gradient for). Every trainable
 layer is an ``nn.Conv2d`` (or ``WSConv2d`` with ``ws``) or ``nn.GroupNorm``, each used once per forward.
 H and W must be multiples of ``2**depth``.
 """
@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import double_conv, get_act_layer, get_norm_layer, upsample2x
-from . import register_family
-from ._base import ZooSegmenter
+from zoo.models import register_family
+from zoo.models._base import ZooSegmenter
+from zoo.nn.layers import double_conv, get_act_layer, get_norm_layer, upsample2x
 
 
 @register_family("unetpp")
 class UNetPlusPlus(ZooSegmenter):
     """U-Net++. Args: width (channels of level 0; level ``i`` has ``width * 2**i``), depth (max-pooling levels),
-    num_classes, in_chans, norm (:func:`zoo.layers.get_norm_layer`), act, ws (weight-standardized convs).
+    num_classes, in_chans, norm (:func:`zoo.nn.layers.get_norm_layer`), act, ws (weight-standardized convs).
     Node ``X^{i,j}`` is ``self.nodes[f"x{i}_{j}"]``."""
 
     def __init__(self, width: int = 16, depth: int = 4, num_classes: int = 2, in_chans: int = 1,

@@ -4,7 +4,7 @@ Weight-standardized 3x3 convolutions, GroupNorm(16) and the activation *before* 
 (Conv -> act -> GN), which TAN found better than Conv -> GN -> act under DP. No batch statistics anywhere.
 Depth ``6n + 4``, widths ``16, 16k, 32k, 64k``; invariant global average pooling before a linear head.
 
-L0 variant (``l0=True``): a hard-concrete gate (:mod:`zoo.sparse`) on each output channel of the first conv of
+L0 variant (``l0=True``): a hard-concrete gate (:mod:`zoo.nn.sparse`) on each output channel of the first conv of
 every block, after its normalization, which is then per channel (GroupNorm with one channel per group): so a
 closed gate's channel can be removed without changing the statistics of the others, and :func:`zoo.prune`
 is exact. ``l0_blocks=True`` adds one gate on each whole residual branch. ``l0_weight`` scales the expected-L0
@@ -17,10 +17,10 @@ import copy
 import torch
 from torch import nn
 
-from ..layers import WSConv2d, conv3x3, get_act_layer, get_norm_layer, standardize
-from . import register_family
-from ..sparse import HardConcreteGate, register_pruner
-from ._base import ZooClassifier
+from zoo.models import register_family
+from zoo.models._base import ZooClassifier
+from zoo.nn.layers import WSConv2d, conv3x3, get_act_layer, get_norm_layer, standardize
+from zoo.nn.sparse import HardConcreteGate, register_pruner
 
 
 class WideBasicBlock(nn.Module):

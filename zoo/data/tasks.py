@@ -5,7 +5,7 @@ the tests ask the task of the model (``model.task``) or of the data set (``Datas
 added by registering it (:func:`register_task`), not by special cases.
 
 DP contract of every task: ``loss(outputs, targets)`` returns one loss per sample, computed from that sample's
-outputs and targets only, so the gradient of entry i is sample i's gradient (see :mod:`zoo.grad_sample`).
+outputs and targets only, so the gradient of entry i is sample i's gradient (see :mod:`zoo.dp.grad_sample`).
 
 * ``classification``: outputs ``[B, K]`` logits, targets int64 ``[B]``; cross-entropy; accuracy, balanced
   accuracy (mean recall over the classes present: what an imbalanced medical set needs) and ROC-AUC (binary: of
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import augment
-from .objectives import check_batch, dice_ce_loss, per_sample_cross_entropy
-from .registrar import instance_registrar
+from zoo.data.base import augment
+from zoo.dp.objectives import OBJECTIVES
+from zoo.registrar import instance_registrar
 
 
 class Task:
@@ -31,14 +31,15 @@ class Task:
 
     name: str = ""
     score_name: str = ""  # the per-sample training statistic shown in progress bars
-    recipe_keys: tuple[str, ...] = ()  # optional recipe settings this task reads (see zoo.cards.RECIPE_SCHEMA)
+    recipe_keys: tuple[str, ...] = ()  # optional recipe settings this task reads (see zoo.catalog.cards.RECIPE_SCHEMA)
 
     def check_batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int) -> None:
-        raise NotImplementedError
+        """The task's batch check: its objective's (:mod:`zoo.dp.objectives`, the one definition)."""
+        OBJECTIVES[self.name].check(x, y, num_classes, in_chans)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses ``[B]``."""
-        raise NotImplementedError
+        """Per-sample losses ``[B]``: the task's objective's (:mod:`zoo.dp.objectives`)."""
+        return OBJECTIVES[self.name].loss(outputs, targets)
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Sum over the samples of a per-sample quality in [0, 1] (training statistic only)."""
@@ -83,12 +84,6 @@ def task_of(obj) -> Task:
 class Classification(Task):
     recipe_keys = ("resize",)
     score_name = "acc"
-
-    def check_batch(self, x, y, num_classes, in_chans):
-        check_batch(x, y, num_classes, in_chans)
-
-    def loss(self, outputs, targets):
-        return per_sample_cross_entropy(outputs, targets)
 
     def score(self, outputs, targets):
         return (outputs.argmax(1) == targets).sum().item()
@@ -223,12 +218,6 @@ class Segmentation(Task):
     score_name = "dice"
     recipe_keys = ("crop", "resize")
 
-    def check_batch(self, x, y, num_classes, in_chans):
-        check_batch(x, y, num_classes, in_chans, per_pixel=True)
-
-    def loss(self, outputs, targets):
-        return dice_ce_loss(outputs, targets)
-
     def score(self, outputs, targets):
         k = outputs.shape[1]
         pred = outputs.argmax(1)
@@ -239,7 +228,7 @@ class Segmentation(Task):
         return total
 
     def views(self, x, y, k, generator, info, recipe):
-        from .seg_data import augment_pair
+        from zoo.data.segmentation import augment_pair
 
         x, y = (x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)) if k > 1 else (x, y)
         return augment_pair(x, y, generator, crop=recipe.get("crop"), dihedral=getattr(info, "dihedral", False))
@@ -251,7 +240,7 @@ class Segmentation(Task):
         for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
             x, y = data.batch(slice(start, start + batch_size))
             logits = model(x.to(device)).float().cpu()
-            loss += dice_ce_loss(logits, y).sum().item()
+            loss += self.loss(logits, y).sum().item()
             counts += confusion_counts(logits.argmax(1), y, k)
         dice, iou = dice_iou(counts)
         names = getattr(data.info, "classes", [str(c) for c in range(k)])

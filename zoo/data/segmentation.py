@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import (_ENV_HELP, ArrayDataset, DataIntegrityError, DataNotFoundError, DatasetInfo, Split, _cached_arrays,
-                   _files_hashes, cache_root, data_root, register_dataset)
-from .io import write_text
+from zoo.data.base import (_ENV_HELP, ArrayDataset, DataIntegrityError, DataNotFoundError, DatasetInfo, Split,
+                           _cached_arrays, _files_hashes, data_root, register_dataset)
+from zoo.io import cache_root, write_text
 
 _SPLITS = ("train", "val", "test")
 

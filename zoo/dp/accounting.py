@@ -53,7 +53,7 @@ def compute_epsilon(history: list, delta: float, accountant: str = "rdp") -> flo
     acc = _accountant(accountant)
     acc.history = history
     if accountant != "rdp":
-        with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q): -inf, handled, at q = 1 (zoo.data_norm)
+        with np.errstate(divide="ignore"):  # opacus' PRV takes log(1 - q): -inf, handled, at q = 1 (zoo.dp.data_norm)
             return float(acc.get_epsilon(delta=delta))
     with warnings.catch_warnings():  # opacus warns at the largest order on every call: said once, below
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -108,10 +108,10 @@ class Ledger:
     weights started from when that was another data set: its name, whether it was trained privately (its epsilon)
     or is public data with respect to this data set, and the starting checkpoint's sha256. ``augmult`` is the
     number K of augmented views per sample (averaged before clipping: it does not change the sensitivity).
-    ``manifest`` describes the content of data given by path (:mod:`zoo.path_data`: a sha256 over it), so that the
+    ``manifest`` describes the content of data given by path (:mod:`zoo.data.folder`: a sha256 over it), so that the
     ledger is tied to those images and not to a folder name. ``recipe_choice`` records how delta, batch size and
-    steps were chosen when zoo chose them for the data (:mod:`zoo.auto_recipe`). ``statistics`` lists the private
-    releases made before DP-SGD on the same data (:mod:`zoo.data_norm`: a layer's normalisation statistics, each
+    steps were chosen when zoo chose them for the data (:mod:`zoo.training.auto_recipe`). ``statistics`` lists the private
+    releases made before DP-SGD on the same data (:mod:`zoo.dp.data_norm`: a layer's normalisation statistics, each
     entry with its ``sigma``, ``sample_rate`` and number of ``releases``); they compose with ``history``
     (:attr:`accounted`), but are not DP-SGD steps.
     """

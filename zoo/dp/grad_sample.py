@@ -2,7 +2,7 @@
 
 ``per_sample_gradients(model, x, y)[name][i]`` is the gradient of ``loss_fn(model(x_i), y_i)`` for sample i
 alone. Computed with opacus' grad-sampler hooks (one registered sampler per layer type; zoo's own layers register
-theirs beside them: :mod:`zoo.layers`, :mod:`zoo.eq_layers`, :mod:`zoo.sparse`), so it is exact, not an
+theirs beside them: :mod:`zoo.nn.layers`, :mod:`zoo.nn.equivariant`, :mod:`zoo.nn.sparse`), so it is exact, not an
 approximation, and it raises when any trainable parameter did not receive a per-sample gradient (that parameter
 would otherwise be updated without clipping: a privacy bug).
 """
@@ -16,8 +16,8 @@ from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample import grad_sample_module as _opacus_gsm
 from torch import nn
 
-from .objectives import objective_of, per_sample_cross_entropy
-from .validate import DPCompatibilityError, validate_model
+from zoo.dp.objectives import objective_of, per_sample_cross_entropy
+from zoo.dp.validate import DPCompatibilityError, validate_model
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,7 +47,7 @@ def check_finite_gradients(grads: dict[str, torch.Tensor], losses: torch.Tensor 
     input can still overflow inside the model (float32 overflows above about 3.4e38; a squared activation of
     1e20 already does), so a finite input does not imply a finite gradient. One pass over the gradients computes
     the norms; a NaN or Inf entry makes its sample's norm NaN or Inf, so only then are the entries read again to
-    say where. Finite entries whose norm overflows are returned (an inf norm): :func:`zoo.engine.clip_per_sample`
+    say where. Finite entries whose norm overflows are returned (an inf norm): :func:`zoo.dp.step.clip_per_sample`
     refuses them.
     """
     if not grads:
@@ -75,7 +75,7 @@ def check_finite_gradients(grads: dict[str, torch.Tensor], losses: torch.Tensor 
 def prepare_batch(model: nn.Module, params: dict[str, nn.Parameter], inputs: torch.Tensor, targets: torch.Tensor,
                   loss_fn: LossFn | None, views: int):
     """Checks shared by the per-sample gradient computers: ``(loss_fn, samples B, result for an empty batch or
-    None)``. The default loss is the model task's (:mod:`zoo.objectives`); then ``targets`` are checked like the
+    None)``. The default loss is the model task's (:mod:`zoo.dp.objectives`); then ``targets`` are checked like the
     inputs (shape, channels, dtype, finite values, labels or masks in range: the objective's ``check``); with a
     custom ``loss_fn`` only the inputs' values are checked here (the model's forward checks their shape and dtype).
     ``views`` must be a positive int dividing the batch. Errors are ``TypeError``/``ValueError`` saying what to
@@ -146,7 +146,7 @@ class _StoringGradSampleModule(GradSampleModule):
 class PerSampleGradients:
     """Computes per-sample gradients of a model; wraps it once with opacus' hooks (``close()`` removes them).
 
-    The model is validated first (:func:`zoo.validate.validate_model`). ``views`` > 1 means the batch holds
+    The model is validated first (:func:`zoo.dp.validate.validate_model`). ``views`` > 1 means the batch holds
     ``views`` consecutive augmented views of each sample (``[x_0^1..x_0^K, x_1^1, ...]``) and the returned
     gradient of sample i is the mean over its views (augmentation multiplicity, De et al. 2022).
     """
@@ -174,7 +174,7 @@ class PerSampleGradients:
         Raises :class:`NonFiniteGradientError` when a sample's gradient has a NaN or Inf entry (nothing is
         returned that an optimizer could apply); bad batches (:func:`prepare_batch`) raise before the forward pass.
 
-        The default loss is the per-sample loss of the model's task (:mod:`zoo.objectives`: cross-entropy for
+        The default loss is the per-sample loss of the model's task (:mod:`zoo.dp.objectives`: cross-entropy for
         classifiers, Dice + cross-entropy per sample for segmenters); then ``targets`` are checked like the
         inputs."""
         loss_fn, b, empty = prepare_batch(self.model, self.params, inputs, targets, loss_fn, views)
@@ -225,7 +225,7 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.
     """``{parameter name: [B, *param.shape]}``; entry i is the gradient of ``loss_fn(model(x_i), y_i)``.
 
     ``loss_fn(outputs, targets)`` must return per-sample losses of shape ``[B]`` (default: the model's task loss,
-    :mod:`zoo.objectives`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
+    :mod:`zoo.dp.objectives`: cross-entropy, or for segmenters Dice + cross-entropy of each sample's pixels). The
     model's ``.grad`` is left untouched. An empty batch gives ``[0, *param.shape]`` tensors; a bad batch raises
     ``TypeError``/``ValueError`` (:func:`prepare_batch`), a NaN or Inf gradient :class:`NonFiniteGradientError`.
     """

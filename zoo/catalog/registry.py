@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cards import CARDS_DIR, CardError, check_card_dataset, load_card, validate_card
-from .models import get_family, known_families
+from zoo.catalog.cards import CARDS_DIR, CardError, check_card_dataset, load_card, validate_card
+from zoo.models import get_family, known_families
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,8 +56,8 @@ def check_family_args(family: type[nn.Module], kwargs: dict[str, Any], where: st
 
 
 def register_model(card: dict, defer_checks: bool = False) -> dict:
-    """Register a model from a card (dict following :data:`zoo.cards.CARD_SCHEMA`); its ``args`` must be
-    arguments of its family and its recipe's data set must be registered (a typo is a :class:`~zoo.cards.CardError`,
+    """Register a model from a card (dict following :data:`zoo.catalog.cards.CARD_SCHEMA`); its ``args`` must be
+    arguments of its family and its recipe's data set must be registered (a typo is a :class:`~zoo.catalog.cards.CardError`,
     not a silently ignored setting). ``defer_checks`` (what :func:`load_cards` uses): check the schema and the
     family's name now, and the two checks that need the family's module and the data stack when the card is first
     used (:func:`get_card`), so that listing models stays cheap."""
@@ -82,7 +82,7 @@ def _check_references(card: dict, source: str) -> None:
         check_family_args(get_family(card["family"]), card["args"], f"{source}: args")
     except (TypeError, ValueError) as e:
         raise CardError(str(e)) from None
-    from .data import list_datasets  # the data stack: only when a card is first used
+    from zoo.data import list_datasets  # the data stack: only when a card is first used
 
     check_card_dataset(card, source, list_datasets())
 
@@ -215,8 +215,8 @@ def builtin_models() -> list[str]:
 def load_checkpoint(path: str | Path, expected_sha256: str | None = None, use_ema: bool = True,
                     **overrides: Any) -> tuple[nn.Module, dict]:
     """Build the model recorded in a checkpoint's sidecar and load its verified weights (the EMA ones when present
-    and ``use_ema``; :func:`zoo.checkpoint.read_checkpoint` checks the hashes). ``(model, sidecar)``."""
-    from .checkpoint import load_weights, read_checkpoint
+    and ``use_ema``; :func:`zoo.catalog.checkpoint.read_checkpoint` checks the hashes). ``(model, sidecar)``."""
+    from zoo.catalog.checkpoint import load_weights, read_checkpoint
 
     tensors, sidecar = read_checkpoint(path, expected_sha256)
     model = build(sidecar["card"], **{**sidecar["args"], **overrides})
@@ -226,8 +226,8 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None, use_em
 def load_published(name: str, **overrides: Any) -> tuple[nn.Module, dict]:
     """The one path from a registered ``NAME`` or ``NAME.TAG`` to its verified published model: ``(model with the
     checkpoint's EMA weights, sidecar)``. The weights' sha256 is checked against the card and the sidecar, and the
-    sidecar must carry the privacy ledger and the input preparation (:func:`zoo.checkpoint.check_published`)."""
-    from .checkpoint import check_published
+    sidecar must carry the privacy ledger and the input preparation (:func:`zoo.catalog.checkpoint.check_published`)."""
+    from zoo.catalog.checkpoint import check_published
 
     path, sha = resolve_checkpoint(name)
     model, sidecar = load_checkpoint(path, expected_sha256=sha, **overrides)
@@ -291,7 +291,7 @@ def count_params(card: dict, **overrides: Any) -> int:
 
 def model_info(name: str) -> dict:
     """Card of ``name`` (``NAME`` or ``NAME.TAG``) plus its task (``'classification'`` or ``'segmentation'``,
-    :mod:`zoo.tasks`), the trainable parameter count, the default checkpoint's status and ``pretrained``: per
+    :mod:`zoo.data.tasks`), the trainable parameter count, the default checkpoint's status and ``pretrained``: per
     published tag its file, sha256, status and, when the file is present, the input preparation and the ledger's
     (ε, δ) from its sidecar (read without loading the weights; the weights are verified when they are loaded)."""
     card = get_card(name)
@@ -309,7 +309,7 @@ def model_info(name: str) -> dict:
         p = checkpoint_path(card, entry["tag"])
         item = {"file": str(p), "sha256": entry["sha256"], "status": "available" if p.exists() else "missing"}
         if p.exists():
-            from .checkpoint import published_facts
+            from zoo.catalog.checkpoint import published_facts
 
             item.update(published_facts(p))
         info["pretrained"][f"{card['name']}.{entry['tag']}"] = item

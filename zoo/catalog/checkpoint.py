@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import atomic_write, sha256_file, write_text
+from zoo.io import atomic_write, sha256_file, write_text
 
 FORMAT = "zoo-checkpoint/1"
 
@@ -176,7 +176,7 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], use_ema: bool = True) -> nn.Module:
     """Load a verified checkpoint's weights into ``model`` (the EMA ones when present and ``use_ema``). Building
-    the model its sidecar records is :func:`zoo.registry.load_checkpoint`'s part."""
+    the model its sidecar records is :func:`zoo.catalog.registry.load_checkpoint`'s part."""
     state = _section(tensors, "ema.") if use_ema and any(k.startswith("ema.") for k in tensors) else None
     model.load_state_dict(state or _section(tensors, "model."))
     return model

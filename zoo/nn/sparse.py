@@ -146,7 +146,7 @@ def prune(model: nn.Module, input_size: tuple[int, ...] | None = None) -> tuple[
     fn = _PRUNERS.get(type(model))
     if fn is None:
         raise TypeError(f"no pruner registered for {type(model).__name__}; prunable: "
-                        f"{sorted(c.__name__ for c in _PRUNERS)} (register one with zoo.sparse.register_pruner)")
+                        f"{sorted(c.__name__ for c in _PRUNERS)} (register one with zoo.nn.sparse.register_pruner)")
     if not gate_modules(model):
         raise ValueError(f"{type(model).__name__} has no L0 gates to prune by; build a sparse variant such as "
                          "'wrn16-4-l0' (or pass l0=True)")

@@ -1,83 +1,60 @@
 """The DP-SGD engine: private training and fine-tuning with a ledger that travels with every checkpoint.
 
-One DP-SGD step (what the guarantee in :mod:`zoo.privacy` assumes):
+One DP-SGD step (what the guarantee in :mod:`zoo.privacy` assumes; :class:`zoo.dp.step.DPStep` is its one
+implementation, which the audit and the step benchmark call too):
   1. Poisson sampling: each training sample joins the logical batch independently with probability
      ``q = batch_size / N`` (the batch size varies; it may be empty).
   2. The logical batch is processed in micro-batches of ``physical_batch_size`` samples (memory only: the
      result does not depend on it). Each sample is expanded to ``augmult`` augmented views; its gradient is
      the mean over its views (augmentation multiplicity), computed exactly per sample.
   3. Each sample's whole gradient is clipped to L2 norm ``clip_norm``; the clipped gradients are summed.
-     With ``align`` set (gradient self-alignment, :mod:`zoo.alignment`), the gradient is that of each
+     With ``align`` set (gradient self-alignment, :mod:`zoo.dp.alignment`), the gradient is that of each
      sample's self-aligned loss, whose extra term reads only that sample and the public earlier updates.
   4. Gaussian noise N(0, (sigma * clip_norm)^2) is added once per step, and the sum is divided by the
      *expected* batch size ``q * N`` (a public constant); the gradient of any data-free penalty (the expected
-     L0 of sparse models, :mod:`zoo.sparse`) is added, then the optimizer steps. An EMA of the weights is
+     L0 of sparse models, :mod:`zoo.nn.sparse`) is added, then the optimizer steps. An EMA of the weights is
      kept for evaluation (post-processing: free).
-A model that standardises its input with training-set statistics (:class:`zoo.layers.DataStandardize`) has them
-fitted once, privately, before step 1 (:mod:`zoo.data_norm`: the Gaussian mechanism, recorded in the ledger and
+A model that standardises its input with training-set statistics (:class:`zoo.nn.layers.DataStandardize`) has them
+fitted once, privately, before step 1 (:mod:`zoo.dp.data_norm`: the Gaussian mechanism, recorded in the ledger and
 composed with the steps). sigma is calibrated for the q and step count that training really uses; training stops before the ledger
 would exceed the target epsilon. ``epsilon=inf`` is the noise-free reference: sigma = 0 with the same clipping,
 sampling and schedule (so only the noise differs), and the ledger says epsilon = inf.
 What is predicted, the loss per sample, the augmentation and the metrics come from the data set's task
-(:mod:`zoo.tasks`: classification or segmentation); the model must be built for the same task.
+(:mod:`zoo.data.tasks`: classification or segmentation); the model must be built for the same task.
 Randomness (sampling, augmentation, noise) is drawn from generators seeded per step from ``seed``; the guarantee assumes that seed stays secret (by default it is drawn from the OS and
 never published: the released ``final`` checkpoint omits it).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from . import distributed
-from .accounting import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
-from .alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
-from .cards import RECIPE_SCHEMA, check_recipe_values
-from .data import get_dataset_info, preparation
-from .data_norm import fit_private_statistics, needs_fitting, releases, statistics_history, statistics_layers
-from .eq_layers import export
-from .grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_norms
-from .io import write_text
-from .layers import MEMO_BYTES, memoized_fixed_layers
-from .path_data import describe as describe_path_data
-from .sparse import penalty_gradients
-from .registry import build, get_card, load_verified
-from .schedule import lr_factor
-from .tasks import task_of
-
-
-def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float,
-                    norms: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scale each sample's whole gradient (all parameters together) to L2 norm at most ``clip_norm``.
-
-    Returns ``(sum over samples of the clipped gradients, per-sample norms before clipping)``. ``norms``: those
-    norms when already computed from these very ``grads`` (``PerSampleGradients.norms``), else computed here.
-    """
-    norms = per_sample_norms(grads) if norms is None else norms
-    if not bool(torch.isfinite(norms).all()):  # finite entries whose float32 norm overflows (entries near 1e19)
-        raise NonFiniteGradientError(f"{int((~torch.isfinite(norms)).sum())} per-sample gradient norm(s) overflow "
-                                     "float32; no update was applied. Normalise the data or lower the learning rate")
-    factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {n: torch.einsum("i,i...->...", factor.to(g.dtype), g) for n, g in grads.items()}, norms
-
-
-def add_noise(summed: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Add i.i.d. N(0, std^2) to every coordinate (``std = sigma * clip_norm``); ``std = 0`` adds nothing."""
-    if std == 0:
-        return summed
-    return {n: s + std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype)
-            for n, s in summed.items()}
+from zoo.catalog import checkpoint as ckpt
+from zoo.catalog.cards import RECIPE_SCHEMA, check_recipe_values
+from zoo.catalog.registry import build, get_card, load_verified
+from zoo.data import get_dataset_info, preparation
+from zoo.data.folder import describe as describe_path_data
+from zoo.data.tasks import task_of
+from zoo.dp import distributed
+from zoo.dp.accounting import BudgetExhaustedError, Ledger, calibrate_sigma, compute_epsilon
+from zoo.dp.alignment import REFERENCE_SLOT, AlignedPerSampleGradients, AlignSettings, update_reference
+from zoo.dp.data_norm import fit_private_statistics, needs_fitting, releases, statistics_history, statistics_layers
+from zoo.dp.grad_sample import PerSampleGradients
+from zoo.dp.step import DPStep, step_generator
+from zoo.io import write_text
+from zoo.nn.equivariant import export
+from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
+from zoo.schedule import lr_factor
 
 
 def ema_with_warmup(decay: float):
@@ -95,105 +72,15 @@ def ema_with_warmup(decay: float):
     return update
 
 
-def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: float, expected_batch: float,
-                 views: int, noise_generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float, float]:
-    """The gradient of one DP-SGD step (steps 2-4 of the module docstring): ``{name: grad}``, summed loss, summed
-    score (correct predictions, or Dice for segmentation: the task's ``score``).
-
-    ``batches`` yields the physical batches ``(x, y)`` of the logical batch, each sample as ``views``
-    consecutive views (none for an empty batch). Each sample's gradient (mean over its views) is clipped to
-    ``clip_norm``; the sum gets N(0, (sigma * clip_norm)^2) noise and is divided by ``expected_batch``. Then the
-    gradient of the model's data-free penalty (expected L0 times ``model.l0_weight``, :mod:`zoo.sparse`) is
-    added: it reads no data, so it needs neither clipping nor noise.
-    """
-    summed = {name: torch.zeros_like(p) for name, p in psg.params.items()}
-    loss_sum, correct = 0.0, 0.0
-    task = task_of(psg.model)
-    for x, y in batches:
-        grads, losses, outputs = psg(x, y, views=views)  # the model task's per-sample loss
-        # the norms the finite check of this call computed, when the gradient computer keeps them
-        clipped, _ = clip_per_sample(grads, clip_norm, getattr(psg, "norms", None))
-        for name in summed:
-            summed[name] += clipped[name]
-        loss_sum += losses.sum().item() / views
-        correct += task.score(outputs, y) / views
-    stats = torch.tensor([loss_sum, correct], dtype=torch.float64, device=next(iter(summed.values())).device)
-    distributed.all_reduce_sum({**summed, "stats": stats})  # multi-process: the sum over every rank's samples
-    loss_sum, correct = stats.tolist()
-    noisy = add_noise(summed, sigma * clip_norm, noise_generator)  # once, after the sum (zoo.distributed)
-    out = {name: noisy[name] / expected_batch for name in summed}
-    names = {p: name for name, p in psg.params.items()}
-    for p, g in penalty_gradients(psg.model, getattr(psg.model, "l0_weight", 0.0)).items():
-        out[names[p]] = out[names[p]] + g
-    return out, loss_sum, correct
-
-
 def _with_views(batch, k: int, generator: torch.Generator, device: torch.device, info, recipe: dict):
     """``(x, y)`` on ``device``, each sample as ``k`` consecutive augmented views (the task's ``views``)."""
     return task_of(info).views(batch[0].to(device), batch[1].to(device), k, generator, info, recipe)
 
 
-def _generator(seed: int, step: int, stream: str, device: torch.device) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{stream}/{step}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson-sampled batch (as opacus' ``UniformWithReplacementSampler``)."""
-    return (torch.rand(n, generator=generator, device=generator.device) < sample_rate).nonzero().flatten().cpu()
-
-
-class DPStep:
-    """One DP-SGD step (steps 1-4 of the module docstring), the only code in zoo that releases a gradient: training
-    (:func:`train`, :func:`finetune`), the privacy audit (``eval/audit_privacy.py``) and the step benchmark
-    (``eval/bench_dp_step.py``) all call it, so the audit certifies the step that trains the releases.
-
-    Fixed for a run: the gradient computer ``psg`` (:class:`~zoo.grad_sample.PerSampleGradients` or a wrapper of
-    it), the optimizer over ``psg.params``, the data set size ``n``, the sampling rate ``q``, ``sigma``, the clip
-    norm, the divisor ``expected_batch`` (``q * n`` in training), the ``views`` per sample, the secret ``seed`` and
-    the device. Calling it for step ``t`` with ``batches_for(idx, augment_generator)``, which turns the sampled
-    indices into that step's physical batches ``(x, y)`` (each sample as ``views`` consecutive views):
-
-    1. draws the Poisson batch ``idx`` from the step's "sample" stream;
-    2. computes the clipped, summed, noised gradient (:func:`dp_gradients`; noise from the step's "noise" stream,
-       model-internal randomness such as L0 gate draws from its "model" stream);
-    3. sets it as the parameters' ``.grad`` and takes the optimizer step.
-
-    Returns ``(idx, released gradient {name: tensor}, summed loss, summed score)``. The privacy accounting of the
-    step (``ledger.record(sigma, q)``) is the caller's, as are the EMA and the learning-rate schedule
-    (post-processing of released gradients). The guarantee assumes the seed stays secret.
-    """
-
-    def __init__(self, psg, optimizer: torch.optim.Optimizer, *, n: int, sample_rate: float, sigma: float,
-                 clip_norm: float, expected_batch: float, views: int, seed: int, device: torch.device):
-        self.psg, self.optimizer = psg, optimizer
-        self.n, self.q, self.sigma, self.clip_norm = n, sample_rate, sigma, clip_norm
-        self.expected_batch, self.views, self.seed, self.device = expected_batch, views, seed, torch.device(device)
-
-    def sample(self, step: int) -> torch.Tensor:
-        """Step ``step``'s Poisson batch: indices into the ``n`` training samples."""
-        return poisson_batch(self.n, self.q, _generator(self.seed, step, "sample", self.device))
-
-    def __call__(self, step: int, batches_for) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, float]:
-        idx = self.sample(step)
-        batches = batches_for(idx, _generator(self.seed, step, "augment", self.device))
-        # randomness inside the model (L0 gate draws) comes from torch's global RNG, seeded per step
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(_generator(self.seed, step, "model", torch.device("cpu")).initial_seed())
-            grads, loss_sum, score = dp_gradients(
-                self.psg, batches, clip_norm=self.clip_norm, sigma=self.sigma, expected_batch=self.expected_batch,
-                views=self.views, noise_generator=_generator(self.seed, step, "noise", self.device))
-        for name, p in self.psg.params.items():
-            p.grad = grads[name]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return idx, grads, loss_sum, score
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int | None = None, device: str | torch.device = "cpu",
              progress: bool = False) -> dict[str, float]:
-    """The metrics of the data set's task (:mod:`zoo.tasks`): accuracy and mean cross-entropy for
+    """The metrics of the data set's task (:mod:`zoo.data.tasks`): accuracy and mean cross-entropy for
     classification; Dice and IoU per class (and their mean over the foreground classes) for segmentation.
     Computed with ``zoo.export(model)``: eval mode, equivariant layers expanded once into plain torch layers
     (same outputs to float rounding; ``model`` itself is left as it is)."""
@@ -206,7 +93,7 @@ def evaluate(model: nn.Module, data, batch_size: int | None = None, device: str 
 
 def _resolve_seed(seed: int | None) -> tuple[int, str]:
     """Seed torch's global RNG (model init) and return ``(seed, how it was chosen)``; the same on every rank of a
-    multi-process run (:func:`zoo.distributed.shared_seed`)."""
+    multi-process run (:func:`zoo.dp.distributed.shared_seed`)."""
     source = ("user-given seed (reproducible; the guarantee assumes it stays secret)" if seed is not None
               else "secret seed drawn from the OS")
     seed = distributed.shared_seed(seed)
@@ -299,7 +186,7 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
 def _remove_uncommitted(out_dir: Path) -> None:
     """Delete what a crash left of a checkpoint write that never committed: temporary files (``.NAME.*.tmp``,
     never renamed into place, :func:`zoo.io.atomic_write`) and step weights without their sidecar (the sidecar,
-    written last, commits a checkpoint: :func:`zoo.checkpoint.save_checkpoint`). No committed checkpoint is
+    written last, commits a checkpoint: :func:`zoo.catalog.checkpoint.save_checkpoint`). No committed checkpoint is
     touched."""
     if not distributed.is_main():
         return
@@ -376,16 +263,16 @@ def pretraining_record(parent: dict | None, init: dict, dataset: str) -> dict:
 
 def _fit_statistics(model: nn.Module, train, recipe: dict, seed: int, device: torch.device, model_name: str,
                     ledger: Ledger, progress: bool = False) -> list:
-    """Fit the model's :class:`zoo.layers.DataStandardize` layers on ``train`` with the recipe's ``norm_sigma``
-    and ``norm_clip`` (:func:`zoo.data_norm.fit_private_statistics`; exact statistics for the noise-free
+    """Fit the model's :class:`zoo.nn.layers.DataStandardize` layers on ``train`` with the recipe's ``norm_sigma``
+    and ``norm_clip`` (:func:`zoo.dp.data_norm.fit_private_statistics`; exact statistics for the noise-free
     reference, epsilon = inf); the noise comes from the run's seeded stream ``statistics``. Returns the ledger
     entries."""
     if recipe.get("norm_sigma") is None or recipe.get("norm_clip") is None:
         raise ValueError(f"{model_name} standardises its input with statistics of the training data "
-                         "(zoo.layers.DataStandardize), released privately before training: the recipe must give "
+                         "(zoo.nn.layers.DataStandardize), released privately before training: the recipe must give "
                          "norm_sigma (the noise multiplier of that release, e.g. 8) and norm_clip ([c_mean, c_square] "
                          "per channel group: the L2 clips of each sample's per-channel mean and mean of squares); see "
-                         "zoo.data_norm")
+                         "zoo.dp.data_norm")
     sigma = 0.0 if math.isinf(recipe["epsilon"]) else float(recipe["norm_sigma"])
     if sigma:  # refuse before the pass over the data if the release alone would spend the budget
         cost = compute_epsilon([*ledger.accounted, *statistics_history(sigma, releases(model))], ledger.delta,
@@ -401,71 +288,82 @@ def _fit_statistics(model: nn.Module, train, recipe: dict, seed: int, device: to
     model.to(device)
     with memoized_fixed_layers(MEMO_BYTES if recipe["augmult"] == 1 else 0):
         return fit_private_statistics(model, train, sigma=sigma, clip=recipe["norm_clip"], device=device,
-                                      generator=_generator(seed, 0, "statistics", device), progress=progress)
+                                      generator=step_generator(seed, 0, "statistics", device), progress=progress)
 
 
 def _fixed_layer_memo(model: nn.Module):
-    """The memo of fixed front ends (:func:`zoo.layers.memoized_fixed_layers`) over a whole run of a model whose
+    """The memo of fixed front ends (:func:`zoo.nn.layers.memoized_fixed_layers`) over a whole run of a model whose
     statistics are fitted first, so that the fit's pass and the training loop compute each image's scattering
     once; otherwise nothing (the loop opens its own)."""
     return memoized_fixed_layers(MEMO_BYTES) if needs_fitting(model) else contextlib.nullcontext()
 
 
-def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
-         parent: dict | None = None, seed_source: str | None = None, out_dir: str | Path | None, data_dir, seed: int | None, device, checkpoint_every: int | None,
-         test_subset: int | None, progress: bool, resume: bool, download: bool, keep: int = 2,
-         requested: dict | None = None, init: dict | None = None, recipe_choice: dict | None = None) -> dict:
-    """The training loop of :func:`train` and :func:`finetune`. ``out_dir`` holds one run: a fresh run refuses a
-    folder with another run's files (:class:`RunFolderError`); ``resume`` continues the run there with its own
-    recipe and seed, and refuses ``requested`` settings that differ from them, naming each, and a run that is
-    already complete. ``init``: what the weights started from (a fine-tuned checkpoint), recorded and compared."""
-    device = _resolve_device(device)
-    out = Path(out_dir) if out_dir else None
+class _Data(NamedTuple):
+    info: Any
+    task: Any
+    train: Any
+    test: Any
+    prep: dict
+
+
+def _open_folder(out: Path | None, resume: bool) -> Path | None:
+    """Stage 1, the run folder. A fresh run refuses a folder with another run's files (:class:`RunFolderError`).
+    ``resume`` drops uncommitted files and returns the newest committed step checkpoint; a complete run, or run
+    files without a checkpoint that verifies, are refused; an empty or missing folder starts a new run (None)."""
     if out is not None and not resume and distributed.is_main():
         _refuse_mixing(out)
-    if resume and out and out.exists():
+    if not resume or out is None:
+        return None
+    if out.exists():
         _remove_uncommitted(out)
         distributed.barrier()  # every rank then picks the same newest committed checkpoint
-    resume_from = _latest_checkpoint(out) if (resume and out and out.exists()) else None
-    if resume and out is not None and resume_from is None:
-        if (out / "final.json").exists():
-            raise RunFolderError(f"the run in {out} is complete (final checkpoint {out / 'final.safetensors'}, result "
-                                 f"{out / 'result.json'}); there is nothing to resume. Train a new run into another "
-                                 "folder")
-        left = run_files(out)
-        if left:
-            raise RunFolderError(f"{out} holds run files ({', '.join(left)}) but no step checkpoint that verifies; "
-                                 "nothing can be resumed. Move them away or train into another folder")
-        _say(f"nothing to resume in {out}: starting a new run there")
-    state: dict[str, Any] = {}
-    tensors = None
-    if resume_from is not None:
-        tensors, sidecar = ckpt.read_checkpoint(resume_from)
-        state = sidecar["train_state"]
-        if int(state["step"]) >= int(state.get("planned_steps", state["recipe"]["steps"])) \
-                and (out / "final.json").exists():
-            raise RunFolderError(f"the run in {out} is complete (step {state['step']} of "
-                                 f"{state.get('planned_steps')}; final checkpoint {out / 'final.safetensors'}); "
-                                 "there is nothing to resume")
-        diffs = _resume_differences(sidecar, {"seed": seed, **(requested or {}), "model": model_name, "init": init,
-                                              "test_subset": test_subset})
-        if diffs:
-            raise RunFolderError(f"--resume continues the run in {out} with its own settings, but this call asks "
-                                 f"for others: {'; '.join(diffs)}. Resume without those settings (or with the "
-                                 "run's values), or start a new run in another folder")
-        recipe, seed = state["recipe"], state["seed"]
-        test_subset = state.get("test_subset", test_subset)
-        card = sidecar["card"]  # the run's own architecture arguments, not the ones of this call's defaults
-        model = build(card, **sidecar["args"])
-        ledger = Ledger.from_dict(sidecar["ledger"])
-        if "ledger_steps_before" in state and ledger.steps != state["ledger_steps_before"] + state["step"]:
-            raise ckpt.CheckpointIntegrityError(
-                f"{resume_from} is inconsistent: its ledger counts {ledger.steps} steps but the run was at step "
-                f"{state['step']} after {state['ledger_steps_before']} inherited ones; do not resume from it")
-        _say(f"resuming from {resume_from} (step {state['step']}, epsilon {ledger.epsilon():.3f})")
-    seed, source = _resolve_seed(seed)
-    seed_source = state.get("seed_source") or seed_source or source
+        newest = _latest_checkpoint(out)
+        if newest is not None:
+            return newest
+    if (out / "final.json").exists():
+        raise RunFolderError(f"the run in {out} is complete (final checkpoint {out / 'final.safetensors'}, result "
+                             f"{out / 'result.json'}); there is nothing to resume. Train a new run into another "
+                             "folder")
+    left = run_files(out)
+    if left:
+        raise RunFolderError(f"{out} holds run files ({', '.join(left)}) but no step checkpoint that verifies; "
+                             "nothing can be resumed. Move them away or train into another folder")
+    _say(f"nothing to resume in {out}: starting a new run there")
+    return None
 
+
+def _restore(path: Path, out: Path, requested: dict) -> tuple[dict, dict, dict, nn.Module, Ledger]:
+    """Stage 2, resuming: ``(train_state, tensors, card, model, ledger)`` of the step checkpoint ``path``. Refuses
+    a complete run, ``requested`` settings that differ from the run's own (naming each), and a ledger whose step
+    count disagrees with the run's."""
+    tensors, sidecar = ckpt.read_checkpoint(path)
+    state = sidecar["train_state"]
+    if int(state["step"]) >= int(state.get("planned_steps", state["recipe"]["steps"])) \
+            and (out / "final.json").exists():
+        raise RunFolderError(f"the run in {out} is complete (step {state['step']} of "
+                             f"{state.get('planned_steps')}; final checkpoint {out / 'final.safetensors'}); "
+                             "there is nothing to resume")
+    diffs = _resume_differences(sidecar, requested)
+    if diffs:
+        raise RunFolderError(f"--resume continues the run in {out} with its own settings, but this call asks "
+                             f"for others: {'; '.join(diffs)}. Resume without those settings (or with the "
+                             "run's values), or start a new run in another folder")
+    card = sidecar["card"]  # the run's own architecture arguments, not the ones of this call's defaults
+    ledger = Ledger.from_dict(sidecar["ledger"])
+    if "ledger_steps_before" in state and ledger.steps != state["ledger_steps_before"] + state["step"]:
+        raise ckpt.CheckpointIntegrityError(
+            f"{path} is inconsistent: its ledger counts {ledger.steps} steps but the run was at step "
+            f"{state['step']} after {state['ledger_steps_before']} inherited ones; do not resume from it")
+    _say(f"resuming from {path} (step {state['step']}, epsilon {ledger.epsilon():.3f})")
+    return state, tensors, card, build(card, **sidecar["args"]), ledger
+
+
+def _prepare_data(model: nn.Module, model_name: str, card: dict, recipe: dict, ledger: Ledger | None, data_dir,
+                  test_subset: int | None, download: bool) -> _Data:
+    """Stage 3, the data: the recipe's data set loaded for ``model``. Refuses a model of another task, recipe
+    settings the task does not read, other content under a ledger's data set, sizes the model cannot take and a
+    head with another class count. Data given by path is resized to a classifier's input size unless the recipe
+    says otherwise (recorded in ``recipe``)."""
     info = get_dataset_info(recipe["dataset"])
     task = task_of(info)
     if task_of(model) is not task:
@@ -474,7 +372,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     unused = [k for k in ("crop", "resize") if recipe.get(k) is not None and k not in task.recipe_keys]
     if unused:
         raise ValueError(f"recipe setting(s) {unused} do not apply to {task.name} ({info.name}); remove them")
-    if hasattr(info, "manifest"):  # data given by path (zoo.path_data)
+    if hasattr(info, "manifest"):  # data given by path (zoo.data.folder)
         _say(describe_path_data(info))
         size = card["input_size"][1:]  # a classifier's input size; a segmenter takes any multiple of its own
         if info.task == "classification" and recipe.get("resize") is None and list(info.image_size[1:]) != \
@@ -495,10 +393,13 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     if model.num_classes != info.num_classes:
         raise ValueError(f"model has {model.num_classes} classes but {info.name} has {info.num_classes}; "
                          f"create it with num_classes={info.num_classes} or fine-tune with zoo.finetune")
-    n = len(train)
-    q = recipe["batch_size"] / n
-    if q > 1:
-        raise ValueError(f"batch_size {recipe['batch_size']} exceeds the {n} training samples")
+    return _Data(info, task, train, test, prep)
+
+
+def _open_ledger(ledger: Ledger | None, info, n: int, recipe: dict, parent: dict | None, init: dict | None,
+                 recipe_choice: dict | None) -> Ledger:
+    """Stage 4, the ledger: a new one for the recipe's budget on ``info`` (with the parent's ledger when
+    fine-tuning, and the record of the recipe's choice), or the given one, which must count the same ``n``."""
     if ledger is None:
         ledger = Ledger(dataset=info.name, num_samples=n, delta=recipe["delta"], accountant=recipe["accountant"],
                         clip_norm=recipe["clip_norm"], target_epsilon=recipe["epsilon"], parent=parent,
@@ -507,17 +408,30 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
                         recipe_choice=recipe_choice)
     if ledger.num_samples != n:
         raise ValueError(f"the ledger is for N={ledger.num_samples} samples of {ledger.dataset}, this run has {n}")
-    if tensors is None and needs_fitting(model):  # a fresh run: the statistics are released before step 1
-        ledger.statistics.extend(_fit_statistics(model, train, recipe, seed, device, model_name, ledger,
-                                                 progress and distributed.is_main()))
+    return ledger
+
+
+def _release_statistics(model: nn.Module, model_name: str, train, recipe: dict, ledger: Ledger, *, fresh: bool,
+                        seed: int, device: torch.device, init: dict | None, parent: dict | None,
+                        progress: bool) -> None:
+    """Stage 5, before step 1 of a fresh run: the model's data statistics are released (:func:`_fit_statistics`)
+    and recorded in ``ledger``. A fine-tuned model keeps its checkpoint's statistics; ``norm_sigma`` on a model
+    without such statistics is refused."""
+    if fresh and needs_fitting(model):
+        ledger.statistics.extend(_fit_statistics(model, train, recipe, seed, device, model_name, ledger, progress))
     elif recipe.get("norm_sigma") is not None and not statistics_layers(model):
         raise ValueError(f"recipe settings norm_sigma / norm_clip apply to models that standardise with private data "
-                         f"statistics (zoo.layers.DataStandardize); {model_name} has none: remove them")
-    elif tensors is None and statistics_layers(model) and init is not None:
+                         f"statistics (zoo.nn.layers.DataStandardize); {model_name} has none: remove them")
+    elif fresh and statistics_layers(model) and init is not None:
         _say(f"{model_name} keeps the normalisation statistics of the checkpoint it starts from (fitted on "
-             f"{(parent or {}).get('dataset') or ledger.dataset}); they are not fitted again on {info.name}")
+             f"{(parent or {}).get('dataset') or ledger.dataset}); they are not fitted again on {ledger.dataset}")
+
+
+def _plan(recipe: dict, ledger: Ledger, state: dict, q: float) -> tuple[float, int, int]:
+    """Stage 6, the noise and the steps: ``(sigma, planned, todo)``. sigma is the run's own when resuming, 0 for the
+    noise-free reference, else calibrated for ``q``, the recipe's steps and the ledger's history; ``todo`` is the
+    steps left that the budget allows (refused when none is)."""
     done = int(state.get("step", 0))
-    before = int(state.get("ledger_steps_before", ledger.steps))  # steps of an inherited ledger (fine-tuning)
     if "sigma" in state:
         sigma = state["sigma"]
     elif math.isinf(recipe["epsilon"]):
@@ -532,7 +446,56 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
                                    f"{ledger.target_epsilon} on {ledger.dataset}; no further step is allowed")
     if todo < planned - done:
         _say(f"the budget allows {todo} of the {planned - done} remaining steps; stopping there")
+    return sigma, planned, todo
 
+
+def _finish(ema_model: nn.Module, data: _Data, device, progress: bool, train_time: float) -> dict | None:
+    """Stage 8, the test metrics of the EMA weights (on the main process; every process gets them)."""
+    metrics = None
+    if distributed.is_main():
+        metrics = evaluate(ema_model, data.test, device=device, progress=progress)
+        metrics["train_time_s"] = round(train_time, 1)
+        if distributed.world()[1] > 1:
+            metrics["processes"] = distributed.world()[1]
+    return distributed.broadcast_json(metrics)
+
+
+def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger: Ledger | None,
+         parent: dict | None = None, seed_source: str | None = None, out_dir: str | Path | None, data_dir,
+         seed: int | None, device, checkpoint_every: int | None, test_subset: int | None, progress: bool,
+         resume: bool, download: bool, keep: int = 2, requested: dict | None = None, init: dict | None = None,
+         recipe_choice: dict | None = None) -> dict:
+    """The training run of :func:`train` and :func:`finetune`, in named stages: the run folder
+    (:func:`_open_folder`), resuming (:func:`_restore`), the data (:func:`_prepare_data`), the ledger
+    (:func:`_open_ledger`), the statistics (:func:`_release_statistics`), the plan (:func:`_plan`), the steps (the one
+    :class:`~zoo.dp.step.DPStep`, with checkpoints), the evaluation (:func:`_finish`). ``out_dir`` holds one run;
+    ``resume`` continues the run there with its own recipe and seed and refuses ``requested`` settings that differ
+    from them. ``init``: what the weights started from (a fine-tuned checkpoint), recorded and compared."""
+    device = _resolve_device(device)
+    out = Path(out_dir) if out_dir else None
+    resume_from = _open_folder(out, resume)
+    state: dict[str, Any] = {}
+    tensors = None
+    if resume_from is not None:
+        state, tensors, card, model, ledger = _restore(resume_from, out, {
+            "seed": seed, **(requested or {}), "model": model_name, "init": init, "test_subset": test_subset})
+        recipe, seed = state["recipe"], state["seed"]
+        test_subset = state.get("test_subset", test_subset)
+    seed, source = _resolve_seed(seed)
+    seed_source = state.get("seed_source") or seed_source or source
+    data = _prepare_data(model, model_name, card, recipe, ledger, data_dir, test_subset, download)
+    n = len(data.train)
+    q = recipe["batch_size"] / n
+    if q > 1:
+        raise ValueError(f"batch_size {recipe['batch_size']} exceeds the {n} training samples")
+    ledger = _open_ledger(ledger, data.info, n, recipe, parent, init, recipe_choice)
+    _release_statistics(model, model_name, data.train, recipe, ledger, fresh=tensors is None, seed=seed,
+                        device=device, init=init, parent=parent, progress=progress and distributed.is_main())
+    sigma, planned, todo = _plan(recipe, ledger, state, q)
+    done = int(state.get("step", 0))
+    before = int(state.get("ledger_steps_before", ledger.steps))  # steps of an inherited ledger (fine-tuning)
+
+    # stage 7, the steps
     model.to(device)
     distributed.broadcast_module(model)  # every rank starts from rank 0's weights
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(recipe["ema_decay"]))  # copy before hooks
@@ -544,8 +507,17 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         ckpt.load_training_state(tensors, model, ema.module, opt)
         ema.n_averaged.fill_(max(done, 1))
     model_args = {**card["args"], "num_classes": model.num_classes, "in_chans": model.in_chans}
-    k, c, expected = recipe["augmult"], recipe["clip_norm"], q * n
+    k = recipe["augmult"]
     params = dict(psg.params)
+    facts = {"hardware": ckpt.hardware(), "seed": "withheld: drawn from the OS, never published" if
+             seed_source.startswith("secret") else "a user-given seed (a measurement, not a private release)"}
+    samples = 0  # training samples x views through the per-sample gradient, this session
+    t0 = time.time()
+
+    def totals() -> tuple[float, int]:
+        """Training wall time (s) and samples x views so far, this session's plus the resumed checkpoint's."""
+        return (round(time.time() - t0 + state.get("train_time_s", 0.0), 1),
+                samples + int(state.get("samples_processed", 0)))
 
     def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
         wall, seen = totals()
@@ -557,39 +529,30 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
                                     ledger=ledger.to_dict(), metrics=metrics, ema=ema.module,
                                     optimizer=None if final else opt, train_state=st, weights_only_ema=final,
-                                    preparation=prep, training={**facts, "wall_time_s": wall, "samples_processed": seen})
-
-    def totals() -> tuple[float, int]:
-        """Training wall time (s) and samples x views so far, this session's plus the resumed checkpoint's."""
-        return (round(time.time() - t0 + state.get("train_time_s", 0.0), 1),
-                samples + int(state.get("samples_processed", 0)))
-
-    facts = {"hardware": ckpt.hardware(), "seed": "withheld: drawn from the OS, never published" if
-             seed_source.startswith("secret") else "a user-given seed (a measurement, not a private release)"}
-    samples = 0  # training samples x views through the per-sample gradient, this session
-    every = checkpoint_every or max(1, planned // 10)
-    t0 = time.time()
-    bar = tqdm(total=todo, desc=f"DP-SGD {model_name}", disable=not (progress and distributed.is_main()),
-               dynamic_ncols=True)
-    writes = out is not None and distributed.is_main()  # one process writes the checkpoints (one ledger)
-    model.train()
-    end = done + todo
-    dp_step = DPStep(psg, opt, n=n, sample_rate=q, sigma=sigma, clip_norm=c, expected_batch=expected, views=k,
-                     seed=seed, device=device)
+                                    preparation=data.prep,
+                                    training={**facts, "wall_time_s": wall, "samples_processed": seen})
 
     def batches_for(idx: torch.Tensor, aug_gen: torch.Generator):
-        """This rank's physical batches of the sampled ``idx``; every rank draws all views (zoo.distributed)."""
-        return distributed.shard(_with_views(train.batch(chunk), k, aug_gen, device, info, recipe)
+        """This rank's physical batches of the sampled ``idx``; every rank draws all views (zoo.dp.distributed)."""
+        return distributed.shard(_with_views(data.train.batch(chunk), k, aug_gen, device, data.info, recipe)
                                  for chunk in (idx.split(recipe["physical_batch_size"]) if len(idx) else ()))
 
+    dp_step = DPStep(psg, opt, n=n, sample_rate=q, sigma=sigma, clip_norm=recipe["clip_norm"], expected_batch=q * n,
+                     views=k, seed=seed, device=device, score=data.task.score)
+    every = checkpoint_every or max(1, planned // 10)
+    writes = out is not None and distributed.is_main()  # one process writes the checkpoints (one ledger)
+    bar = tqdm(total=todo, desc=f"DP-SGD {model_name}", disable=not (progress and distributed.is_main()),
+               dynamic_ncols=True)
+    model.train()
+    end = done + todo
     # un-augmented views repeat: fixed front ends (a ScatterNet's scattering) compute each training image once
     with memoized_fixed_layers(MEMO_BYTES if k == 1 else 0):
         for step in range(done, end):
-            if aligned:  # the public reference: an EMA of the updates released so far (zoo.alignment)
+            if aligned:  # the public reference: an EMA of the updates released so far (zoo.dp.alignment)
                 psg.set_reference({name: opt.state[p].get(REFERENCE_SLOT) for name, p in params.items()})
             for group in opt.param_groups:  # a function of the step alone: public, resumes exactly (zoo.schedule)
                 group["lr"] = recipe["lr"] * lr_factor(recipe.get("lr_schedule"), step, planned)
-            idx, grads, loss_sum, correct = dp_step(step, batches_for)  # empty idx: noise only
+            idx, grads, loss_sum, score = dp_step(step, batches_for)  # empty idx: noise only
             samples += len(idx) * k
             if aligned:
                 update_reference(opt.state, params, grads)  # from the released, noisy gradient only
@@ -598,7 +561,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
             done = step + 1
             if done % max(1, todo // 50) == 0 or done == planned:
                 bar.set_postfix(loss=f"{loss_sum / max(len(idx), 1):.3f}",
-                                **{task_of(info).score_name: f"{correct / max(len(idx), 1):.3f}"},
+                                **{data.task.score_name: f"{score / max(len(idx), 1):.3f}"},
                                 eps=f"{ledger.epsilon():.2f}", refresh=False)
             bar.update()
             if writes and (done % every == 0 or done == end):
@@ -606,18 +569,13 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
                 _rotate(out, keep)
     bar.close()
     psg.close()
-    train_time = time.time() - t0
+
+    # stage 8, evaluation and the final checkpoint
+    metrics = _finish(ema.module, data, device, progress, time.time() - t0)
     facts["wall_time_s"], facts["samples_processed"] = totals()
-    metrics = None
-    if distributed.is_main():
-        metrics = evaluate(ema.module, test, device=device, progress=progress)
-        metrics["train_time_s"] = round(train_time, 1)
-        if distributed.world()[1] > 1:
-            metrics["processes"] = distributed.world()[1]
-    metrics = distributed.broadcast_json(metrics)
-    result = {"model": model_name, "dataset": info.name, "test": metrics, "ledger": ledger.to_dict(),
+    result = {"model": model_name, "dataset": data.info.name, "test": metrics, "ledger": ledger.to_dict(),
               "noise_multiplier": sigma, "sample_rate": q, "steps": ledger.steps, "recipe": recipe,
-              "rng": seed_source, "hardware": ckpt.hardware(), "training": facts, "preparation": prep,
+              "rng": seed_source, "hardware": ckpt.hardware(), "training": facts, "preparation": data.prep,
               "num_params": sum(p.numel() for p in params.values())}
     if out:
         result["checkpoint"] = str(ckpt.paths(out / "final")[0])
@@ -641,9 +599,9 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
     arguments (e.g. ``{"l0_weight": 0.01}``); checkpoints record the arguments used. With ``out_dir``,
     checkpoints ``step-*`` (resumable with ``resume=True``), ``final`` (EMA weights, ledger, metrics) and
     ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model).
-    Started by ``torchrun``, the processes train one model together (:mod:`zoo.distributed`).
+    Started by ``torchrun``, the processes train one model together (:mod:`zoo.dp.distributed`).
     ``auto_recipe`` (default: on for data given by path): delta, batch size, steps and K chosen for the data set's
-    N and epsilon (:mod:`zoo.auto_recipe`) where not given; ``False`` keeps the card's.
+    N and epsilon (:mod:`zoo.training.auto_recipe`) where not given; ``False`` keeps the card's.
     """
     with distributed.process_group(device):  # under torchrun: one DP-SGD run over all processes
         card = get_card(name)
@@ -668,9 +626,8 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
 
 def _auto(card: dict, overrides: dict, auto: bool | None) -> tuple[dict, dict | None]:
     """``(overrides with the recipe fields chosen for the data, the ledger's record of the choice)``: the choice of
-    :mod:`zoo.auto_recipe` for data given by path (or wherever ``auto`` is true), else ``(overrides, None)``."""
-    from . import auto_recipe
-
+    :mod:`zoo.training.auto_recipe` for data given by path (or wherever ``auto`` is true), else ``(overrides, None)``."""
+    from zoo.training import auto_recipe
     dataset = overrides.get("dataset") or card["recipe"]["dataset"]
     info = get_dataset_info(dataset)
     if auto is False or (auto is None and not hasattr(info, "manifest")):
@@ -711,7 +668,7 @@ def finetune(name_or_checkpoint: str | Path, dataset: str, epsilon: float, delta
         delta = recipe_overrides["delta"]
         if delta is None:
             raise ValueError(f"fine-tuning on {dataset} needs delta (below 1/N of its training set); only for data "
-                             "given by path does zoo choose it (zoo.auto_recipe)")
+                             "given by path does zoo choose it (zoo.training.auto_recipe)")
         recipe = _recipe(card, recipe_overrides)
         ledger = None
         if same:

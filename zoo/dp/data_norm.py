@@ -1,5 +1,5 @@
 """Private data normalisation (Tramèr & Boneh 2021, arXiv:2011.11660): the statistics of every
-:class:`zoo.layers.DataStandardize` layer of a model, fitted on the training set with the Gaussian mechanism
+:class:`zoo.nn.layers.DataStandardize` layer of a model, fitted on the training set with the Gaussian mechanism
 before DP-SGD starts, and recorded in the privacy ledger.
 
 The mechanism, for one layer whose input has C channels in G groups (``DataStandardize.groups``), over the N
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import DataStandardize
+from zoo.nn.layers import DataStandardize
 
 __all__ = ["statistics_layers", "needs_fitting", "releases", "statistics_history", "fit_private_statistics"]
 

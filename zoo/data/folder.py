@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataIntegrityError, DataNotFoundError, DatasetInfo, ImageDataset, Split, _files_hashes
+from zoo.data.base import (_REGISTRY, DataIntegrityError, DataNotFoundError, DatasetInfo, ImageDataset, Split,
+                           _files_hashes)
+from zoo.data.segmentation import SegmentationDataset
 
 FIXED_MEAN, FIXED_STD = 0.5, 0.5
 """Per-channel normalisation of data given by path (never statistics of the data itself)."""
@@ -85,8 +87,6 @@ class PathDataset(DatasetInfo):
             raise ValueError(f"{self.path} has no {split!r} split; it has {sorted(self._splits)}")
         x, y = self._splits[split]
         if self.task == "segmentation":
-            from .seg_data import SegmentationDataset
-
             return SegmentationDataset(torch.from_numpy(x), torch.from_numpy(y), self)
         return ImageDataset(torch.from_numpy(x), torch.from_numpy(y), self)
 
@@ -116,7 +116,7 @@ def from_path(path: str | Path) -> PathDataset:
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise DataNotFoundError(f"no data at {p}: give a MedMNIST-style .npz file or a folder with train/<class>/ "
-                                "images (see zoo.path_data), or a registered data set name (zoo.data.list_datasets())")
+                                "images (see zoo.data.folder), or a registered data set name (zoo.data.list_datasets())")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     key = (str(p), tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),)))
     if key not in _CACHE:
@@ -138,8 +138,6 @@ def from_arrays(name: str, train_images, train_labels, test_images=None, test_la
     process so that ``zoo.train(..., dataset=name)`` uses it; the same checks as a path's apply. The manifest's
     sha256 is over the arrays, so evaluating a checkpoint in another process needs the same arrays registered again
     under the same name."""
-    from .data import _REGISTRY
-
     arrays = {"train_images": np.asarray(train_images), "train_labels": np.asarray(train_labels)}
     if test_images is not None:
         arrays.update(test_images=np.asarray(test_images), test_labels=np.asarray(test_labels))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .accounting import calibrate_sigma, compute_epsilon
+from zoo.dp.accounting import calibrate_sigma, compute_epsilon
 
 TAN_STEPS, TAN_SIGMA = 2500, 3.0
 

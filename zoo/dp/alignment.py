@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .grad_sample import LossFn, check_finite_gradients, prepare_batch
-from .validate import validate_model
+from zoo.dp.grad_sample import LossFn, check_finite_gradients, prepare_batch
+from zoo.dp.validate import validate_model
 
 ALIGN_MODES = ("off", "all", "subset")
 DEFAULT_WEIGHT = 1.0    # lambda, when the recipe leaves align_weight unset
@@ -105,7 +105,7 @@ def update_reference(state: dict, params: dict[str, nn.Parameter], released: dic
 
 class AlignedPerSampleGradients:
     """Per-sample gradients of the self-aligned loss (module docstring), with the interface of
-    :class:`zoo.grad_sample.PerSampleGradients`: ``psg(x, y, views=K) -> ({name: [B, *shape]}, losses, outputs)``.
+    :class:`zoo.dp.grad_sample.PerSampleGradients`: ``psg(x, y, views=K) -> ({name: [B, *shape]}, losses, outputs)``.
 
     Call :meth:`set_reference` with the public reference before each step. With no reference, or a zero one, the
     result is the plain per-sample gradient of ``L_i``. Computed with ``torch.func`` on the unhooked model.
@@ -113,7 +113,7 @@ class AlignedPerSampleGradients:
 
     def __init__(self, model: nn.Module, settings: AlignSettings):
         if settings.mode == "off":
-            raise ValueError("alignment is off: use zoo.grad_sample.PerSampleGradients")
+            raise ValueError("alignment is off: use zoo.dp.grad_sample.PerSampleGradients")
         self.model = validate_model(model)
         self.settings = settings
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}

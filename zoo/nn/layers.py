@@ -3,7 +3,7 @@
 Nothing here uses batch statistics: every normalization averages over the features of one sample only,
 so a sample's output (and therefore its gradient) never depends on the other samples of the batch.
 Every layer with trainable parameters has an exact per-sample gradient: opacus' own samplers, or for zoo's layers the
-samplers registered at the end of this module, beside their layers (:mod:`zoo.grad_sample` checks that each is there).
+samplers registered at the end of this module, beside their layers (:mod:`zoo.dp.grad_sample` checks that each is there).
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
+from zoo.nn.inputs import functorch_wrapped
+
 __all__ = ["WSConv2d", "Scattering2D", "DataStandardize", "get_norm_layer", "get_act_layer", "NORM_LAYERS", "ACT_LAYERS"]
 
 
@@ -27,7 +29,7 @@ class WSConv2d(nn.Conv2d):
     The filter used in the forward pass is ``(w - mean) / sqrt(var + eps)``, with mean and (biased) variance
     taken per output channel over ``in_channels/groups x kH x kW``. It depends on the weights only, never on
     data, so it is DP-safe. Per-sample gradients are those of ``nn.Conv2d`` for the standardized filter,
-    pulled back through the standardization (``zoo.grad_sample``).
+    pulled back through the standardization (``zoo.dp.grad_sample``).
     """
 
     def __init__(self, *args, eps: float = 1e-5, **kwargs):
@@ -141,7 +143,7 @@ class DataStandardize(nn.Module):
 
     What it averages over: the mean and variance of channel ``c`` are over every training sample and every
     spatial position of that channel, computed **once, privately**, before DP-SGD starts
-    (:func:`zoo.data_norm.fit_private_statistics`, which ``zoo.train`` calls and records in the privacy ledger);
+    (:func:`zoo.dp.data_norm.fit_private_statistics`, which ``zoo.train`` calls and records in the privacy ledger);
     at training and test time each sample is standardised alone with those fixed numbers, so the layer uses no
     batch statistics and has no trainable parameters (no per-sample gradient is needed). The statistics are
     buffers: they travel with the checkpoint. ``groups`` (one id per channel, ``0 .. G-1``; default one group)
@@ -212,7 +214,7 @@ class Scattering2D(nn.Module):
         self._filters: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _MEMO["max_bytes"] or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        if not _MEMO["max_bytes"] or functorch_wrapped(x):
             return self.transform(x)
         with torch.no_grad():
             out = self._memoized(x.detach())
@@ -327,7 +329,7 @@ class _Detached(torch.autograd.Function):
         return None, None
 
 
-MEMO_BYTES = 4 * 2 ** 30  # the training loop's memo budget (zoo.engine): CIFAR-10's scattering takes 3.1 GB
+MEMO_BYTES = 4 * 2 ** 30  # the training loop's memo budget (zoo.training.engine): CIFAR-10's scattering takes 3.1 GB
 _MEMO: dict = {"max_bytes": 0, "bytes": 0, "store": {}}  # the per-sample memo of fixed layers
 
 

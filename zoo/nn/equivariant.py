@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from .layers import conv_filter_grad_sample, empty_grad_sample, largest_divisor
+from zoo.nn.layers import conv_filter_grad_sample, empty_grad_sample, largest_divisor
 
 
 def relocate_escnn_cache() -> Path:
@@ -42,7 +42,7 @@ def relocate_escnn_cache() -> Path:
     """
     import joblib
 
-    from .io import cache_root
+    from zoo.io import cache_root
 
     target = cache_root() / "escnn"
     for name, module in list(sys.modules.items()):
@@ -94,7 +94,7 @@ def he_init(weights: torch.Tensor, basis, key: str) -> None:
     import escnn
     from escnn.nn import init
 
-    from .io import atomic_write, cache_root, save_npy
+    from zoo.io import atomic_write, cache_root, save_npy
 
     digest = hashlib.sha256(f"{escnn.__about__.__version__}|{key}|{basis.dimension()}".encode()).hexdigest()[:32]
     path = cache_root() / "escnn" / f"he-{digest}.npy"
@@ -127,7 +127,7 @@ _IDENTITY_HASHED: dict[type, type] = {}
 
 def _identity_hashed(cls: type) -> type:
     """``cls`` with ``nn.Module``'s identity hash. escnn's basis modules hash their content, reading tensor data,
-    which ``torch.func`` transforms cannot do: ``functional_call`` (used by :mod:`zoo.alignment`) hashes every
+    which ``torch.func`` transforms cannot do: ``functional_call`` (used by :mod:`zoo.dp.alignment`) hashes every
     submodule while it walks the model."""
     if cls.__hash__ is nn.Module.__hash__:
         return cls

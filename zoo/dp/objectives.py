@@ -1,8 +1,8 @@
 """Per-sample objectives: for each kind of prediction, the check of a training batch and the loss per sample.
 
-The ground floor under the per-sample gradients (:mod:`zoo.grad_sample`, which takes a model's default loss from
-here by its ``task`` name) and the tasks (:mod:`zoo.tasks`, which add views, scores and evaluation): both read the
-one definition. Imports only torch.
+The ground floor under the per-sample gradients (:mod:`zoo.dp.grad_sample`, which takes a model's default loss from
+here by its ``task`` name) and the tasks (:mod:`zoo.data.tasks`, which add views, scores and evaluation): both read the
+one definition. Imports only torch and the models' input contract (:mod:`zoo.nn.inputs`).
 
 DP contract of every objective: ``loss(outputs, targets)`` returns one loss per sample, computed from that sample's
 outputs and targets only, so the gradient of entry i is sample i's gradient.
@@ -18,25 +18,20 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from zoo.nn.inputs import check_images
+
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, in_chans: int, per_pixel: bool = False
                 ) -> None:
     """Validate a training batch; raise TypeError (wrong types/dtypes) or ValueError (shapes/values).
 
-    Requires: x float ``[B,in_chans,H,W]`` and finite; y int64 with values in ``[0, num_classes)``: labels ``[B]``,
+    Requires: x float ``[B,in_chans,H,W]`` and finite (:func:`zoo.nn.inputs.check_images`, the models' own input
+    contract); y int64 with values in ``[0, num_classes)``: labels ``[B]``,
     or with ``per_pixel=True`` segmentation masks ``[B,H,W]`` matching x.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"x must be 4-D [B,C,H,W], got {x.ndim}-D shape {tuple(x.shape)}")
-    if x.shape[1] != in_chans:
-        raise ValueError(f"x has the wrong channel count: expected {in_chans} channels, got {x.shape[1]} "
-                         f"(shape {tuple(x.shape)}; channels-last input must be permuted to [B,C,H,W])")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (convert and normalise uint8 images)")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or Inf values")
+    check_images(x, in_chans)
     what = "masks" if per_pixel else "labels y"
     if y.dtype != torch.int64:
         raise TypeError(f"{what} must be int64 class indices{' per pixel' * per_pixel}, got {y.dtype} "
@@ -90,5 +85,5 @@ def objective_of(obj) -> Objective:
     try:
         return OBJECTIVES[name]
     except KeyError:
-        raise ValueError(f"no objective for task {name!r}; known: {sorted(OBJECTIVES)} (zoo.objectives.OBJECTIVES)"
+        raise ValueError(f"no objective for task {name!r}; known: {sorted(OBJECTIVES)} (zoo.dp.objectives.OBJECTIVES)"
                          ) from None

@@ -1,7 +1,7 @@
 """A DP recipe chosen for your data: delta, batch size, steps and augmentation from N and epsilon.
 
 A card's recipe is tuned for the card's own data set (e.g. CIFAR-10's N = 50,000). On data given by path
-(:mod:`zoo.path_data`) zoo chooses instead the settings that depend on N and epsilon. It keeps the model's own
+(:mod:`zoo.data.folder`) zoo chooses instead the settings that depend on N and epsilon. It keeps the model's own
 optimiser settings (learning rate, momentum, clip norm, EMA), which belong to the architecture. The rules, and
 where they come from:
 
@@ -11,7 +11,7 @@ where they come from:
   [:data:`MIN_BUDGET`, :data:`MAX_BUDGET`]. That is what the release tier's CPU study trained at (PneumoniaMNIST:
   204,800 samples, 43 epochs; CIFAR-10: 491,520, 10 epochs, clamped). It takes minutes on 2 CPU cores for the
   ScatterNet models and under an hour for a WRN-16-1.
-- **batch size and steps**: TAN (Sander et al. 2023, :mod:`zoo.tan`). At fixed (epsilon, delta, N, S) the noise on
+- **batch size and steps**: TAN (Sander et al. 2023, :mod:`zoo.dp.tan`). At fixed (epsilon, delta, N, S) the noise on
   the averaged gradient sigma / B is fixed, so at a fixed budget B x S the choice is only how to split it. The
   studies found, at equal budget: a sampling rate q = B / N near :data:`SAMPLE_RATE` (PneumoniaMNIST ScatterNet:
   q = 0.43 ahead of 0.22 at epsilon 1, 3 and 8), and at least :data:`MIN_STEPS` steps (CIFAR-10 ScatterNet: 60
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from .accounting import calibrate_sigma
+from zoo.dp.accounting import calibrate_sigma
 
 MIN_BUDGET, MAX_BUDGET, EPOCHS = 100_000, 500_000, 40
 SAMPLE_RATE = 0.3
@@ -76,7 +76,7 @@ def choose(n: int, epsilon: float, given: dict, accountant: str = "rdp") -> tupl
         "augmult": "K = 1: K views multiply the cost of a step; the release study used K = 1 at these budgets",
         "sigma": "calibrated by the accountant for exactly this q, S, epsilon and delta",
     }
-    record = {"rule": "zoo.auto_recipe (TAN and the release tier's CPU study)", "num_samples": n,
+    record = {"rule": "zoo.training.auto_recipe (TAN and the release tier's CPU study)", "num_samples": n,
               "chosen": values, "given": sorted(k for k in CHOSEN if given.get(k) is not None),
               "sample_rate": batch / n, "sigma": sigma, "budget_samples": batch * steps * augmult,
               "reasons": reasons}
@@ -88,7 +88,7 @@ def describe(record: dict) -> str:
     c, r = record["chosen"], record["reasons"]
     parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()]
     sigma = "no noise (epsilon = inf)" if record["sigma"] is None else f"sigma {record['sigma']:.3f}"
-    return (f"recipe chosen for N={record['num_samples']:,} (zoo.auto_recipe): {', '.join(parts) or 'nothing'}"
+    return (f"recipe chosen for N={record['num_samples']:,} (zoo.training.auto_recipe): {', '.join(parts) or 'nothing'}"
             f" (q={record['sample_rate']:.3f}, {sigma}; {record['budget_samples']:,} samples x views). "
             f"delta: {r['delta']}; budget: {r['budget']}; B and S: {r['batch_size_and_steps']}; {r['augmult']}. "
             "Explicit flags override any of these; pass --recipe card for the card's own recipe.")

@@ -34,7 +34,7 @@ class NoPerSampleGradientError(DPCompatibilityError):
     """A trainable layer has no registered exact per-sample gradient computation."""
 
 
-_FIX = "use zoo.layers.get_norm_layer('groupnorm') (per-sample statistics) instead"
+_FIX = "use zoo.nn.layers.get_norm_layer('groupnorm') (per-sample statistics) instead"
 
 
 def _batch_norm_classes() -> tuple[type, ...]:

@@ -2,7 +2,7 @@
 DP-SGD step together and give the result a single process would.
 
 Launch any zoo training with ``torchrun``: ``torchrun --standalone --nproc_per_node 4 --no-python zoo train NAME
-...`` (or call :func:`zoo.train` from a script started by torchrun). :func:`zoo.engine.train` sees ``WORLD_SIZE``
+...`` (or call :func:`zoo.train` from a script started by torchrun). :func:`zoo.training.engine.train` sees ``WORLD_SIZE``
 and joins the process group (NCCL on GPUs, gloo on CPUs); each rank uses GPU ``LOCAL_RANK``.
 
 How one step is split (the guarantee of :mod:`zoo.privacy` is unchanged, because the released gradient has exactly

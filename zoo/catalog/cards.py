@@ -13,14 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from .schedule import LR_SCHEDULES
+from zoo.schedule import LR_SCHEDULES
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "models"
-PATH_FORMS = ("a MedMNIST-style .npz file (train_images, train_labels, optional val_*/test_*), an ImageFolder tree "
-              "(train/<class>/*.png|jpg, optional val/ and test/), or for segmentation images/ + masks/ with "
-              "matching file names")
-"""What a recipe's ``dataset`` may name besides a registered data set: a path to data of these forms
-(:mod:`zoo.path_data`); for help texts and errors."""
+CARDS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 class CardError(ValueError):
@@ -46,10 +41,10 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "train_subset": ((int, type(None)), False),  # use a stratified subset of this many training samples
     "crop": ((int, type(None)), False),          # segmentation: train on random crops of this size
     "resize": ((int, type(None)), False),        # resize every split to this size first (e.g. X-rays 28 -> 32)
-    "align": ((str, type(None)), False),          # gradient self-alignment: off, all or subset (zoo.alignment)
-    "align_weight": ((_num, type(None)), False),  # its lambda (default zoo.alignment.DEFAULT_WEIGHT)
-    "align_fraction": ((_num, type(None)), False),  # its subset fraction (default zoo.alignment.DEFAULT_FRACTION)
-    "norm_sigma": ((_num, type(None)), False),   # private data normalisation (zoo.data_norm): its noise multiplier
+    "align": ((str, type(None)), False),          # gradient self-alignment: off, all or subset (zoo.dp.alignment)
+    "align_weight": ((_num, type(None)), False),  # its lambda (default zoo.dp.alignment.DEFAULT_WEIGHT)
+    "align_fraction": ((_num, type(None)), False),  # its subset fraction (default zoo.dp.alignment.DEFAULT_FRACTION)
+    "norm_sigma": ((_num, type(None)), False),   # private data normalisation (zoo.dp.data_norm): its noise multiplier
     "norm_clip": ((list, type(None)), False),    # its L2 clips [c_mean, c_square] per channel group, flat
     "source": (str, True),               # where the recipe comes from
 }
@@ -123,13 +118,13 @@ _RECIPE_VALUES: dict[str, tuple[Any, str]] = {
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "lr_schedule": (lambda v: v in LR_SCHEDULES, " or ".join(map(repr, LR_SCHEDULES)) + " (zoo.schedule)"),
-    "align": (lambda v: v in ("off", "all", "subset"), "'off', 'all' or 'subset' (zoo.alignment)"),
+    "align": (lambda v: v in ("off", "all", "subset"), "'off', 'all' or 'subset' (zoo.dp.alignment)"),
     "align_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "align_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "norm_sigma": (lambda v: 0 < v < math.inf, "a finite number > 0 (zoo.data_norm)"),
+    "norm_sigma": (lambda v: 0 < v < math.inf, "a finite number > 0 (zoo.dp.data_norm)"),
     "norm_clip": (lambda v: len(v) >= 2 and len(v) % 2 == 0 and all(
         isinstance(c, _num) and not isinstance(c, bool) and 0 < c < math.inf for c in v),
-        "finite numbers > 0, a pair [c_mean, c_square] per channel group (zoo.data_norm)"),
+        "finite numbers > 0, a pair [c_mean, c_square] per channel group (zoo.dp.data_norm)"),
     **{k: (lambda v: v >= 1, "an int >= 1") for k in ("batch_size", "physical_batch_size", "steps", "augmult",
                                                       "train_subset", "crop", "resize")},
 }
@@ -142,7 +137,7 @@ def _bad(where: str, value: Any, expected: str, fix: str = "fix the card") -> Ca
 def check_recipe_values(recipe: dict, where: str = "recipe", fix: str = "fix the card") -> None:
     """Raise :class:`CardError` (a ``ValueError``) naming the first recipe value out of its range
     (:data:`_RECIPE_VALUES`); ``None`` values of optional fields are not tested. The one range check of a card's
-    recipe and of a run's recipe after its overrides (:func:`zoo.engine.train`)."""
+    recipe and of a run's recipe after its overrides (:func:`zoo.training.engine.train`)."""
     for key, (ok, expected) in _RECIPE_VALUES.items():
         if recipe.get(key) is not None and not ok(recipe[key]):
             raise _bad(f"{where}.{key}", recipe[key], expected, fix)
@@ -150,7 +145,7 @@ def check_recipe_values(recipe: dict, where: str = "recipe", fix: str = "fix the
 
 def validate_card(card: dict, source: str = "card", datasets: Sequence[str] | None = None) -> dict:
     """Check ``card`` against the schema, then its values (recipe ranges, a data set among ``datasets`` when given:
-    the registered ones, see :func:`zoo.registry.register_model`; an input size of three positive ints, at least 2
+    the registered ones, see :func:`zoo.catalog.registry.register_model`; an input size of three positive ints, at least 2
     classes, a sha256 of 64 hex digits); return it unchanged. Raises :class:`CardError` naming the field, the value
     and what is expected."""
     _check(card, CARD_SCHEMA, source)
