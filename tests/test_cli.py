@@ -123,6 +123,26 @@ def test_segmentation_train_then_eval_at_the_trained_resolution(data_dir, tmp_pa
     assert ev["test"]["dice_membrane"] == result["test"]["dice_membrane"]
     assert ev["test"]["iou_cell"] == result["test"]["iou_cell"]
 
+    # `zoo segment`: masks of the images' own sizes, as zoo.segment gives them in-process
+    import numpy as np
+    from PIL import Image
+
+    from zoo.catalog.registry import load_checkpoint
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (45, 70), dtype=np.uint8)).save(tmp_path / "slice.png")
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")  # luma'd
+    p = zoo_cli("segment", str(tmp_path / "final.safetensors"), str(tmp_path / "slice.png"), str(tmp_path / "rgb.png"),
+                "--out", str(tmp_path / "masks"))
+    assert "slice-mask.png (70x45; cell " in p.stdout and "rgb-mask.png (20x30" in p.stdout
+    model, sidecar = load_checkpoint(tmp_path / "final.safetensors")
+    mask = np.asarray(Image.open(tmp_path / "masks" / "slice-mask.png"))
+    expected = zoo.segment(model, np.asarray(Image.open(tmp_path / "slice.png")), cfg=sidecar["preparation"])
+    assert mask.shape == (45, 70) and set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(mask, expected.numpy().astype(np.uint8) * 255)
+    bad = zoo_cli("segment", str(tmp_path / "final.safetensors"), str(tmp_path / "missing.png"), check=False)
+    assert bad.returncode == 2 and "no such image file" in bad.stderr
+
 
 def test_finetune_a_cifar10_checkpoint_on_pneumonia_with_alignment_then_eval(data_dir, tmp_path):
     """`zoo finetune` of an RGB CIFAR-10 checkpoint on grayscale PneumoniaMNIST: the head is reset to 2 classes, the

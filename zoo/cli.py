@@ -1,4 +1,4 @@
-"""The ``zoo`` command line: list, info, train, finetune, eval, reproduce, card."""
+"""The ``zoo`` command line: list, info, train, finetune, eval, segment, publish, reproduce, card."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--test-subset", type=int)
     p.add_argument("--out", help="JSON result file (default: runs/eval/<model>.json)")
+    p = sub.add_parser("segment", help="masks for your own images of any size from a segmentation checkpoint")
+    p.add_argument("name", help="NAME.TAG of a published segmentation checkpoint, or a run's checkpoint file")
+    p.add_argument("images", nargs="+", help="8-bit image files (PNG, JPEG, TIFF, ...)")
+    p.add_argument("--out", default="runs/masks", help="folder of the masks (default runs/masks): IMAGE-mask.png, "
+                                                        "class k written as k * 255 // (classes - 1)")
+    p.add_argument("--tile", type=int, help="largest window segmented in one pass (default: the training size)")
+    p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring windows (default 0.25)")
     p = sub.add_parser("publish", help="publish a finished run (secret seed) as a card's checkpoint NAME.TAG")
     p.add_argument("run", help="the run folder (holds final.safetensors/.json)")
     p.add_argument("name", help="the card to publish it under")
@@ -115,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result, indent=2))
             for w in result["test"].get("warnings", ()):
                 print(f"WARNING: {w}", file=sys.stderr)
+        elif a.cmd == "segment":
+            _segment(a)
         elif a.cmd == "reproduce":
             return _reproduce(a)
         elif a.cmd == "card":
@@ -128,6 +137,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoo {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _segment(a: argparse.Namespace) -> None:
+    """``zoo segment``: each image through :func:`zoo.segment` (prepared as the checkpoint's sidecar says), its mask
+    written as an 8-bit PNG of the image's size; one line per image with the classes' pixel fractions."""
+    import numpy as np
+    from PIL import Image
+
+    from zoo.catalog.registry import load_verified
+    from zoo.data import read_image
+    from zoo.predict import segment
+
+    model, sidecar, path = load_verified(a.name)
+    cfg = sidecar.get("preparation")
+    if not cfg:
+        raise ValueError(f"{path}'s sidecar has no input preparation: it predates zoo's preparation records; "
+                         "retrain it, or call zoo.segment(model, image, cfg=...) with the preparation by hand")
+    classes = cfg.get("classes") or [str(k) for k in range(cfg["num_classes"])]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scale = 255 // max(1, len(classes) - 1)
+    gray = cfg["data_channels"] == 1
+    for f in map(Path, a.images):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no such image file")
+        mask = segment(model, read_image(f, gray=gray), cfg=cfg, tile=a.tile, overlap=a.overlap)
+        target = out / f"{f.stem}-mask.png"
+        Image.fromarray((mask.numpy() * scale).astype(np.uint8)).save(target)
+        share = ", ".join(f"{c} {float((mask == k).float().mean()):.3f}" for k, c in enumerate(classes))
+        print(f"{target} ({mask.shape[1]}x{mask.shape[0]}; {share})")
 
 
 def _evaluate(a: argparse.Namespace) -> dict:

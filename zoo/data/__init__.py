@@ -22,11 +22,11 @@ from zoo.data import images, segmentation  # noqa: F401  (register the data sets
 from zoo.data.base import (LUMA, PATH_FORMS, ArrayDataset, DataIntegrityError, DataNotFoundError, DatasetInfo,
                            ImageDataset, Split, UnknownDatasetError, _REGISTRY, augment, data_root, list_datasets,
                            preparation, prepare_input, register_dataset)
-from zoo.data.folder import from_arrays, from_path, looks_like_path
+from zoo.data.folder import BadDataError, from_arrays, from_path, looks_like_path, read_image
 
-__all__ = ["LUMA", "PATH_FORMS", "ArrayDataset", "DataIntegrityError", "DataNotFoundError", "DatasetInfo",
+__all__ = ["LUMA", "PATH_FORMS", "ArrayDataset", "BadDataError", "DataIntegrityError", "DataNotFoundError", "DatasetInfo",
            "ImageDataset", "Split", "UnknownDatasetError", "augment", "data_root", "from_arrays", "from_path",
-           "get_dataset_info", "list_datasets", "preparation", "prepare_input", "register_dataset"]
+           "get_dataset_info", "list_datasets", "preparation", "prepare_input", "read_image", "register_dataset"]
 
 
 def get_dataset_info(name: str) -> DatasetInfo:

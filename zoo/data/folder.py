@@ -249,7 +249,7 @@ def _read_tree(p: Path, files: list[Path]) -> PathDataset:
             for f in imgs:
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                arr = _read_image(f)
+                arr = read_image(f)
                 if size is None:
                     size, first = arr.shape[:2], f
                 elif arr.shape[:2] != size:
@@ -273,7 +273,7 @@ def _stack(images: list[np.ndarray], rgb: bool) -> np.ndarray:
     return np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2))
 
 
-def _read_image(f: Path, gray: bool = False) -> np.ndarray:
+def read_image(f: Path, gray: bool = False) -> np.ndarray:
     """An 8-bit image file as ``[H, W]`` (grayscale, or ``gray``) or ``[H, W, 3]``; a clear error otherwise."""
     from PIL import Image, UnidentifiedImageError
 
@@ -306,7 +306,7 @@ def _read_seg_tree(p: Path, files: list[Path]) -> PathDataset:
             raise BadDataError(f"{root / side}{alone[0]}.* has no {'mask' if side == 'images/' else 'image'} of the "
                                f"same name ({len(alone)} unmatched); give every image a mask with the same file name")
         for stem in sorted(images):
-            x, m = _read_image(images[stem]), _read_image(masks[stem], gray=True)
+            x, m = read_image(images[stem]), read_image(masks[stem], gray=True)
             if x.shape[:2] != m.shape:
                 raise BadDataError(f"{masks[stem]} is {m.shape[1]}x{m.shape[0]} but its image {images[stem]} is "
                                    f"{x.shape[1]}x{x.shape[0]}; a mask must have its image's size")
