@@ -341,7 +341,7 @@ def test_registering_a_dataset_class_checks_its_attributes(attrs, error, pattern
             info = data.get_dataset_info("mine")
             assert info.mean == (0.5,) and type(info.std[0]) is float
         finally:
-            data._REGISTRY.pop("mine", None)
+            data.base._REGISTRY.pop("mine", None)
     else:
         with pytest.raises(error, match=f"data set 'mine' \\(Mine\\): {pattern}"):
             data.register_dataset("mine")(cls)

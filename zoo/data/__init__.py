@@ -20,23 +20,25 @@ import difflib
 
 from zoo.data import images, segmentation  # noqa: F401  (register the data sets)
 from zoo.data.base import (LUMA, PATH_FORMS, ArrayDataset, DataIntegrityError, DataNotFoundError, DatasetInfo,
-                           ImageDataset, Split, UnknownDatasetError, _REGISTRY, augment, data_root, list_datasets,
-                           preparation, prepare_input, register_dataset)
+                           ImageDataset, Split, UnknownDatasetError, augment, data_root, list_datasets,
+                           preparation, prepare_input, register_dataset, registered)
 from zoo.data.folder import BadDataError, from_arrays, from_path, looks_like_path, read_image
 
-__all__ = ["LUMA", "PATH_FORMS", "ArrayDataset", "BadDataError", "DataIntegrityError", "DataNotFoundError", "DatasetInfo",
-           "ImageDataset", "Split", "UnknownDatasetError", "augment", "data_root", "from_arrays", "from_path",
-           "get_dataset_info", "list_datasets", "preparation", "prepare_input", "read_image", "register_dataset"]
+__all__ = ["LUMA", "PATH_FORMS", "ArrayDataset", "BadDataError", "DataIntegrityError", "DataNotFoundError",
+           "DatasetInfo", "ImageDataset", "Split", "UnknownDatasetError", "augment", "data_root", "from_arrays",
+           "from_path", "get_dataset_info", "list_datasets", "preparation", "prepare_input", "read_image",
+           "register_dataset", "registered"]
 
 
 def get_dataset_info(name: str) -> DatasetInfo:
     """The registered :class:`DatasetInfo` of ``name``, or the data at ``name`` when it is a path
     (:func:`zoo.data.folder.from_path`); unknown names raise :class:`UnknownDatasetError`."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    info = registered(name)
+    if info is not None:
+        return info
     if looks_like_path(name):
         return from_path(name)
-    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name.lower(), list_datasets(), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise UnknownDatasetError(f"unknown dataset {name!r}.{hint} Available: {', '.join(list_datasets())}, or a path: "
                               f"{PATH_FORMS}")

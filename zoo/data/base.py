@@ -134,6 +134,22 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered(name: str) -> DatasetInfo | None:
+    """The :class:`DatasetInfo` registered as ``name``, else ``None`` (:func:`zoo.data.get_dataset_info` also reads
+    paths and suggests close names)."""
+    return _REGISTRY.get(name)
+
+
+def add_dataset(info: DatasetInfo) -> None:
+    """Register an already built data set (in-memory arrays, :func:`zoo.data.from_arrays`) under ``info.name``;
+    another data set of that name is refused unless its manifest's sha256 is the same."""
+    old = _REGISTRY.get(info.name)
+    if old is not None and getattr(old, "manifest", {}).get("sha256") != info.manifest["sha256"]:
+        raise ValueError(f"a data set named {info.name!r} is already registered with other content; pick another "
+                         "name")
+    _REGISTRY[info.name] = info
+
+
 # ----------------------------------------------------------------------------- caching helpers
 def _files_hashes(paths: Sequence[Path]) -> list[dict[str, str]]:
     """sha256 and md5 of each of ``paths``, cached in the cache root keyed by (path, size, mtime). The cache is

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zoo.data.base import (_REGISTRY, DataIntegrityError, DataNotFoundError, DatasetInfo, ImageDataset, Split,
+from zoo.data.base import (DataIntegrityError, DataNotFoundError, DatasetInfo, ImageDataset, Split, add_dataset,
                            _files_hashes)
 from zoo.data.segmentation import SegmentationDataset
 
@@ -148,9 +148,7 @@ def from_arrays(name: str, train_images, train_labels, test_images=None, test_la
     ds = _from_arrays(Path(name), "arrays", arrays, h.hexdigest(), f"arrays {name!r}", classes)
     ds.name = name
     ds.manifest["path"] = None
-    if name in _REGISTRY and getattr(_REGISTRY[name], "manifest", {}).get("sha256") != ds.manifest["sha256"]:
-        raise ValueError(f"a data set named {name!r} is already registered with other content; pick another name")
-    _REGISTRY[name] = ds
+    add_dataset(ds)
     return ds
 
 

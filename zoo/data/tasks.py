@@ -27,7 +27,9 @@ from zoo.registrar import instance_registrar
 
 
 class Task:
-    """Base class; subclasses implement every method."""
+    """Base class of a task. ``check_batch`` and ``loss`` are the task's objective's (:mod:`zoo.dp.objectives`, one
+    definition per task name); subclasses implement ``score``, ``views``, ``evaluate``, ``example_targets`` and
+    ``output_shape``."""
 
     name: str = ""
     score_name: str = ""  # the per-sample training statistic shown in progress bars
