@@ -46,6 +46,7 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "align_fraction": ((_num, type(None)), False),  # its subset fraction (default zoo.dp.alignment.DEFAULT_FRACTION)
     "norm_sigma": ((_num, type(None)), False),   # private data normalisation (zoo.dp.data_norm): its noise multiplier
     "norm_clip": ((list, type(None)), False),    # its L2 clips [c_mean, c_square] per channel group, flat
+    "trainable": ((str, type(None)), False),     # which parameters DP-SGD trains (zoo.models._base.TRAINABLE_PRESETS)
     "source": (str, True),               # where the recipe comes from
 }
 RESULT_SCHEMA: dict[str, tuple[Any, bool]] = {
@@ -117,6 +118,8 @@ _RECIPE_VALUES: dict[str, tuple[Any, str]] = {
     "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
     "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "trainable": (lambda v: bool(v.strip()), "'all', 'head', 'head+norm' or comma-separated fnmatch patterns over "
+                  "parameter names (zoo.models._base.trainable_names)"),
     "lr_schedule": (lambda v: v in LR_SCHEDULES, " or ".join(map(repr, LR_SCHEDULES)) + " (zoo.schedule)"),
     "align": (lambda v: v in ("off", "all", "subset"), "'off', 'all' or 'subset' (zoo.dp.alignment)"),
     "align_weight": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),

@@ -85,3 +85,56 @@ class ZooSegmenter(ZooClassifier):
     def new_head(self, old: nn.Module, num_classes: int) -> nn.Module:
         """A 1x1 ``nn.Conv2d`` head for ``num_classes`` classes on the per-pixel features."""
         return nn.Conv2d(old.in_channels, num_classes, 1)
+
+
+TRAINABLE_PRESETS = {
+    "all": "every parameter (the default)",
+    "head": "the classifier / segmentation head only (a linear probe on the features)",
+    "head+norm": "the head and the affine parameters of every normalisation layer (GroupNorm, LayerNorm, ...)",
+}
+"""Named selections of the parameters DP-SGD trains (the recipe's ``trainable``); anything else is read as
+comma-separated ``fnmatch`` patterns over parameter names (``model.named_parameters()``), e.g. ``decoder.*,head.*``."""
+
+
+def trainable_names(model: nn.Module, spec: str | None) -> list[str]:
+    """The names of the parameters that ``spec`` (:data:`TRAINABLE_PRESETS`, or comma-separated ``fnmatch`` patterns)
+    selects, in ``named_parameters`` order. A pattern that matches no parameter raises ``ValueError`` naming a few."""
+    from fnmatch import fnmatchcase
+
+    names = [n for n, _ in model.named_parameters()]
+    if spec in (None, "", "all"):
+        return names
+    selected: set[str] = set()
+    if spec in ("head", "head+norm"):
+        head = getattr(model, "head_name", None)
+        if head is None:
+            raise ValueError(f"{type(model).__name__} names no head (head_name); give parameter-name patterns")
+        selected |= {n for n in names if n.startswith(head + ".")}
+        if spec == "head+norm":
+            selected |= {f"{m}.{p}" if m else p for m, mod in model.named_modules() if "Norm" in type(mod).__name__
+                         for p, _ in mod.named_parameters(recurse=False)}
+    else:
+        for pattern in (s.strip() for s in spec.split(",")):
+            hit = {n for n in names if fnmatchcase(n, pattern)}
+            if not pattern or not hit:
+                raise ValueError(f"trainable pattern {pattern!r} matches no parameter of {type(model).__name__}; "
+                                 f"its parameters are named like {names[:3] + names[-2:]} (presets: "
+                                 f"{', '.join(TRAINABLE_PRESETS)})")
+            selected |= hit
+    if not selected:
+        raise ValueError(f"trainable={spec!r} selects no parameter of {type(model).__name__}")
+    return [n for n in names if n in selected]
+
+
+def set_trainable(model: nn.Module, spec: str | None) -> tuple[int, int]:
+    """Freeze (``requires_grad=False``) every parameter of ``model`` that ``spec`` does not select
+    (:func:`trainable_names`); return ``(trainable, total)`` parameter counts. DP-SGD then computes, clips and noises
+    the gradients of the selected parameters only; the frozen ones are constants of the released function (their
+    values must not depend on the private data: a public or earlier-released checkpoint, or the initialisation)."""
+    keep = set(trainable_names(model, spec))
+    total = trainable = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+        total += p.numel()
+        trainable += p.numel() if name in keep else 0
+    return trainable, total

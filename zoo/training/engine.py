@@ -52,6 +52,7 @@ from zoo.dp.data_norm import fit_private_statistics, needs_fitting, releases, st
 from zoo.dp.grad_sample import PerSampleGradients
 from zoo.dp.step import DPStep, step_generator
 from zoo.io import write_text
+from zoo.models._base import set_trainable
 from zoo.nn.equivariant import export
 from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
 from zoo.schedule import lr_factor
@@ -484,6 +485,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     seed, source = _resolve_seed(seed)
     seed_source = state.get("seed_source") or seed_source or source
     data = _prepare_data(model, model_name, card, recipe, ledger, data_dir, test_subset, download)
+    trainable, total = set_trainable(model, recipe.get("trainable"))  # before any release: a bad spec spends none
     n = len(data.train)
     q = recipe["batch_size"] / n
     if q > 1:
@@ -509,7 +511,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     model_args = {**card["args"], "num_classes": model.num_classes, "in_chans": model.in_chans}
     k = recipe["augmult"]
     params = dict(psg.params)
-    facts = {"hardware": ckpt.hardware(), "seed": "withheld: drawn from the OS, never published" if
+    facts = {"trainable": {"spec": recipe.get("trainable") or "all", "params": trainable, "of": total},
+             "hardware": ckpt.hardware(), "seed": "withheld: drawn from the OS, never published" if
              seed_source.startswith("secret") else "a user-given seed (a measurement, not a private release)"}
     samples = 0  # training samples x views through the per-sample gradient, this session
     t0 = time.time()
