@@ -156,3 +156,31 @@ def test_every_published_checkpoint_is_complete_and_reproduces(full, data_dir):
     assert any(r.get("checkpoint") == tag for r in card["results"]), "every published checkpoint has card results"
     report = reproduce_checkpoint(full, data_dir=data_dir)
     assert report.ok, report.table()
+
+
+def test_a_published_segmenter_segments_a_users_image_and_reproduces(data_dir, tmp_path, register):
+    """A segmentation release end to end: a secret-seed run of a U-Net on ISBI 2012, published as NAME.TAG,
+    loaded by tag with its preparation, segments an image of another size (zoo.segment), reproduces its Dice."""
+    run = tmp_path / "run"
+    zoo.train("test-unet-w4", out_dir=run, data_dir=data_dir, steps=2, crop=32, progress=False)
+    cards = tmp_path / "models"
+    cards.mkdir()
+    card = json.loads((Path(__file__).resolve().parent / "models" / "test-unet-w4.json").read_text())
+    name = "test-user-unet-w4"
+    card.update(name=name, summary="TEST ONLY: a user segmentation card", results=[], checkpoints=[])
+    (cards / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    register(cards)
+    publish(run, name, "dp_test", data_dir=data_dir, cards_dir=cards, weights_dir=tmp_path / "weights")
+    from zoo.catalog import registry
+    registry._MODELS.pop(name)
+    register(cards)
+    model = zoo.create_model(f"{name}.dp_test", pretrained=True)
+    cfg = model.pretrained_cfg
+    assert cfg["task"] == "segmentation" and cfg["classes"] == ["cell", "membrane"] and cfg["resize"]["size"] == [64, 64]
+    image = torch.randint(0, 256, (77, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mask = zoo.segment(model, image)
+    assert mask.shape == (77, 90) and set(mask.unique().tolist()) <= {0, 1}
+    metrics = {r["metric"] for r in zoo.model_info(name)["results"]}
+    assert {"dice", "iou"} <= metrics
+    report = reproduce_checkpoint(name, data_dir=data_dir)
+    assert report.ok, report.table()
