@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from zoo.privacy import compute_epsilon, tan
 
@@ -52,3 +53,35 @@ def test_scaled_down_simulation_keeps_steps_and_noise_per_sample_but_is_not_priv
 def test_proposal_refuses_a_delta_at_or_above_one_over_n():
     with pytest.raises(ValueError, match="1/N"):
         tan.propose(8.0, 1e-3, 5_000)
+
+
+@pytest.mark.parametrize("epsilon,delta,n,steps", [(8.0, 1e-5, 50_000, 2500), (3.0, 1e-5, 50_000, 360),
+                                                   (1.0, 1e-4, 4_708, 200), (8.0, 1e-4, 222, 300)])
+def test_noise_to_signal_depends_on_the_budget_and_d_not_on_the_batch_or_steps(epsilon, delta, n, steps):
+    """TAN's closed form makes the run's noise-to-signal ratio sqrt(d) / (sqrt(2) eta N): the exact ratio of
+    accountant-calibrated recipes at different batch sizes lies between 0.75 and 1 times it where sigma >= 2 (the
+    closed form's range; it is conservative), and it grows as sqrt(d)."""
+    from zoo.dp.accounting import calibrate_sigma
+
+    d = 100_000
+    bound = tan.noise_to_signal_for(epsilon, delta, n, d)
+    assert tan.noise_to_signal_for(epsilon, delta, n, 4 * d) == pytest.approx(2 * bound)
+    for batch in (n // 16, n // 4):
+        sigma = calibrate_sigma(epsilon, delta, batch / n, steps, "rdp")
+        if sigma < 2:
+            continue
+        assert 0.75 * bound <= tan.noise_to_signal(d, sigma, batch, steps) <= 1.001 * bound, (batch, sigma)
+
+
+def test_noise_to_signal_is_the_ratio_of_the_summed_noise_to_the_largest_summed_signal():
+    """Simulated: S steps of a mean clipped gradient of norm C (all aligned, the best case) against S draws of
+    N(0, (sigma C / B)^2 I_d); the norm ratio of the sums is noise_to_signal."""
+    g = torch.Generator().manual_seed(0)
+    d, sigma, batch, steps, clip = 20_000, 3.0, 64, 50, 0.7
+    direction = torch.randn(d, generator=g)
+    signal = steps * clip * direction / direction.norm()
+    noise = sum(torch.randn(d, generator=g) * sigma * clip / batch for _ in range(steps))
+    ratio = float(noise.norm() / signal.norm())
+    assert ratio == pytest.approx(tan.noise_to_signal(d, sigma, batch, steps), rel=0.03)
+    with pytest.raises(ValueError):
+        tan.noise_to_signal(0, sigma, batch, steps)
