@@ -36,6 +36,7 @@ import torch
 import zoo
 from _results import close, record, study_dirs, study_parser
 from zoo.data import get_dataset_info
+from zoo.dp import tan
 from zoo.training.engine import load_split
 from zoo.io import write_text
 
@@ -127,6 +128,17 @@ def all_foreground_dice(dataset: str, resize: int | None, data_dir) -> float:
     return 2 * p / (1 + p)
 
 
+def _noise_to_signal(rows: list[dict], dataset: str, model: str, epsilon: float) -> str:
+    """The run's best-case noise-to-signal ratio (:func:`zoo.dp.tan.noise_to_signal`: sqrt(params) sigma / (B sqrt(S)));
+    above about 1 the noise's random walk outruns everything the gradients can add."""
+    r = next((r for r in rows if r["dataset"] == dataset and r["model"] == model and float(r["epsilon"]) == epsilon),
+             None)
+    if r is None:
+        return "—"
+    ratio = tan.noise_to_signal(int(r["params"]), float(r["sigma"]), float(r["batch_size"]), int(r["steps"]))
+    return f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.2g}"
+
+
 def _args(text: str) -> str:
     """``"{'width': 8}"`` (the CSV's model_args) as ``width 8``; the card's own arguments as ``card``."""
     return text.strip("{}").replace("'", "").replace(":", "") or "card"
@@ -136,20 +148,25 @@ def table(rows: list[dict], config: str, trivial: dict[str, float]) -> str:
     """Markdown: foreground Dice (mean ± std over seeds) per architecture and epsilon, one table per data set."""
     lines = [f"### Segmentation under DP: `{config}` configuration", "",
              f"Foreground Dice on the test split (mean ± std over seeds), from `eval/study_segmentation.py --config "
-             f"{config}` (`{config}` settings in its docstring). ε = ∞: the same recipe with σ = 0.", ""]
+             f"{config}` (`{config}` settings in its docstring). ε = ∞: the same recipe with σ = 0. Noise / signal: "
+             "the run's best-case ratio of its summed noise to its summed clipped gradients, √params · σ / (B √S) "
+             "(`zoo.dp.tan.noise_to_signal`); above about 1 the noise outruns anything the data can add.", ""]
     epsilons = sorted({float(r["epsilon"]) for r in rows}, reverse=True)
     for dataset in sorted({r["dataset"] for r in rows}):
         delta = next(r["delta"] for r in rows if r["dataset"] == dataset)
         lines += [f"**{dataset}** (δ = {delta}, RDP; predicting foreground everywhere scores "
                   f"{trivial[dataset]:.3f})", "",
-                  "| model | args | params | per-sample grads (MiB / micro-batch) | "
+                  "| model | args | params | per-sample grads (MiB / micro-batch) | noise / signal at ε = "
+                  + ", ".join(_eps_label(e) for e in epsilons if not math.isinf(e)) + " | "
                   + " | ".join(f"ε = {_eps_label(e)}" for e in epsilons) + " |",
-                  "|---|---|---:|---:|" + "---:|" * len(epsilons)]
+                  "|---|---|---:|---:|---|" + "---:|" * len(epsilons)]
         for model in sorted({r["model"] for r in rows if r["dataset"] == dataset}):
             first = next(r for r in rows if r["dataset"] == dataset and r["model"] == model)
             cells = {e: f"{m:.3f} ± {s:.3f} ({n})" if n > 1 else f"{m:.3f}"
                      for e, m, s, n in _summary(rows, dataset, model)}
-            lines.append(f"| `{model}` | {_args(first['model_args'])} | {int(first['params']):,} | {float(first['psg_mib']):.1f} | "
+            ratios = ", ".join(_noise_to_signal(rows, dataset, model, e) for e in epsilons if not math.isinf(e))
+            lines.append(f"| `{model}` | {_args(first['model_args'])} | {int(first['params']):,} | "
+                         f"{float(first['psg_mib']):.1f} | {ratios} | "
                          + " | ".join(cells.get(e, "—") for e in epsilons) + " |")
         lines.append("")
     return "\n".join(lines)
