@@ -1,6 +1,7 @@
 """Study: accuracy of L0-sparse WideResNets under DP against sparsity strength and privacy budget.
 
-Grid: data set (CIFAR-10, PneumoniaMNIST) x ``l0_weight`` (penalty per expected open gate) x epsilon. Each run
+Grid: data set (CIFAR-10, PneumoniaMNIST) x ``l0_lambda`` (Louizos et al.'s lambda: the price of a kept parameter
+against the mean loss of one sample, over N; :mod:`zoo.nn.sparse`) x epsilon. Each run
 trains with ``zoo.train`` (DP-SGD, RDP accountant, delta 1e-5), prunes the EMA model with ``zoo.prune`` and
 appends one row to ``<out>/results.csv``: test accuracy of the EMA model (the pruned network has the same
 outputs, see tests/test_sparse.py), the fraction of channel gates left open, the residual branches left open (when branch gates are used), parameters and FLOPs before and after pruning, sigma, batch size, steps, time.
@@ -29,23 +30,23 @@ from zoo.privacy import tan
 from zoo.nn.sparse import HardConcreteGate
 
 CONFIGS = {
-    "cpu": {"model": "test-wrn10-1-l0", "l0_weights": [0.0, 0.2, 0.3, 0.4], "epsilons": [2.0, 8.0],
+    "cpu": {"model": "test-wrn10-1-l0", "l0_lambdas": [0.0, 0.1, 1.0, 10.0], "epsilons": [2.0, 8.0],
             "datasets": {"cifar10": ({"train_subset": 5000}, 1000), "pneumoniamnist": ({}, None)},
             "recipe": {"batch_size": 256, "physical_batch_size": 128, "steps": 30, "augmult": 1, "lr": 2.0},
             "tan": False},
-    "gpu": {"model": "wrn16-4-l0", "l0_weights": [0.0, 0.001, 0.005, 0.02], "epsilons": [1.0, 3.0, 8.0],
+    "gpu": {"model": "wrn16-4-l0", "l0_lambdas": [0.0, 0.001, 0.01, 0.1], "epsilons": [1.0, 3.0, 8.0],
             "datasets": {"cifar10": ({}, None), "pneumoniamnist": ({}, None)},  # (recipe overrides, test subset)
             "recipe": {"physical_batch_size": 256, "augmult": 16}, "tan": True},
 }
 DATASET_SIZES = {"cifar10": 50_000, "pneumoniamnist": 4_708}
 DELTA = 1e-5
-FIELDS = ["config", "dataset", "model", "epsilon", "delta", "l0_weight", "batch_size", "sigma", "steps",
+FIELDS = ["config", "dataset", "model", "epsilon", "delta", "l0_lambda", "batch_size", "sigma", "steps",
           "epsilon_spent", "accuracy", "open_fraction", "branches_open", "params", "params_pruned", "flops", "flops_pruned",
           "train_time_s"]
 
 
 def key(row: dict) -> str:
-    return f"{row['config']}-{row['dataset']}-eps{row['epsilon']:g}-l0w{row['l0_weight']:g}"
+    return f"{row['config']}-{row['dataset']}-eps{row['epsilon']:g}-l0lambda{row['l0_lambda']:g}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -84,12 +85,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     table = out / "results.csv"
     rows = read_rows(table)
-    done = {key({**r, "epsilon": float(r["epsilon"]), "l0_weight": float(r["l0_weight"])}) for r in rows}
-    grid = [(d, e, w) for d in cfg["datasets"] for e in cfg["epsilons"] for w in cfg["l0_weights"]]
+    done = {key({**r, "epsilon": float(r["epsilon"]), "l0_lambda": float(r["l0_lambda"])}) for r in rows}
+    grid = [(d, e, w) for d in cfg["datasets"] for e in cfg["epsilons"] for w in cfg["l0_lambdas"]]
     ran = 0
     for i, (dataset, eps, weight) in enumerate(grid, 1):
         row = {"config": args.config, "dataset": dataset, "model": cfg["model"], "epsilon": eps, "delta": DELTA,
-               "l0_weight": weight}
+               "l0_lambda": weight}
         if key(row) in done:
             print(f"[{i}/{len(grid)}] {key(row)}: done, skipped", file=sys.stderr)
             continue
@@ -107,7 +108,7 @@ def main() -> int:
         t0 = time.time()
         result = zoo.train(cfg["model"], dataset=dataset, epsilon=eps, delta=DELTA, seed=args.seed,
                            data_dir=args.data_dir, out_dir=out / "runs" / key(row), resume=True,
-                           test_subset=test_subset, progress=False, model_args={"l0_weight": weight},
+                           test_subset=test_subset, progress=False, model_args={"l0_lambda": weight},
                            **recipe)
         model = result["model_object"]
         gates = [m for m in model.modules() if isinstance(m, HardConcreteGate) and m.log_alpha.numel() > 1]

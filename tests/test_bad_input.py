@@ -339,8 +339,8 @@ def test_train_arguments_refused_before_any_data_is_read(tmp_path):
         zoo.train("test-wrn10-1", dataset="cifar100", data_dir=nowhere, progress=False)
     with pytest.raises(ValueError, match=r"unknown recipe setting\(s\) \['learning_rate'\]"):
         zoo.train("test-wrn10-1", learning_rate=0.1, data_dir=nowhere, progress=False)
-    with pytest.raises(TypeError, match="Did you mean 'l0_weight'"):
-        zoo.train("test-wrn10-1-l0", model_args={"l0_wieght": 0.1}, data_dir=nowhere, progress=False)
+    with pytest.raises(TypeError, match="Did you mean 'l0_lambda'"):
+        zoo.train("test-wrn10-1-l0", model_args={"l0_lamda": 0.1}, data_dir=nowhere, progress=False)
     with pytest.raises(UnknownModelError, match="Did you mean 'test-wrn10-1'"):
         zoo.train("test-wrn10_1", data_dir=nowhere, progress=False)
     for key, value in (("batch_size", 0), ("epsilon", -1.0), ("momentum", 1.5), ("lr", 0.0), ("delta", 1.0)):

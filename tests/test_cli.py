@@ -101,13 +101,13 @@ def test_tampered_checkpoint_is_refused(data_dir, tmp_path):
 def test_train_on_another_dataset_with_model_args(data_dir, tmp_path):
     from zoo.catalog.registry import load_checkpoint
 
-    zoo_cli("train", "test-wrn10-1-l0", "--dataset", "pneumoniamnist", "--model-arg", "l0_weight=0.2",
+    zoo_cli("train", "test-wrn10-1-l0", "--dataset", "pneumoniamnist", "--model-arg", "l0_lambda=0.2",
             "--steps", "2", "--batch-size", "64", "--physical-batch-size", "64", "--augmult", "1",
             "--test-subset", "100", "--seed", "0", "--no-progress", "--out", str(tmp_path),
             "--data-dir", str(data_dir))
     model, _ = load_checkpoint(tmp_path / "final.safetensors")
-    assert (model.in_chans, model.num_classes, model.l0_weight) == (1, 2, 0.2)
-    bad = zoo_cli("train", "test-wrn10-1-l0", "--model-arg", "l0_weight", check=False)
+    assert (model.in_chans, model.num_classes, model.l0_lambda) == (1, 2, 0.2)
+    bad = zoo_cli("train", "test-wrn10-1-l0", "--model-arg", "l0_lambda", check=False)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
 
 

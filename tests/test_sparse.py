@@ -9,7 +9,8 @@ import torch
 import zoo
 from zoo.dp.step import dp_gradients
 from zoo.dp.grad_sample import PerSampleGradients
-from zoo.nn.sparse import BETA, GAMMA, ZETA, HardConcreteGate, expected_l0, gate_modules, penalty_gradients
+from zoo.nn.sparse import (BETA, GAMMA, ZETA, HardConcreteGate, expected_cost, expected_l0, gate_modules,
+                           penalty_gradients, penalty_weight)
 
 SPARSE = [n for n in zoo.list_models() if zoo.catalog.registry.get_card(n)["args"].get("l0")]
 
@@ -52,17 +53,19 @@ def test_gate_per_sample_gradients_exact():
 
 def test_dp_update_is_clip_and_noise_of_the_data_gradients_plus_the_penalty_gradient():
     """The step gradient equals (sum of clipped per-sample gradients + N(0, (sigma C)^2)) / B, computed here
-    by hand, plus the gradient of l0_weight * E[L0], which is the same whatever the data."""
+    by hand, plus the gradient of (lambda / N) * sum_g cost_g P(open_g), which is the same whatever the data."""
     torch.manual_seed(0)
     model = zoo.create_model("test-wrn10-1-l0").double()
     x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 5])
     clip, sigma, expected = 0.5, 0.7, 8.0
+    weight = penalty_weight(model, 1000)  # lambda / N for a training set of 1000
+    assert weight == model.l0_lambda / 1000 > 0
     psg = PerSampleGradients(model)
 
     def step(xb, yb):
         torch.manual_seed(3)
         return dp_gradients(psg, [(xb, yb)], clip_norm=clip, sigma=sigma, expected_batch=expected, views=1,
-                            noise_generator=torch.Generator().manual_seed(7))[0]
+                            noise_generator=torch.Generator().manual_seed(7), penalty_weight=weight)[0]
 
     got = step(x, y)
     torch.manual_seed(3)
@@ -71,17 +74,18 @@ def test_dp_update_is_clip_and_noise_of_the_data_gradients_plus_the_penalty_grad
     factor = torch.clamp(clip / (norms + 1e-6), max=1.0)
     noise = torch.Generator().manual_seed(7)
     penalty = {n: torch.zeros_like(p) for n, p in psg.params.items()}
+    costs = {g.log_alpha: g.cost for g in gate_modules(model)}
     for n, p in psg.params.items():
-        if n.endswith("log_alpha"):  # d/dla of w * sigmoid(la - beta log(-gamma/zeta))
+        if n.endswith("log_alpha"):  # d/dla of w * cost * sigmoid(la - beta log(-gamma/zeta))
             s = torch.sigmoid(p.detach() - BETA * math.log(-GAMMA / ZETA))
-            penalty[n] = model.l0_weight * s * (1 - s)
+            penalty[n] = weight * costs[p] * s * (1 - s)
     for n, g in per.items():
         summed = (factor.view(-1, *[1] * (g.dim() - 1)) * g).sum(0)
         noisy = summed + sigma * clip * torch.randn(summed.shape, generator=noise, dtype=summed.dtype)
         assert torch.allclose(got[n], noisy / expected + penalty[n], rtol=1e-10, atol=1e-12), n
     # the penalty part reads no data: other data change every coordinate's data part, never the penalty's
-    pen = {p: g for p, g in penalty_gradients(model, model.l0_weight).items()}
-    assert len(pen) == len(gate_modules(model)) and model.l0_weight > 0
+    pen = {p: g for p, g in penalty_gradients(model, weight).items()}
+    assert len(pen) == len(gate_modules(model))
     for gate in gate_modules(model):
         name = next(n for n, p in psg.params.items() if p is gate.log_alpha)
         assert torch.allclose(pen[gate.log_alpha], penalty[name])
@@ -129,3 +133,22 @@ def test_prune_refuses_models_it_cannot_prune():
         zoo.prune(zoo.create_model("test-wrn10-1"))
     with pytest.raises(TypeError, match="no pruner registered"):
         zoo.prune(zoo.create_model("test-resnet9-w8"))
+
+
+def test_each_gate_costs_the_parameters_it_removes():
+    """A gate's cost is what zoo.prune removes when it closes: closing one channel gate of a block removes exactly
+    ``cost`` parameters from the pruned network, and a closed branch gate its whole branch's."""
+    torch.manual_seed(0)
+    model = zoo.create_model("test-wrn10-1-l0", l0_blocks=True)
+    full = sum(p.numel() for n, p in zoo.prune(model)[0].named_parameters())
+    channel = next(g for g in gate_modules(model) if g.log_alpha.numel() > 1)
+    with torch.no_grad():
+        channel.log_alpha[0] = -10.0  # closed at test time
+    one_less = sum(p.numel() for p in zoo.prune(model)[0].parameters())
+    assert full - one_less == channel.cost
+    assert float(expected_cost(model).detach()) == pytest.approx(sum(g.cost * float(g.expected_l0().detach()) for g in gate_modules(model)))
+    branch = next(g for g in gate_modules(model) if g.log_alpha.numel() == 1)
+    with torch.no_grad():
+        channel.log_alpha[0] = 5.0
+        branch.log_alpha.fill_(-10.0)
+    assert full - sum(p.numel() for p in zoo.prune(model)[0].parameters()) == branch.cost

@@ -20,7 +20,7 @@ def test_study_writes_rows_and_a_plot_and_resumes_without_redoing_them(data_dir,
     run(tmp_path, data_dir, limit=2)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert len(rows) == 2 and (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 0
-    assert {r["l0_weight"] for r in rows} == {"0.0", "0.2"} and all(r["steps"] == "2" for r in rows)
+    assert {r["l0_lambda"] for r in rows} == {"0.0", "0.1"} and all(r["steps"] == "2" for r in rows)
     assert all(0 <= float(r["accuracy"]) <= 1 and float(r["epsilon_spent"]) <= float(r["epsilon"]) for r in rows)
     second = run(tmp_path, data_dir, limit=1)
     rows2 = list(csv.DictReader((tmp_path / "results.csv").open()))

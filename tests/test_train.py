@@ -102,11 +102,11 @@ def test_sparse_model_on_pneumonia_resumes_exactly_and_keeps_its_arguments(data_
     """Gate draws come from the per-step seeded RNG, so a resumed L0 run equals an uninterrupted one; the
     model is built for the data set's channels and classes, and ``model_args`` travel with the checkpoint."""
     kw = dict(data_dir=data_dir, seed=5, steps=4, checkpoint_every=2, dataset="pneumoniamnist", batch_size=64,
-              physical_batch_size=64, augmult=2, model_args={"l0_weight": 0.3}, **QUIET)
+              physical_batch_size=64, augmult=2, model_args={"l0_lambda": 0.3}, **QUIET)
     a, _, ta = _interrupted_run_resumes_exactly("test-wrn10-1-l0", tmp_path, **kw)
     assert any("log_alpha" in k for k in ta)
     model, _ = load_checkpoint(tmp_path / "a" / "final.safetensors")
-    assert (model.in_chans, model.num_classes, model.l0_weight) == (1, 2, 0.3)
+    assert (model.in_chans, model.num_classes, model.l0_lambda) == (1, 2, 0.3)
     assert a["dataset"] == "pneumoniamnist"
 
 

@@ -117,7 +117,7 @@ def add_training_commands(sub) -> None:
                                      f"({REGISTERED_HELP}) or a path to your own data ({PATH_FORMS})")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override an architecture argument of the card; VALUE is read as JSON when it parses "
-                        "(e.g. --model-arg l0_weight=0.01); repeatable")
+                        "(e.g. --model-arg l0_lambda=0.01); repeatable")
     _run_args(p)
     p = sub.add_parser("finetune", help="privately fine-tune a checkpoint or pretrained model")
     p.add_argument("name", help="registered name with a checkpoint, or a checkpoint path")

@@ -25,6 +25,7 @@ import torch
 from zoo.dp import distributed
 from zoo.dp.grad_sample import NonFiniteGradientError, PerSampleGradients, per_sample_norms
 from zoo.nn.sparse import penalty_gradients
+from zoo.nn.sparse import penalty_weight as l0_penalty_weight
 
 Score = Callable[[torch.Tensor, torch.Tensor], float]
 """``score(outputs, targets)``: the sum over a batch's samples of a per-sample quality (a progress statistic)."""
@@ -54,8 +55,8 @@ def add_noise(summed: dict[str, torch.Tensor], std: float, generator: torch.Gene
 
 
 def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: float, expected_batch: float,
-                 views: int, noise_generator: torch.Generator, score: Score | None = None
-                 ) -> tuple[dict[str, torch.Tensor], float, float]:
+                 views: int, noise_generator: torch.Generator, score: Score | None = None,
+                 penalty_weight: float = 0.0) -> tuple[dict[str, torch.Tensor], float, float]:
     """The gradient of one DP-SGD step (steps 2-4 of the module docstring): ``{name: grad}``, summed loss, and the
     summed ``score(outputs, targets)`` (the task's training statistic, e.g. correct predictions; 0 without
     ``score``). The loss and the score are computed from the private batch without noise: they are not covered by
@@ -64,8 +65,9 @@ def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: f
     ``batches`` yields the physical batches ``(x, y)`` of the logical batch, each sample as ``views``
     consecutive views (none for an empty batch). Each sample's gradient (mean over its views) is clipped to
     ``clip_norm``; the sum gets N(0, (sigma * clip_norm)^2) noise and is divided by ``expected_batch``. Then the
-    gradient of the model's data-free penalty (expected L0 times ``model.l0_weight``, :mod:`zoo.nn.sparse`) is
-    added: it reads no data, so it needs neither clipping nor noise.
+    gradient of the model's data-free penalty, ``penalty_weight`` times the expected cost of its open L0 gates
+    (:mod:`zoo.nn.sparse`; :class:`DPStep` passes ``l0_lambda / N``), is added: it reads no data, so it needs
+    neither clipping nor noise.
     """
     summed = {name: torch.zeros_like(p) for name, p in psg.params.items()}
     loss_sum, correct = 0.0, 0.0
@@ -84,7 +86,7 @@ def dp_gradients(psg: PerSampleGradients, batches, *, clip_norm: float, sigma: f
     noisy = add_noise(summed, sigma * clip_norm, noise_generator)  # once, after the sum (zoo.dp.distributed)
     out = {name: noisy[name] / expected_batch for name in summed}
     names = {p: name for name, p in psg.params.items()}
-    for p, g in penalty_gradients(psg.model, getattr(psg.model, "l0_weight", 0.0)).items():
+    for p, g in penalty_gradients(psg.model, penalty_weight).items():
         out[names[p]] = out[names[p]] + g
     return out, loss_sum, correct
 
@@ -142,7 +144,7 @@ class DPStep:
             grads, loss_sum, score = dp_gradients(
                 self.psg, batches, clip_norm=self.clip_norm, sigma=self.sigma, expected_batch=self.expected_batch,
                 views=self.views, noise_generator=step_generator(self.seed, step, "noise", self.device),
-                score=self.score)
+                score=self.score, penalty_weight=l0_penalty_weight(self.psg.model, self.n))
         for name, p in self.psg.params.items():
             p.grad = grads[name]
         self.optimizer.step()

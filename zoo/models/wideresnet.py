@@ -7,8 +7,10 @@ Depth ``6n + 4``, widths ``16, 16k, 32k, 64k``; invariant global average pooling
 L0 variant (``l0=True``): a hard-concrete gate (:mod:`zoo.nn.sparse`) on each output channel of the first conv of
 every block, after its normalization, which is then per channel (GroupNorm with one channel per group): so a
 closed gate's channel can be removed without changing the statistics of the others, and :func:`zoo.prune`
-is exact. ``l0_blocks=True`` adds one gate on each whole residual branch. ``l0_weight`` scales the expected-L0
-penalty whose (data-free) gradient the engine adds after the noise.
+is exact. ``l0_blocks=True`` adds one gate on each whole residual branch. ``l0_lambda`` is Louizos et al.'s
+``lambda``: the penalty charges each gate ``lambda / N`` per parameter it keeps (its ``cost``: the conv1 filter,
+the norm1 affine and the conv2 input slice of a channel; every parameter of a branch), and its data-free
+gradient is added after the noise (:mod:`zoo.nn.sparse`).
 """
 from __future__ import annotations
 
@@ -32,9 +34,13 @@ class WideBasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.act1 = conv3x3(cin, cout, stride), act()
         self.norm1 = nn.GroupNorm(cout, cout) if l0 else norm(cout)  # per channel: pruning stays exact
-        self.gate1 = HardConcreteGate(cout, drop_rate) if l0 else nn.Identity()
         self.conv2, self.act2, self.norm2 = conv3x3(cout, cout), act(), norm(cout)
-        self.branch_gate = HardConcreteGate(1, drop_rate) if l0_blocks else nn.Identity()
+        per_channel = sum(p[0].numel() for p in self.conv1.parameters()) + sum(p[0].numel() for p in
+                                                                               self.norm1.parameters())
+        per_channel += self.conv2.weight[:, 0].numel()  # the input slice of conv2 that reads the channel
+        self.gate1 = HardConcreteGate(cout, drop_rate, cost=per_channel) if l0 else nn.Identity()
+        branch = sum(p.numel() for m in (self.conv1, self.norm1, self.conv2, self.norm2) for p in m.parameters())
+        self.branch_gate = HardConcreteGate(1, drop_rate, cost=branch) if l0_blocks else nn.Identity()
         self.shortcut = (
             WSConv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else nn.Identity()
         )
@@ -48,21 +54,21 @@ class WideBasicBlock(nn.Module):
 @register_family("wideresnet")
 class WideResNet(ZooClassifier):
     """WRN-``depth``-``width``. Args: depth (6n+4), width (k), num_classes, in_chans, norm, act; L0 variant:
-    l0 (channel gates), l0_blocks (branch gates), l0_drop_rate (initial closed-gate probability), l0_weight
-    (penalty weight per expected open gate, per step)."""
+    l0 (channel gates), l0_blocks (branch gates), l0_drop_rate (initial closed-gate probability), l0_lambda
+    (Louizos et al.'s lambda: the price of a kept parameter against the mean loss of one sample, divided by N)."""
 
     min_size = 4
 
     def __init__(self, depth: int = 16, width: int = 4, num_classes: int = 10, in_chans: int = 3,
                  norm: str = "groupnorm", act: str = "relu", l0: bool = False, l0_blocks: bool = False,
-                 l0_drop_rate: float = 0.3, l0_weight: float = 0.0):
+                 l0_drop_rate: float = 0.3, l0_lambda: float = 0.0):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
         n = (depth - 4) // 6
         norm_f, act_f = get_norm_layer(norm), get_act_layer(act)
         widths = [16, 16 * width, 32 * width, 64 * width]
-        self.in_chans, self.num_classes, self.l0_weight = in_chans, num_classes, l0_weight
+        self.in_chans, self.num_classes, self.l0_lambda = in_chans, num_classes, l0_lambda
         self.stem = nn.Sequential(conv3x3(in_chans, widths[0]), act_f(), norm_f(widths[0]))
         blocks, cin = [], widths[0]
         for stage, cout in enumerate(widths[1:]):

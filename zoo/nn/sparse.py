@@ -5,7 +5,11 @@ A :class:`HardConcreteGate` multiplies each channel ``c`` of its input by a gate
 * training: ``u ~ U(0, 1)`` drawn per sample and channel, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
   ``z = min(1, max(0, s (zeta - gamma) + gamma))``;
 * eval: the deterministic ``z = min(1, max(0, sigmoid(log_alpha) (zeta - gamma) + gamma))``;
-* penalty: the expected number of non-zero gates ``sum_c sigmoid(log_alpha_c - beta log(-gamma / zeta))``,
+* penalty: Louizos et al.'s ``(lambda / N) sum_g |g| P(z_g != 0)``, with ``P(z_g != 0) = sigmoid(log_alpha_g - beta
+  log(-gamma / zeta))``, ``|g|`` the number of parameters a closed gate removes (its ``cost``) and ``N`` the training
+  set size: ``lambda`` is a price per parameter, against the mean loss of one sample (their code,
+  AMLab-Amsterdam/L0_regularization: ``-(1/N) sum layer.regularization()``, each gate's column summed over its
+  weights). A flat price per gate, independent of N, charges every gate alike and closes them together;
 
 with ``beta = 2/3``, ``gamma = -0.1``, ``zeta = 1.1`` and ``log_alpha`` initialised from a drop rate of 0.3.
 
@@ -34,12 +38,16 @@ def _stretched(s: torch.Tensor) -> torch.Tensor:
 class HardConcreteGate(nn.Module):
     """One hard-concrete gate per channel of a ``[B, C, H, W]`` (or ``[B, C]``) input; ``channels=1`` gates the
     whole input at once (a whole residual branch). Args: channels, drop_rate (initial probability of a closed
-    gate, sets ``log_alpha``)."""
+    gate, sets ``log_alpha``), cost (parameters that one closed gate removes from the pruned network: its weight in
+    the penalty, Louizos et al.'s group size ``|g|``)."""
 
-    def __init__(self, channels: int, drop_rate: float = 0.3):
+    def __init__(self, channels: int, drop_rate: float = 0.3, cost: float = 1.0):
         super().__init__()
         if not 0.0 < drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in (0, 1), got {drop_rate}")
+        if not cost > 0:
+            raise ValueError(f"cost must be > 0 (parameters one closed gate removes), got {cost}")
+        self.cost = float(cost)
         self.log_alpha = nn.Parameter(torch.full((channels,), math.log(1 - drop_rate) - math.log(drop_rate)))
         self._s: torch.Tensor | None = None  # the stretched sigmoid of the last forward, for the grad sampler
 
@@ -64,8 +72,12 @@ class HardConcreteGate(nn.Module):
         """Expected number of open gates, ``sum sigmoid(log_alpha - beta log(-gamma / zeta))``: data-free."""
         return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA)).sum()
 
+    def expected_cost(self) -> torch.Tensor:
+        """Expected number of parameters the open gates keep, ``cost * expected_l0()``: data-free."""
+        return self.cost * self.expected_l0()
+
     def extra_repr(self) -> str:
-        return f"channels={self.log_alpha.numel()}"
+        return f"channels={self.log_alpha.numel()}, cost={self.cost:g}"
 
 
 @register_grad_sampler(HardConcreteGate)
@@ -97,15 +109,27 @@ def expected_l0(model: nn.Module) -> torch.Tensor:
     return torch.stack([g.expected_l0() for g in gates]).sum() if gates else torch.zeros(())
 
 
+def expected_cost(model: nn.Module) -> torch.Tensor:
+    """Expected number of gated parameters kept, ``sum_g |g| P(z_g != 0)`` over every gate of ``model``."""
+    gates = gate_modules(model)
+    return torch.stack([g.expected_cost() for g in gates]).sum() if gates else torch.zeros(())
+
+
+def penalty_weight(model: nn.Module, num_samples: int) -> float:
+    """The weight of :func:`expected_cost` in one step's gradient: ``model.l0_lambda / N`` (Louizos et al.'s
+    ``lambda / N``; 0 for a model without ``l0_lambda``)."""
+    return float(getattr(model, "l0_lambda", 0.0)) / num_samples
+
+
 def penalty_gradients(model: nn.Module, weight: float) -> dict[nn.Parameter, torch.Tensor]:
-    """Gradients of ``weight * expected_l0(model)`` w.r.t. the gates' ``log_alpha``: data-free, so the engine
-    adds them to the noisy DP gradient without clipping or noise."""
+    """Gradients of ``weight * expected_cost(model)`` w.r.t. the gates' ``log_alpha`` (``weight`` from
+    :func:`penalty_weight`): data-free, so the DP step adds them to the noisy gradient without clipping or noise."""
     gates = gate_modules(model)
     if not gates or weight == 0:
         return {}
     params = [g.log_alpha for g in gates]
     with torch.enable_grad():
-        grads = torch.autograd.grad(weight * expected_l0(model), params)
+        grads = torch.autograd.grad(weight * expected_cost(model), params)
     return dict(zip(params, grads))
 
 

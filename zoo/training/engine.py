@@ -599,7 +599,7 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
 
     ``recipe_overrides`` replace recipe fields (epsilon, delta, steps, batch_size, dataset, ...); the model is
     built for the data set's classes and channels, and ``model_args`` override the card's architecture
-    arguments (e.g. ``{"l0_weight": 0.01}``); checkpoints record the arguments used. With ``out_dir``,
+    arguments (e.g. ``{"l0_lambda": 0.01}``); checkpoints record the arguments used. With ``out_dir``,
     checkpoints ``step-*`` (resumable with ``resume=True``), ``final`` (EMA weights, ledger, metrics) and
     ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model).
     Started by ``torchrun``, the processes train one model together (:mod:`zoo.dp.distributed`).
