@@ -135,6 +135,9 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
     publish without a seed spread (``zoo reproduce --retrain`` then compares within its fixed tolerance); the
     note says so. For budgets where a full run takes most of a session."""
     from study_cifar10 import CONFIGS as TAN_STUDIES, best_points  # eval/ is on the path of this script
+    import zoo
+    from zoo.catalog.registry import get_card
+    from zoo.publish import NO_SPREAD_YET, attach_spread
 
     cfg = TAN_STUDIES[config]
     csv_path = ROOT / "eval" / "results" / f"{cfg['dataset']}-{config}" / "results.csv"
@@ -166,7 +169,7 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
         spread, mean = None, sims[model, epsilon]
         how = (f"recipe chosen by TAN's small-batch simulation in eval/study_cifar10.py --config {config} "
                f"(simulated {metric.replace('_', ' ')} {mean:.4f}); trained at full privacy before the study's "
-               "full-privacy seeds, so no seed spread yet")
+               f"full-privacy seeds, {NO_SPREAD_YET}")
     else:
         raise SystemExit(f"the study {config} has no full-privacy recipe of {models} at epsilon {epsilon:g} with 2 "
                          f"or more seeds; run `python eval/study_cifar10.py --config {config}` first")
@@ -176,11 +179,20 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
     name = entry.get("model", model)  # a study entry may be a variant (its fixed settings) of a registered model
     if published(f"{name}.{tag}"):
         was = published_recipe(f"{name}.{tag}")
-        if (was.get("batch_size"), was.get("steps"), was.get("lr")) == (b, s, lr):
+        # every setting the recipe fixes, not only B, S and lr: a variant may differ in one (e.g. norm_sigma)
+        want = {**get_card(name)["recipe"], **entry["fixed"], "batch_size": b, "steps": s, "lr": lr}
+        differ = {k: (was.get(k), v) for k, v in want.items() if k not in ("source", "epsilon") and was.get(k) != v}
+        if not differ:
+            have = [r for r in zoo.model_info(name)["results"] if r.get("checkpoint") == tag]
+            if spread and any(r.get("seed_n") != spread[r["metric"]][1] for r in have if r["metric"] in spread):
+                std = spread[metric][0]
+                n = attach_spread(name, tag, spread, note=f"which followed: seeds 0-{len(rows) - 1} of this recipe "
+                                  f"score mean {metric.replace('_', ' ')} {mean:.4f} +/- {std:.4f}")
+                print(f"{name}.{tag}: the seed spread of its recipe attached to {n} card results", flush=True)
             return
-        print(f"{name}.{tag} was trained at B={was.get('batch_size')}, S={was.get('steps')}, lr={was.get('lr')}; "
-              f"the study now chooses B={b}, S={s}, lr={lr}: training it, to replace the published checkpoint "
-              "(the old one stays in git history)", flush=True)
+        print(f"{name}.{tag} was trained with " + ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
+              + "; the study now chooses " + ", ".join(f"{k}={v}" for k, (_, v) in differ.items())
+              + ": training it, to replace the published checkpoint (the old one stays in git history)", flush=True)
     recipe = {"dataset": cfg["dataset"], "epsilon": f"{epsilon:g}", "delta": f"{cfg['delta']:g}",
               "batch-size": b, "steps": s, "lr": lr, **{k.replace("_", "-"): v for k, v in entry["fixed"].items()}}
     print(f"{config}, epsilon {epsilon:g}: {model}, B={b}, S={s}, lr={lr} ({how})", flush=True)

@@ -15,7 +15,7 @@ import zoo
 from zoo.catalog.checkpoint import CheckpointIntegrityError, save_checkpoint
 from zoo.cli import main
 from zoo.data import get_dataset_info, prepare_input
-from zoo.publish import PublishError, publish
+from zoo.publish import NO_SPREAD_YET, PublishError, attach_spread, publish
 from zoo.catalog.registry import UnknownTagError, load_checkpoint, load_published
 from zoo.reproduce import reproduce_checkpoint
 
@@ -89,6 +89,29 @@ def test_a_published_run_loads_by_tag_with_its_preparation_and_reproduces(secret
     assert {r["checkpoint"] for r in card["results"]} == {"dp_test"}
     report = reproduce_checkpoint(NAME, data_dir=data_dir)
     assert report.ok and len(report.checks) == 3, report.table()
+
+
+def test_a_seed_spread_measured_after_publishing_is_attached_to_the_card_only(secret_run, user_card, data_dir,
+                                                                             register):
+    _publish(secret_run, user_card, data_dir, register, note=f"published before its seeds, {NO_SPREAD_YET}")
+    side = (user_card.parent / "weights" / f"{NAME}.dp_test.json").read_text()
+    before = {r["metric"]: r for r in zoo.model_info(NAME)["results"]}
+    assert all("seed_std" not in r for r in before.values())
+    n = attach_spread(NAME, "dp_test", {"accuracy": (0.0123, 3, "a study, 3 seeds")}, "which followed: 3 seeds",
+                      cards_dir=user_card)
+    assert n == 1
+    from zoo.catalog import registry
+    registry._MODELS.pop(NAME)
+    register(user_card)
+    after = {r["metric"]: r for r in zoo.model_info(NAME)["results"]}
+    acc = after["accuracy"]
+    assert (acc["seed_std"], acc["seed_n"], acc["seed_spread_source"]) == (0.0123, 3, "a study, 3 seeds")
+    assert acc["note"].endswith("published before its seeds, which followed: 3 seeds") and acc["value"] == \
+        before["accuracy"]["value"]
+    assert all("seed_std" not in r and r == before[m] for m, r in after.items() if m != "accuracy")
+    assert (user_card.parent / "weights" / f"{NAME}.dp_test.json").read_text() == side  # the checkpoint untouched
+    with pytest.raises(PublishError, match="no checkpoint tagged 'dp_eps9'.*dp_test"):
+        attach_spread(NAME, "dp_eps9", {"accuracy": (0.01, 3, "s")}, "n", cards_dir=user_card)
 
 
 def test_unknown_tag_lists_the_tags(secret_run, user_card, data_dir, register):

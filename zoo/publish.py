@@ -64,6 +64,43 @@ def recorded_command(sidecar: dict) -> str:
     return sidecar.get("command", "")
 
 
+NO_SPREAD_YET = "so no seed spread yet"
+"""How a result's note says that its checkpoint was published before its recipe had full-privacy seeds in a study
+(TAN's order: search, one full-privacy run, then the seeds); :func:`attach_spread` replaces it once they exist."""
+
+
+def _set_spread(result: dict, spread: tuple) -> None:
+    std, n, source = spread
+    result["seed_std"], result["seed_n"], result["seed_spread_source"] = round(float(std), 4), int(n), source
+
+
+def attach_spread(name: str, tag: str, spread: dict, note: str, *, cards_dir: Path = CARDS_DIR) -> int:
+    """Give the card results of the published ``name.tag`` the seed spread of their recipe, measured after the
+    checkpoint was published: ``spread`` is ``{metric: (std, n_seeds, source)}`` as in :func:`publish`, and ``note``
+    replaces :data:`NO_SPREAD_YET` in each result's note (it should say where the seeds come from).
+
+    The checkpoint, its sidecar and the results' values are untouched: only what ``zoo reproduce --retrain``
+    compares against changes. It is the caller's duty that the seeds ran the checkpoint's own recipe (every recipe
+    setting, not only B, S and lr). Returns the number of results changed; refuses a tag the card does not hold.
+    """
+    path = cards_dir / f"{name}.json"
+    data = load_card(path)
+    if tag not in {c["tag"] for c in data["checkpoints"]}:
+        raise PublishError(f"{name} has no checkpoint tagged {tag!r} (it has "
+                           f"{', '.join(c['tag'] for c in data['checkpoints']) or 'none'}); publish it first")
+    changed = 0
+    for r in data["results"]:
+        if r.get("checkpoint") == tag and r["metric"] in spread:
+            _set_spread(r, spread[r["metric"]])
+            old = r.get("note", "")
+            r["note"] = old.replace(NO_SPREAD_YET, note) if NO_SPREAD_YET in old else old if note in old \
+                else "; ".join(x for x in (old, note) if x)
+            changed += 1
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    load_card(path)  # still valid
+    return changed
+
+
 def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, data_dir=None,
             note: str = "", spread: dict | None = None, cards_dir: Path = CARDS_DIR,
             weights_dir: Path = WEIGHTS_DIR) -> dict:
@@ -146,9 +183,9 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
              f"{training.get('wall_time_s')} s on {training.get('hardware')}; sigma={led['noise_multiplier']:.3f}, "
              f"q={led['sample_rate']:.4g}, {led['steps']} steps, K={led.get('augmult')}; stored "
              f"{training['precision_check']['stored']} {stored}")
-    for st in led.get("statistics") or []:  # releases before DP-SGD (zoo.dp.data_norm), composed into epsilon
-        words += (f"; before training, the normalisation statistics of layer {st['layer']!r} released with the "
-                  f"Gaussian mechanism (sigma={st['sigma']:g}, {st['releases']} releases, composed into epsilon)")
+    for stat in led.get("statistics") or []:  # releases before DP-SGD (zoo.dp.data_norm), composed into epsilon
+        words += (f"; before training, the normalisation statistics of layer {stat['layer']!r} released with the "
+                  f"Gaussian mechanism (sigma={stat['sigma']:g}, {stat['releases']} releases, composed into epsilon)")
     if pre:
         words += f"; started from {pre.get('model')} on {pre.get('dataset')} ({pre.get('note')})"
     for m in keys:
@@ -157,8 +194,7 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
              "hardware": str(training.get("hardware")), "date": time.strftime("%Y-%m-%d"), "checkpoint": tag,
              "note": "; ".join(x for x in (words, note) if x)}
         if spread and m in spread:
-            std, n, source = spread[m]
-            r["seed_std"], r["seed_n"], r["seed_spread_source"] = round(float(std), 4), int(n), source
+            _set_spread(r, spread[m])
         data["results"].append(r)
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     load_card(path)  # still valid
