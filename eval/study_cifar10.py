@@ -39,6 +39,11 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
            (2,949,120 samples, about 60 epochs; their 69.3 % at this epsilon), the statistics' sigma 8 (the card's)
            against 16 (``+nsigma16``: they cost epsilon 0.60 instead of 1.26, DP-SGD's sigma 4.902 instead of
            5.352); simulated at b=1024 (368,640 samples). Results in ``eval/results/cifar10-release-long-eps3/``.
+  release-e2e  The seed spread of the end-to-end releases ``wrn16-1.dp_eps8`` (B=1024, S=400, lr 2: 409,600
+           samples) and ``eq-resnet9-c4.dp_eps8`` (B=512, S=280, lr 2: 143,360 samples, the same idle CPU time at its
+           measured throughput): their recipes exactly, not searched (a model entry with ``search`` False runs its
+           one given point), full runs of public seeds 0, 1, 2 (about 40 and 28 idle minutes each).
+           Results in ``eval/results/cifar10-release-e2e/``.
   pneumonia-scatternet  PneumoniaMNIST (N = 4,708, delta 1e-4 < 1/N) at epsilon 8, 3 and 1: ScatterNet + linear
            and ScatterNet + CNN on the 1x28x28 X-rays (``scatternet-linear-pneumonia``, ``scatternet-cnn-pneumonia``),
            Tramèr & Boneh's settings; search over lr and two splits of the budget, ranked by balanced accuracy (the
@@ -46,7 +51,7 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
            Results in ``eval/results/pneumoniamnist-pneumonia-scatternet/``.
 Hyper-parameters are chosen on the test split, as in TAN and Tramèr & Boneh (the engine holds no validation split);
 the full-privacy seed spread is the honest error bar, and the choice itself is not private.
-Reproduce:  python eval/study_cifar10.py --config release|release-long|release-long-eps3|pneumonia-scatternet
+Reproduce:  python eval/study_cifar10.py --config release|release-long|release-long-eps3|release-e2e|pneumonia-scatternet
             [--stage search|full]
 """
 from __future__ import annotations
@@ -65,6 +70,7 @@ from zoo.catalog.registry import get_card
 from zoo.dp.tan import scale_down
 
 _SCATTER = {"physical_batch_size": 256, "clip_norm": 0.1, "momentum": 0.9, "augmult": 1, "ema_decay": 0.0}
+_E2E = {"physical_batch_size": 64, "clip_norm": 1.0, "momentum": 0.0, "augmult": 1, "ema_decay": 0.999}
 CONFIGS = {
     "release": {
         "dataset": "cifar10", "n": 50_000, "delta": 1e-5, "epsilons": [8.0], "metric": "accuracy",
@@ -117,6 +123,14 @@ CONFIGS = {
                    "scatternet-cnn-datanorm+nsigma16": {"model": "scatternet-cnn-datanorm", "full": True,
                                                         "fixed": {**_SCATTER, "norm_sigma": 16.0},
                                                         "points": [(8192, 360, 4.0), (8192, 360, 8.0)]}},
+    },
+    "release-e2e": {
+        "dataset": "cifar10", "n": 50_000, "delta": 1e-5, "epsilons": [8.0], "metric": "accuracy",
+        "search_seeds": [], "full_seeds": [0, 1, 2], "min_sim_sigma": 0.5, "max_shrink": 8,
+        # the end-to-end releases' recipes exactly (eval/release_cpu.py CIFAR and EQ_CIFAR), not searched: their full
+        # sigma is below 1, so no TAN simulation keeps sigma above 0.5 (the release config's docstring)
+        "models": {"eq-resnet9-c4": {"fixed": _E2E, "full": True, "search": False, "points": [(512, 280, 2.0)]},
+                   "wrn16-1": {"fixed": _E2E, "full": True, "search": False, "points": [(1024, 400, 2.0)]}},
     },
     "pneumonia-scatternet": {
         "dataset": "pneumoniamnist", "n": 4_708, "delta": 1e-4, "epsilons": [8.0, 3.0, 1.0],
@@ -243,7 +257,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(title=f"{NAMES[cfg['dataset']]}, TAN simulations of epsilon {eps:g} recipes", xlabel="learning rate",
                ylabel=f"test {LABELS[metric]}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:  # every recipe of the config is given, not searched
+            ax.text(0.5, 0.5, "no search: the recipes are given (see results.md)", ha="center",
+                    transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -313,15 +331,18 @@ def main() -> int:
         if args.stage in ("search", "both"):
             for eps in epsilons:
                 for model in models:
-                    for point in cfg["models"][model]["points"]:
+                    for point in cfg["models"][model]["points"] if cfg["models"][model].get("search", True) else []:
                         for seed in cfg["search_seeds"]:
                             go("search", model, point, seed, eps)
         if args.stage in ("full", "both"):
             chosen = best_points(rows, args.config, cfg["metric"])
+            chosen.update({(m, eps): spec["points"][0] for m, spec in cfg["models"].items()  # not searched: as given
+                           if not spec.get("search", True) for eps in epsilons})
             for eps in epsilons:
                 for model in models:
                     if (model, eps) in chosen and cfg["models"][model]["full"]:
-                        print(f"{model}, epsilon {eps:g}: full runs of the best simulated recipe B, S, lr = "
+                        what = "the best simulated" if cfg["models"][model].get("search", True) else "its given"
+                        print(f"{model}, epsilon {eps:g}: full runs of {what} recipe B, S, lr = "
                               f"{chosen[model, eps]}", file=sys.stderr)
                         for seed in cfg["full_seeds"]:
                             go("full", model, chosen[model, eps], seed, eps)

@@ -86,3 +86,26 @@ def test_pneumonia_study_fine_tunes_a_cifar10_checkpoint_and_trains_from_scratch
     table = (tmp_path / "results.md").read_text()
     assert "| `wrn16-1-pneumonia` | scratch |" in table and "| `wrn16-1-pneumonia` | cifar10 |" in table
     assert (tmp_path / "metrics_vs_epsilon.png").stat().st_size > 0
+
+
+def test_tan_study_runs_an_unsearched_recipe_at_its_given_point_over_the_full_seeds(data_dir, tmp_path, monkeypatch):
+    """A model entry with ``search`` False (the end-to-end releases' recipes) gets no search rows and full runs of
+    its one given point, one per full seed; a rerun redoes nothing."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import study_cifar10
+
+    cfg = {"dataset": "cifar10", "n": 50_000, "delta": 1e-5, "epsilons": [8.0], "metric": "accuracy",
+           "search_seeds": [0], "full_seeds": [0, 1], "min_sim_sigma": 0.5, "max_shrink": 8,
+           "models": {"test-wrn10-1": {"fixed": {"physical_batch_size": 8, "augmult": 1}, "full": True,
+                                       "search": False, "points": [(8, 2, 0.1), (16, 2, 0.1)]}}}
+    monkeypatch.setitem(study_cifar10.CONFIGS, "test-e2e", cfg)
+    argv = ["study_cifar10.py", "--config", "test-e2e", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"),
+            "--data-dir", str(data_dir)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert study_cifar10.main() == 0
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["stage"], r["full_batch_size"], r["steps"], r["seed"]) for r in rows] == [
+        ("full", "8", "2", "0"), ("full", "8", "2", "1")]
+    assert all(float(r["epsilon_spent"]) <= 8.0 for r in rows)
+    assert study_cifar10.main() == 0
+    assert list(csv.DictReader((tmp_path / "results.csv").open())) == rows
