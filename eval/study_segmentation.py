@@ -20,7 +20,23 @@ Configurations:
        It checks the pipeline and shows first trends; the numbers are not those of the cards' recipes.
   gpu  the cards' architectures at their own width, 3 seeds; ISBI at 512x512 on 256x256 crops, horses at
        256x256 on 192x192 crops, augmentation multiplicity 4, 300 steps.
-Reproduce:  python eval/study_segmentation.py --config cpu
+  budget  The question at budgets that train, recipes chosen as the release tier chooses them (TAN). Every
+       architecture as one small network: width 4 and, where the family has it, depth 3 (``unet-w16`` and
+       ``unet-w32`` are then one network, run once). At N = 20 ISBI slices, noise / signal goes as √d / N
+       (``zoo.dp.tan.noise_to_signal``): the card widths (0.5-12 M parameters) sit at 20-300 and learn nothing,
+       30 k parameters sit near 5. One budget per data set, the same for every architecture, in views x pixels:
+         ISBI 2012   native 512x512 slices, 128x128 crops, B = N = 20 (q = 1), K = 2, S = 40:  26.2 M;
+         horses      resized to 128x128, B = 32 of N = 222, K = 2, S = 300:                     315 M.
+       Search: TAN's simulation at B / 2 (same S and sigma / B; not private at epsilon 8, its epsilon is in the
+       row) over lr 0.25, 0.5, 1 at epsilon 8, seed 0; full runs at the chosen lr at epsilon inf (sigma 0), 8
+       and 3, seed 0; then seeds 1 and 2 at epsilon 8 for the cells that decide the ranking (the 3 best and every
+       equivariant one). ISBI also fine-tuned from public pretraining: the same network's noise-free horse run
+       (public, non-medical data; the ledger keeps its record as the parent), training only the head and the
+       norms (``trainable`` head+norm) or all parameters, each with its own lr search.
+       Sized from one DP step per view of each network at 128x128 (1 thread, loaded machine: U-Net 40 ms, U-Net++
+       74, LinkNet 24, DeepLabV3+ 23, D4 U-Net 74): about 20-45 idle minutes per architecture on the horses
+       and 1-3 on ISBI, some 4-5 CPU hours in all; the table gives each network's measured s / step.
+Reproduce:  python eval/study_segmentation.py --config cpu|gpu|budget
 """
 from __future__ import annotations
 
@@ -34,7 +50,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from _results import close, record, study_dirs, study_parser
+from _results import close, mean_std, record, study_dirs, study_parser
 from zoo.data import get_dataset_info
 from zoo.dp import tan
 from zoo.training.engine import load_split
@@ -53,6 +69,15 @@ CONFIGS = {
                                      "steps": 300, "augmult": 4},
                         "weizmann-horse": {"resize": None, "crop": 192, "batch_size": 64, "physical_batch_size": 32,
                                            "steps": 300, "augmult": 4}}},
+    # TAN-chosen recipes at one budget per data set, every architecture at the same small width (see the docstring)
+    "budget": {"seeds": [0], "decide_seeds": [0, 1, 2], "decide_top": 3, "epsilons": [math.inf, 8.0, 3.0],
+               "model_args": {"width": 4, "depth": 3},
+               "search": {"epsilon": 8.0, "lrs": [0.25, 0.5, 1.0], "seed": 0, "shrink": 2},
+               "transfer": {"isbi2012": {"from": "weizmann-horse", "trainable": ["head+norm", None]}},
+               "recipes": {"isbi2012": {"resize": None, "crop": 128, "batch_size": 20, "physical_batch_size": 10,
+                                        "steps": 40, "augmult": 2},
+                           "weizmann-horse": {"resize": 128, "crop": None, "batch_size": 32,
+                                              "physical_batch_size": 32, "steps": 300, "augmult": 2}}},
 }
 COMMON = {"lr": 0.5, "momentum": 0.9, "clip_norm": 1.0, "ema_decay": 0.99, "accountant": "rdp"}
 FIELDS = ["config", "dataset", "model", "model_args", "params", "epsilon", "delta", "seed", "batch_size", "steps",
@@ -180,19 +205,278 @@ def report(rows: list[dict], out: Path, config: str, data_dir) -> None:
     write_text(out / "results.md", table(rows, config, trivial) + "\n")
 
 
+# ---- the budget configurations: TAN-chosen recipes at one budget per data set ------------------------------------
+
+BUDGET_FIELDS = ["config", "stage", "dataset", "model", "start", "trainable", "model_args", "params", "trained_params",
+                 "epsilon", "delta", "seed", "full_batch_size", "batch_size", "steps", "lr", "sigma", "epsilon_spent",
+                 "dice", "iou", "dice_0", "iou_0", "dice_1", "iou_1", "view_pixels", "psg_mib", "s_per_step",
+                 "train_time_s"]
+SCRATCH = "scratch"
+
+
+def budget_args(model: str, margs: dict) -> dict:
+    """The config's architecture arguments that ``model``'s family takes (``depth`` only where it has one)."""
+    return {k: v for k, v in margs.items() if k in zoo.model_info(model)["args"]}
+
+
+def architectures(models: list[str], margs: dict) -> list[str]:
+    """One model per distinct network at the config's arguments, in order: ``unet-w16`` and ``unet-w32`` are one
+    network at width 4, so only the first is run."""
+    seen, out = set(), []
+    for m in models:
+        info = zoo.model_info(m)
+        net = (info["family"], str(sorted({**info["args"], **budget_args(m, margs)}.items())))
+        if net not in seen:
+            seen.add(net)
+            out.append(m)
+    return out
+
+
+def variants(dataset: str, cfg: dict) -> list[tuple[str, str | None]]:
+    """``(start, trainable)`` of every way a data set's models are trained: from scratch (all parameters), and for a
+    data set with a ``transfer`` entry, fine-tuned from the same network trained without noise on the public data
+    set it names (its epsilon = inf run of the full stage), once per trainable spec."""
+    t = cfg.get("transfer", {}).get(dataset)
+    return [(SCRATCH, None)] + ([(t["from"], spec) for spec in t["trainable"]] if t else [])
+
+
+def budget_key(config, stage, dataset, model, start, trainable, eps, seed, lr) -> str:
+    how = "" if start == SCRATCH else f"-from-{start}-{(trainable or 'all').replace('+', '_')}"
+    return f"{config}-{stage}-{dataset}-{model}{how}-eps{eps:g}-seed{seed}-lr{lr:g}"
+
+
+def view_pixels(recipe: dict, dataset: str) -> int:
+    """Pixels of one training view: the crop, else the resized image, else the data set's native size."""
+    side = recipe.get("crop") or recipe.get("resize")
+    if side:
+        return int(side) ** 2
+    _, h, w = get_dataset_info(dataset).image_size
+    return h * w
+
+
+@functools.lru_cache(maxsize=None)
+def train_size(dataset: str, data_dir) -> int:
+    """N, the number of training images: the unit of privacy is one image (an ISBI slice, a horse photograph)."""
+    return len(load_split(dataset, "train", {}, data_dir))
+
+
+def budget_row(config, stage, dataset, model, start, trainable, margs, eps, delta, seed, full_b, recipe, result,
+               t0) -> dict:
+    test, ledger, facts = result["test"], result["ledger"], result["training"]
+    classes = get_dataset_info(dataset).classes
+    row = {"config": config, "stage": stage, "dataset": dataset, "model": model, "start": start,
+           "trainable": trainable or "all", "model_args": str(margs), "params": facts["trainable"]["of"],
+           "trained_params": result["num_params"], "epsilon": eps, "delta": delta, "seed": seed,
+           "full_batch_size": full_b, "batch_size": recipe["batch_size"], "steps": ledger["steps"],
+           "lr": recipe["lr"], "sigma": ledger["noise_multiplier"], "epsilon_spent": ledger["epsilon"],
+           "dice": test["dice"], "iou": test["iou"],
+           "view_pixels": facts["samples_processed"] * view_pixels(recipe, dataset),
+           "psg_mib": result["num_params"] * 4 * recipe["physical_batch_size"] * recipe["augmult"] / 2 ** 20,
+           "s_per_step": round(facts["wall_time_s"] / max(ledger["steps"], 1), 3),
+           "train_time_s": round(time.time() - t0, 1)}
+    for c, name in enumerate(classes):
+        row[f"dice_{c}"], row[f"iou_{c}"] = test[f"dice_{name}"], test[f"iou_{name}"]
+    return row
+
+
+def chosen_lrs(rows: list[dict], config: str) -> dict:
+    """``(dataset, model, start, trainable) -> lr`` of the best simulated run (mean Dice over the search seeds)."""
+    acc: dict = {}
+    for r in rows:
+        if r["config"] == config and r["stage"] == "search":
+            acc.setdefault((r["dataset"], r["model"], r["start"], r["trainable"]), {}).setdefault(
+                float(r["lr"]), []).append(float(r["dice"]))
+    return {k: max(by_lr, key=lambda lr: statistics.fmean(by_lr[lr])) for k, by_lr in acc.items()}
+
+
+def deciding(rows: list[dict], config: str, dataset: str, eps: float, top: int) -> list[tuple]:
+    """The variants that decide the ranking at ``eps``: the ``top`` best by their first full seed, and every
+    equivariant one (a release of it is due if it comes within 0.02 Dice of the best)."""
+    first = {(r["model"], r["start"], r["trainable"]): float(r["dice"]) for r in rows
+             if r["config"] == config and r["stage"] == "full" and r["dataset"] == dataset
+             and float(r["epsilon"]) == eps}
+    best = sorted(first, key=first.get, reverse=True)[:top]
+    return best + [v for v in first if v not in best and v[0].startswith("eq-")]
+
+
+def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: list[dict]) -> int:
+    """The study of a budget configuration, in stages (each resumable, finished rows skipped):
+    search (TAN's simulation at ``B / shrink``, same S and sigma / B, over the lrs, at the search epsilon), full
+    (the chosen lr at every epsilon, seed 0), decide (the cells that decide the ranking at the search epsilon: more
+    seeds). Data sets with a transfer entry run after the data set they start from."""
+    from zoo.dp.accounting import calibrate_sigma, compute_epsilon
+
+    config = args.config
+    redraw = lambda rs: budget_report(rs, out, config, args.data_dir)  # noqa: E731
+    done = {budget_key(r["config"], r["stage"], r["dataset"], r["model"], r["start"],
+                       None if r["trainable"] == "all" else r["trainable"], float(r["epsilon"]), int(r["seed"]),
+                       float(r["lr"])) for r in rows}
+    models = architectures(args.models or segmentation_models(), cfg["model_args"])
+    search = cfg["search"]
+    sources = {t["from"] for t in cfg.get("transfer", {}).values()}
+    datasets = sorted(args.datasets, key=lambda d: d not in sources)  # a transfer's public source first
+    ran = [0]
+
+    def go(stage, dataset, model, start, trainable, eps, seed, lr) -> dict | None:
+        k = budget_key(config, stage, dataset, model, start, trainable, eps, seed, lr)
+        if k in done:
+            return None
+        source = None
+        if start != SCRATCH:  # the public source's noise-free run of the same network, seed 0 at its chosen lr
+            src_lr = lrs.get((start, model, SCRATCH, "all"))
+            source = runs / budget_key(config, "full", start, model, SCRATCH, None, math.inf, 0, src_lr or 0) / \
+                "final.safetensors"
+            if src_lr is None or not source.exists():
+                print(f"    {k} skipped: no noise-free {start} run of {model} to start from (run --datasets "
+                      f"{start})", file=sys.stderr)
+                return None
+        if args.limit is not None and ran[0] >= args.limit:
+            raise _Limit
+        base = {**COMMON, **cfg["recipes"][dataset], "lr": lr}
+        if args.steps:
+            base["steps"] = args.steps
+        delta, full_b = DATASETS[dataset]["delta"], base["batch_size"]
+        recipe, target = dict(base), eps
+        if stage == "search":  # TAN: the same S and sigma / B at a smaller batch; spends far more than eps
+            n = train_size(dataset, args.data_dir)
+            sigma = calibrate_sigma(eps, delta, min(1.0, full_b / n), base["steps"], "rdp")
+            sim = tan.scale_down(full_b, sigma, base["steps"], max(1, full_b // search["shrink"]))
+            recipe["batch_size"] = sim["batch_size"]
+            recipe["physical_batch_size"] = min(base["physical_batch_size"], sim["batch_size"])
+            target = compute_epsilon([(sim["sigma"], min(1.0, sim["batch_size"] / n), base["steps"])], delta, "rdp")
+        margs = budget_args(model, cfg["model_args"])
+        ran[0] += 1
+        print(f"{k} ...", file=sys.stderr, flush=True)
+        t0 = time.time()
+        common = dict(epsilon=target, delta=delta, seed=seed, data_dir=args.data_dir, out_dir=runs / k, resume=True,
+                      progress=False, device=args.device, **recipe)
+        if start == SCRATCH:
+            result = zoo.train(model, dataset=dataset, model_args=margs, **common)
+        else:
+            result = zoo.finetune(str(source), dataset, trainable=trainable, **common)
+        row = budget_row(config, stage, dataset, model, start, trainable, margs, eps, delta, seed, full_b, recipe,
+                         result, t0)
+        done.add(k)
+        record(rows, row, csv_path, BUDGET_FIELDS, redraw,
+               summary=f"    Dice {row['dice']:.3f}, epsilon {row['epsilon_spent']:.2f}, sigma {row['sigma']:.2f}, "
+                       f"{row['s_per_step']} s/step")
+        return row
+
+    lrs: dict = {}
+    try:
+        for dataset in datasets:
+            for start, trainable in variants(dataset, cfg):
+                for model in models:
+                    for lr in search["lrs"]:
+                        go("search", dataset, model, start, trainable, search["epsilon"], search["seed"], lr)
+                lrs.update(chosen_lrs(rows, config))
+                for model in models:
+                    lr = lrs.get((dataset, model, start, trainable or "all"))
+                    for eps in args.epsilons or cfg["epsilons"]:
+                        for seed in cfg["seeds"]:
+                            if lr is not None:
+                                go("full", dataset, model, start, trainable, eps, seed, lr)
+            for model, start, trainable in deciding(rows, config, dataset, search["epsilon"], cfg["decide_top"]):
+                spec = None if trainable == "all" else trainable
+                for seed in cfg["decide_seeds"]:
+                    go("full", dataset, model, start, spec, search["epsilon"], seed,
+                       lrs[dataset, model, start, trainable])
+    except _Limit:
+        pass
+    return close(rows, csv_path, out / "dice_vs_epsilon.png", redraw)
+
+
+class _Limit(Exception):
+    """``--limit`` new runs are done."""
+
+
+def _label(r: dict) -> str:
+    return r["model"] if r["start"] == SCRATCH else f"{r['model']} from {r['start']} ({r['trainable']})"
+
+
+def budget_table(rows: list[dict], config: str, trivial: dict[str, float], sizes: dict[str, int]) -> str:
+    cfg = CONFIGS[config]
+    full = [r for r in rows if r["stage"] == "full"]
+    epsilons = sorted({float(r["epsilon"]) for r in full}, reverse=True)
+    finite = [e for e in epsilons if not math.isinf(e)]
+    lines = [f"### Segmentation under DP at one budget per data set: `{config}` configuration", "",
+             f"From `eval/study_segmentation.py --config {config}` (settings in its docstring). Foreground Dice on the "
+             "test split, mean ± std (seeds) of full runs at the lr that TAN's simulation chose at ε = "
+             f"{cfg['search']['epsilon']:g} (B / {cfg['search']['shrink']}, same S and σ/B); ε = ∞: the same recipe "
+             "with σ = 0. Every architecture at the same arguments "
+             f"({', '.join(f'{k} {v}' for k, v in cfg['model_args'].items())}, where its family takes them) and the "
+             "same budget (views × pixels). Noise / signal: √(trained params) · σ / (B √S) "
+             "(`zoo.dp.tan.noise_to_signal`). s / step: training wall time per step on 2 CPU cores (x86_64), "
+             "per-sample gradients: MiB per micro-batch.", ""]
+    for dataset in sorted({r["dataset"] for r in full}):
+        here = [r for r in full if r["dataset"] == dataset]
+        one = here[0]
+        lines += [f"**{dataset}** (N = {sizes[dataset]} training images, δ = {one['delta']}, RDP; "
+                  f"B = {one['full_batch_size']}, S = {one['steps']}, {int(float(one['view_pixels'])) / 1e6:.1f} M view-pixels per run; predicting "
+                  f"foreground everywhere scores {trivial[dataset]:.3f})", "",
+                  "| model | params (trained) | per-sample grads MiB | s / step | lr | noise / signal at ε = "
+                  + ", ".join(f"{e:g}" for e in finite) + " | "
+                  + " | ".join(f"ε = {_eps_label(e)}" for e in epsilons) + " |",
+                  "|---|---:|---:|---:|---:|---|" + "---:|" * len(epsilons)]
+        groups: dict = {}
+        for r in here:
+            groups.setdefault(_label(r), []).append(r)
+        means = {}
+        for label, rs in sorted(groups.items()):
+            cells = []
+            for e in epsilons:
+                vals = [float(r["dice"]) for r in rs if float(r["epsilon"]) == e]
+                cells.append(mean_std(vals, 3) + (f" ({len(vals)})" if len(vals) > 1 else "") if vals else "—")
+                if e == cfg["search"]["epsilon"] and vals:
+                    means[label] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                    len(vals))
+            ratios = []
+            for e in finite:
+                r = next((r for r in rs if float(r["epsilon"]) == e), None)
+                ratios.append("—" if r is None else "{:.2g}".format(tan.noise_to_signal(
+                    int(r["trained_params"]), float(r["sigma"]), float(r["batch_size"]), int(r["steps"]))))
+            per_step = statistics.fmean(float(r["s_per_step"]) for r in rs)
+            lines.append(f"| `{label}` | {int(rs[0]['params']):,} ({int(rs[0]['trained_params']):,}) | "
+                         f"{float(rs[0]['psg_mib']):.1f} | {per_step:.2f} | "
+                         f"{float(rs[0]['lr']):g} | {', '.join(ratios)} | " + " | ".join(cells) + " |")
+        if means:
+            best = max(means, key=lambda k: means[k][0])
+            m, sd, n = means[best]
+            close_ = [k for k in means if k != best and means[k][0] >= m - max(sd, 0.02)]
+            lines += ["", f"Best at ε = {cfg['search']['epsilon']:g}: `{best}` ({m:.3f}, {n} seed{'s' * (n > 1)}); "
+                      f"within max(its std, 0.02) of it: " + (", ".join(f"`{k}` ({means[k][0]:.3f})" for k in close_)
+                                                              or "none") + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def budget_report(rows: list[dict], out: Path, config: str, data_dir) -> None:
+    full = [r for r in rows if r["stage"] == "full"]
+    trivial = {d: all_foreground_dice(d, CONFIGS[config]["recipes"][d]["resize"], data_dir)
+               for d in sorted({r["dataset"] for r in rows})}
+    if full:
+        plot([{**r, "model": _label(r)} for r in full], out / "dice_vs_epsilon.png", trivial)
+    sizes = {d: train_size(d, data_dir) for d in trivial}
+    write_text(out / "results.md", budget_table(rows, config, trivial, sizes) + "\n")
+
+
 def main() -> int:
     ap = study_parser(__doc__, "segmentation", CONFIGS)
     ap.add_argument("--models", nargs="+", help="subset of the architectures (default: all registered)")
     ap.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
-    ap.add_argument("--epsilons", nargs="+", type=float, default=EPSILONS)
+    ap.add_argument("--epsilons", nargs="+", type=float,
+                    help=f"default: the config's ({EPSILONS} for cpu and gpu)")
     ap.add_argument("--limit", type=int, help="stop after this many new runs (smoke tests)")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     out, runs, csv_path, rows = study_dirs("segmentation", args.config, args.out, args.runs)
+    if "search" in cfg:  # a budget configuration
+        return run_budget(args, cfg, out, runs, csv_path, rows)
     redraw = lambda rs: report(rs, out, args.config, args.data_dir)  # noqa: E731
     done = {key(r["config"], r["dataset"], r["model"], float(r["epsilon"]), int(r["seed"])) for r in rows}
     models = args.models or segmentation_models()
-    grid = [(d, m, e, s) for d in args.datasets for m in models for e in args.epsilons for s in cfg["seeds"]]
+    grid = [(d, m, e, s) for d in args.datasets for m in models for e in args.epsilons or EPSILONS
+            for s in cfg["seeds"]]
     ran = 0
     for i, (dataset, model, eps, seed) in enumerate(grid, 1):
         k = key(args.config, dataset, model, eps, seed)

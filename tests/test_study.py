@@ -109,3 +109,25 @@ def test_tan_study_runs_an_unsearched_recipe_at_its_given_point_over_the_full_se
     assert all(float(r["epsilon_spent"]) <= 8.0 for r in rows)
     assert study_cifar10.main() == 0
     assert list(csv.DictReader((tmp_path / "results.csv").open())) == rows
+
+
+def test_segmentation_budget_study_searches_with_tan_then_runs_the_chosen_lr(data_dir, tmp_path):
+    """The budget configuration: TAN simulations at B / 2 (same steps and sigma / B, so they spend more than the
+    target epsilon) over the lrs, then full runs at the lr whose simulation scored best; every architecture at the
+    config's arguments; a transfer variant without its public source run is skipped, not failed."""
+    args = [sys.executable, str(SEG_SCRIPT), "--config", "budget", "--out", str(tmp_path), "--runs",
+            str(tmp_path / "runs"), "--data-dir", str(data_dir), "--models", "test-unet-w4", "--datasets",
+            "isbi2012", "--epsilons", "inf", "--steps", "1", "--limit", "4"]
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                          check=True)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    search, full = rows[:3], rows[3:]
+    assert [r["stage"] for r in rows] == ["search"] * 3 + ["full"] and [float(r["lr"]) for r in search] == [
+        0.25, 0.5, 1.0]
+    assert all(r["batch_size"] == "10" and r["full_batch_size"] == "20" and float(r["epsilon_spent"]) > 8
+               for r in search)
+    best = max(search, key=lambda r: float(r["dice"]))  # the first of equals, as max keeps it
+    assert full[0]["epsilon"] == "inf" and full[0]["lr"] == best["lr"] and full[0]["batch_size"] == "20"
+    assert all(r["model_args"] == "{'width': 4, 'depth': 3}" and int(r["view_pixels"]) > 0 for r in rows)
+    assert "from-weizmann-horse-head_norm-eps8-seed0-lr0.25 skipped: no noise-free weizmann-horse run" in done.stderr
+    assert "`test-unet-w4`" in (tmp_path / "results.md").read_text()
