@@ -108,7 +108,8 @@ def test_a_seed_spread_measured_after_publishing_is_attached_to_the_card_only(se
     assert (acc["seed_std"], acc["seed_n"], acc["seed_spread_source"]) == (0.0123, 3, "a study, 3 seeds")
     assert acc["note"].endswith("published before its seeds, which followed: 3 seeds") and acc["value"] == \
         before["accuracy"]["value"]
-    assert all("seed_std" not in r and r == before[m] for m, r in after.items() if m != "accuracy")
+    assert all("seed_std" not in r and r["value"] == before[m]["value"] and r["note"] == acc["note"]
+               for m, r in after.items() if m != "accuracy")  # the note is the checkpoint's, the spread the metric's
     assert (user_card.parent / "weights" / f"{NAME}.dp_test.json").read_text() == side  # the checkpoint untouched
     with pytest.raises(PublishError, match="no checkpoint tagged 'dp_eps9'.*dp_test"):
         attach_spread(NAME, "dp_eps9", {"accuracy": (0.01, 3, "s")}, "n", cards_dir=user_card)

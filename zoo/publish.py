@@ -80,8 +80,9 @@ def attach_spread(name: str, tag: str, spread: dict, note: str, *, cards_dir: Pa
     replaces :data:`NO_SPREAD_YET` in each result's note (it should say where the seeds come from).
 
     The checkpoint, its sidecar and the results' values are untouched: only what ``zoo reproduce --retrain``
-    compares against changes. It is the caller's duty that the seeds ran the checkpoint's own recipe (every recipe
-    setting, not only B, S and lr). Returns the number of results changed; refuses a tag the card does not hold.
+    compares against, and the notes of the tag's results, change. It is the caller's duty that the seeds ran the
+    checkpoint's own recipe (every recipe setting, not only B, S and lr). Returns the number of results that got a
+    spread; refuses a tag the card does not hold.
     """
     path = cards_dir / f"{name}.json"
     data = load_card(path)
@@ -90,11 +91,13 @@ def attach_spread(name: str, tag: str, spread: dict, note: str, *, cards_dir: Pa
                            f"{', '.join(c['tag'] for c in data['checkpoints']) or 'none'}); publish it first")
     changed = 0
     for r in data["results"]:
-        if r.get("checkpoint") == tag and r["metric"] in spread:
+        if r.get("checkpoint") != tag:
+            continue
+        old = r.get("note", "")  # the note is the checkpoint's: every result of the tag gets it
+        r["note"] = old.replace(NO_SPREAD_YET, note) if NO_SPREAD_YET in old else old if note in old \
+            else "; ".join(x for x in (old, note) if x)
+        if r["metric"] in spread:
             _set_spread(r, spread[r["metric"]])
-            old = r.get("note", "")
-            r["note"] = old.replace(NO_SPREAD_YET, note) if NO_SPREAD_YET in old else old if note in old \
-                else "; ".join(x for x in (old, note) if x)
             changed += 1
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     load_card(path)  # still valid
