@@ -38,7 +38,10 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
   release-long-eps3  CIFAR-10 at epsilon 3 for ``scatternet-cnn-datanorm`` at Tramèr & Boneh's B=8192, S=360
            (2,949,120 samples, about 60 epochs; their 69.3 % at this epsilon), the statistics' sigma 8 (the card's)
            against 16 (``+nsigma16``: they cost epsilon 0.60 instead of 1.26, DP-SGD's sigma 4.902 instead of
-           5.352); simulated at b=1024 (368,640 samples). Results in ``eval/results/cifar10-release-long-eps3/``.
+           5.352); simulated at b=1024 (368,640 samples): lr 4 best for both, sigma 16 0.6805 against sigma 8
+           0.6789 (one seed: within the simulation's noise). Full runs so far: sigma 8, public seeds 0-2, 0.6854 +/-
+           0.0034 (``--stage full --models scatternet-cnn-datanorm``; the sigma-16 variant's would be 3 more runs of
+           about 45 idle minutes). Results in ``eval/results/cifar10-release-long-eps3/``.
   release-e2e  The seed spread of the end-to-end releases ``wrn16-1.dp_eps8`` (B=1024, S=400, lr 2: 409,600
            samples) and ``eq-resnet9-c4.dp_eps8`` (B=512, S=280, lr 2: 143,360 samples, the same idle CPU time at its
            measured throughput): their recipes exactly, not searched (a model entry with ``search`` False runs its
