@@ -47,6 +47,13 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
            measured throughput): their recipes exactly, not searched (a model entry with ``search`` False runs its
            one given point), full runs of public seeds 0, 1, 2 (about 40 and 28 idle minutes each).
            Results in ``eval/results/cifar10-release-e2e/``.
+  tan-propose, tan-propose-pneumonia  TAN without model knowledge: the recipe that ``zoo.dp.tan.propose(epsilon,
+           delta, N)`` gives alone (its default S = 2500 and sigma 3; B from epsilon, delta and N), at the lr of the
+           best recipe that the search of ``release-long`` (CIFAR-10, ``scatternet-cnn-datanorm``, epsilon 8) and
+           ``pneumonia-scatternet`` (both ScatterNets, epsilon 8, 3, 1) found, so that only the privacy parameters
+           differ; full privacy, the table beside the searched recipe's full-privacy seeds. CIFAR-10: B=4346,
+           10,865,000 samples (one seed, about 2.7 idle hours; 3.7 times the searched recipe's compute);
+           PneumoniaMNIST: B=445 / 184 / 64 at epsilon 8 / 3 / 1, 1.1 M / 0.46 M / 0.16 M samples, seeds 0-2.
   pneumonia-scatternet  PneumoniaMNIST (N = 4,708, delta 1e-4 < 1/N) at epsilon 8, 3 and 1: ScatterNet + linear
            and ScatterNet + CNN on the 1x28x28 X-rays (``scatternet-linear-pneumonia``, ``scatternet-cnn-pneumonia``),
            Tramèr & Boneh's settings; search over lr and two splits of the budget, ranked by balanced accuracy (the
@@ -54,7 +61,7 @@ Configurations (budgets in samples processed; times are for an idle 2-core x86_6
            Results in ``eval/results/pneumoniamnist-pneumonia-scatternet/``.
 Hyper-parameters are chosen on the test split, as in TAN and Tramèr & Boneh (the engine holds no validation split);
 the full-privacy seed spread is the honest error bar, and the choice itself is not private.
-Reproduce:  python eval/study_cifar10.py --config release|release-long|release-long-eps3|release-e2e|pneumonia-scatternet
+Reproduce:  python eval/study_cifar10.py --config CONFIG (one of the above)
             [--stage search|full]
 """
 from __future__ import annotations
@@ -65,12 +72,12 @@ import time
 from pathlib import Path
 
 import zoo
-from _results import LABELS, METRICS, close, mean_std, record, report, study_dirs, study_parser
+from _results import LABELS, METRICS, close, mean_std, read_rows, record, report, study_dirs, study_parser
 from zoo.dp.data_norm import releases, statistics_history
 from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
 from zoo.privacy import calibrate_sigma, compute_epsilon
 from zoo.catalog.registry import get_card
-from zoo.dp.tan import scale_down
+from zoo.dp.tan import propose, scale_down
 
 _SCATTER = {"physical_batch_size": 256, "clip_norm": 0.1, "momentum": 0.9, "augmult": 1, "ema_decay": 0.0}
 _E2E = {"physical_batch_size": 64, "clip_norm": 1.0, "momentum": 0.0, "augmult": 1, "ema_decay": 0.999}
@@ -134,6 +141,21 @@ CONFIGS = {
         # sigma is below 1, so no TAN simulation keeps sigma above 0.5 (the release config's docstring)
         "models": {"eq-resnet9-c4": {"fixed": _E2E, "full": True, "search": False, "points": [(512, 280, 2.0)]},
                    "wrn16-1": {"fixed": _E2E, "full": True, "search": False, "points": [(1024, 400, 2.0)]}},
+    },
+    # TAN without model knowledge (issue 18): B, S from zoo.dp.tan.propose(epsilon, delta, N) alone, the lr of the
+    # best recipe that the search of the config named by "propose" found for the same model and epsilon
+    "tan-propose": {
+        "dataset": "cifar10", "n": 50_000, "delta": 1e-5, "epsilons": [8.0], "metric": "accuracy",
+        "search_seeds": [], "full_seeds": [0], "min_sim_sigma": 0.5, "max_shrink": 8,
+        "models": {"scatternet-cnn-datanorm": {"fixed": _SCATTER, "full": True, "search": False,
+                                               "propose": "release-long"}},
+    },
+    "tan-propose-pneumonia": {
+        "dataset": "pneumoniamnist", "n": 4_708, "delta": 1e-4, "epsilons": [8.0, 3.0, 1.0],
+        "metric": "balanced_accuracy", "search_seeds": [], "full_seeds": [0, 1, 2], "min_sim_sigma": 0.5,
+        "max_shrink": 8,
+        "models": {m: {"fixed": _SCATTER, "full": True, "search": False, "propose": "pneumonia-scatternet"}
+                   for m in ("scatternet-linear-pneumonia", "scatternet-cnn-pneumonia")},
     },
     "pneumonia-scatternet": {
         "dataset": "pneumoniamnist", "n": 4_708, "delta": 1e-4, "epsilons": [8.0, 3.0, 1.0],
@@ -211,6 +233,24 @@ def run_point(model: str, spec: dict, batch: int, steps: int, lr: float, seed: i
             **{m: result["test"][m] for m in fields(cfg) if m in METRICS},
             "samples": seen, "train_time_s": round(time.time() - t0, 1),
             "samples_per_s": round(seen / max(result["training"]["wall_time_s"], 1e-9), 1)}
+
+
+def searched(config: str) -> list[dict]:
+    """The rows of study ``config`` (its default results folder)."""
+    return read_rows(study_dirs(CONFIGS[config]["dataset"], config, None, None)[2])
+
+
+def proposed_point(model: str, spec: dict, cfg: dict, eps: float) -> tuple[int, int, float]:
+    """TAN without model knowledge: ``(B, S)`` from :func:`zoo.dp.tan.propose` (epsilon, delta, N) alone, its
+    default S and sigma; the lr of the best recipe that the search of study ``spec["propose"]`` found for the same
+    model and epsilon, so that only the privacy parameters differ from it."""
+    ref = spec["propose"]
+    best = best_points(searched(ref), ref, CONFIGS[ref]["metric"])
+    if (model, eps) not in best:
+        raise SystemExit(f"study {ref} has no search of {model} at epsilon {eps:g} to take the lr from; run "
+                         f"`python eval/study_cifar10.py --config {ref} --stage search` first")
+    p = propose(eps, cfg["delta"], cfg["n"])
+    return p["batch_size"], p["steps"], best[model, eps][2]
 
 
 def run_batch(stage: str, batch: int, steps: int, cfg: dict, eps: float, before: list = ()) -> int:
@@ -295,7 +335,33 @@ def table(rows: list[dict], config: str) -> str:
                      f"| {float(rs[0]['epsilon_spent']):.2f} | {len(rs)} | " + " | ".join(cells)
                      + f" | {int(float(rs[0]['samples'])):,} | "
                      f"{statistics.fmean(float(r['samples_per_s']) for r in rs):.0f} |")
+    lines += against_search(rows, cfg, metrics)
     return "\n".join(lines) + "\n"
+
+
+def against_search(rows: list[dict], cfg: dict, metrics: list[str]) -> list[str]:
+    """For the models of a ``propose`` config: zoo.dp.tan.propose's recipe beside the best recipe that the search
+    found (the full-privacy rows of that study), both at full privacy, same model, epsilon and lr."""
+    specs = {m: spec for m, spec in cfg["models"].items() if "propose" in spec}
+    if not specs:
+        return []
+    lines = ["", "**zoo.dp.tan.propose alone against the searched recipe** (both at full privacy; same model, ε and "
+             "lr; propose knows only ε, δ and N, and uses its default S and σ)", "",
+             "| model | ε | recipe | B | S | samples | seeds | " + " | ".join(f"test {LABELS[m]}" for m in metrics)
+             + " |", "|---|---|---|---|---|---|---|" + "---|" * len(metrics)]
+    for model, spec in specs.items():
+        ref = searched(spec["propose"])
+        for eps in cfg["epsilons"]:
+            for label, rs in (("propose", [r for r in rows if r["stage"] == "full" and r["model"] == model
+                                            and float(r["epsilon_target"]) == eps]),
+                              (f"searched (`--config {spec['propose']}`)",
+                               [r for r in ref if r["stage"] == "full" and r["model"] == model
+                                and float(r["epsilon_target"]) == eps])):
+                if rs:
+                    lines.append(f"| `{model}` | {eps:g} | {label} | {rs[0]['full_batch_size']} | {rs[0]['steps']} | "
+                                 f"{int(float(rs[0]['samples'])):,} | {len(rs)} | "
+                                 + " | ".join(mean_std(r[m] for r in rs) for m in metrics) + " |")
+    return lines
 
 
 def main() -> int:
@@ -339,12 +405,15 @@ def main() -> int:
                             go("search", model, point, seed, eps)
         if args.stage in ("full", "both"):
             chosen = best_points(rows, args.config, cfg["metric"])
-            chosen.update({(m, eps): spec["points"][0] for m, spec in cfg["models"].items()  # not searched: as given
-                           if not spec.get("search", True) for eps in epsilons})
+            chosen.update({(m, eps): proposed_point(m, spec, cfg, eps) if "propose" in spec else spec["points"][0]
+                           for m, spec in cfg["models"].items() if not spec.get("search", True)  # not searched
+                           for eps in epsilons})
             for eps in epsilons:
                 for model in models:
                     if (model, eps) in chosen and cfg["models"][model]["full"]:
-                        what = "the best simulated" if cfg["models"][model].get("search", True) else "its given"
+                        spec = cfg["models"][model]
+                        what = ("the best simulated" if spec.get("search", True) else
+                                "zoo.dp.tan.propose's" if "propose" in spec else "its given")
                         print(f"{model}, epsilon {eps:g}: full runs of {what} recipe B, S, lr = "
                               f"{chosen[model, eps]}", file=sys.stderr)
                         for seed in cfg["full_seeds"]:

@@ -131,3 +131,28 @@ def test_segmentation_budget_study_searches_with_tan_then_runs_the_chosen_lr(dat
     assert all(r["model_args"] == "{'width': 4, 'depth': 3}" and int(r["view_pixels"]) > 0 for r in rows)
     assert "from-weizmann-horse-head_norm-eps8-seed0-lr0.25 skipped: no noise-free weizmann-horse run" in done.stderr
     assert "`test-unet-w4`" in (tmp_path / "results.md").read_text()
+
+
+def test_tan_propose_runs_its_recipe_at_the_searched_lr_and_tables_it_beside_the_searched_one(data_dir, tmp_path,
+                                                                                             monkeypatch):
+    """TAN without model knowledge: B and S from zoo.dp.tan.propose alone (epsilon, delta, N), the lr of the best
+    recipe that the named study's search found; the table sets both full-privacy results side by side."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_cifar10 import CONFIGS, best_points, searched
+    from zoo.dp.tan import propose
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "study_cifar10.py"), "--config", "tan-propose-pneumonia", "--stage",
+         "full", "--models", "scatternet-cnn-pneumonia", "--epsilons", "8", "--steps", "2", "--out", str(tmp_path),
+         "--runs", str(tmp_path / "runs"), "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=True)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    p = propose(8.0, 1e-4, 4_708)
+    lr = best_points(searched("pneumonia-scatternet"), "pneumonia-scatternet", "balanced_accuracy")[
+        "scatternet-cnn-pneumonia", 8.0][2]
+    assert len(rows) == len(CONFIGS["tan-propose-pneumonia"]["full_seeds"]) and "propose's recipe" in done.stderr
+    assert all(int(r["full_batch_size"]) == p["batch_size"] and float(r["lr"]) == lr and r["steps"] == "2"
+               for r in rows)
+    table = (tmp_path / "results.md").read_text()
+    assert "| `scatternet-cnn-pneumonia` | 8 | propose | 445 | 2 |" in table
+    assert "| `scatternet-cnn-pneumonia` | 8 | searched (`--config pneumonia-scatternet`) | 1024 | 200 |" in table
