@@ -1,4 +1,5 @@
-"""The sparsity study pipeline (eval/study_sparsity.py) end to end on real data, at smoke-test size."""
+"""The studies of eval/ (sparsity, segmentation, alignment, pneumonia, CIFAR-10 TAN) end to end on real data, at
+smoke-test size."""
 from __future__ import annotations
 
 import csv
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "study_sparsity.py"
 
@@ -156,3 +159,20 @@ def test_tan_propose_runs_its_recipe_at_the_searched_lr_and_tables_it_beside_the
     table = (tmp_path / "results.md").read_text()
     assert "| `scatternet-cnn-pneumonia` | 8 | propose | 445 | 2 |" in table
     assert "| `scatternet-cnn-pneumonia` | 8 | searched (`--config pneumonia-scatternet`) | 1024 | 200 |" in table
+
+
+def test_l0_gate_signal_reports_signal_noise_and_penalty_from_real_per_sample_gradients(data_dir, tmp_path):
+    """eval/l0_gate_signal.py: the noise is sigma C / B as given, the penalty grows linearly in lambda, and a gate
+    scale k multiplies the signal-to-noise ratio by k."""
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "l0_gate_signal.py"), "--model", "test-wrn10-1-l0", "--n", "4",
+         "--batch-size", "100", "--steps", "10", "--sigma", "2", "--clip", "1", "--l0-lambdas", "0.1", "1",
+         "--scales", "1", "10", "--data-dir", str(data_dir), "--out", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=True).stdout
+    assert "noise per coordinate of the averaged gradient, σC/B: 2.00e-02" in out
+    penalty, scale = out.split("| λ |")[1].split("Gate scale k")
+    cheap = [float(line.split(" | ")[1].split()[0]) for line in penalty.splitlines()[2:4]]  # lambda 0.1, then 1
+    assert cheap[1] == pytest.approx(10 * cheap[0], rel=1e-2)
+    snr = [float(line.split(" | ")[2]) for line in scale.splitlines() if line.startswith(("| 1 |", "| 10 |"))]
+    assert snr[1] == pytest.approx(10 * snr[0], rel=0.05)
+    assert (tmp_path / "results.md").read_text() in out + "\n"
