@@ -12,7 +12,7 @@ for an L0-gated model (default ``wrn16-4-l0`` on CIFAR-10):
   * the steps after which the rms signal's sum outgrows the noise's random walk: ``(noise / signal)^2``.
 If the penalty is far above the signal, the gates close as the penalty orders them (by cost: together, layer by
 layer); far below it and below the noise, they do not move. Reparametrising ``log_alpha = k theta`` (a gate
-scale ``k``) multiplies the gates' data gradient, and so their share of the clipped norm, by ``k``, while the noise
+scale ``k``: the WRN's ``l0_gate_scale``, :mod:`zoo.nn.sparse`) multiplies the gates' data gradient, and so their share of the clipped norm, by ``k``, while the noise
 per coordinate stays ``sigma C / B``: the signal-to-noise ratio grows by about ``k``; the table gives it for
 ``--scales`` (while their share of the squared norm stays below about 10 %, where clipping scales the other
 coordinates alike). Reproduce (a minute on 2 CPU cores):

@@ -10,7 +10,7 @@ import zoo
 from zoo.dp.step import dp_gradients
 from zoo.dp.grad_sample import PerSampleGradients
 from zoo.nn.sparse import (BETA, GAMMA, ZETA, HardConcreteGate, expected_cost, expected_l0, gate_modules,
-                           penalty_gradients, penalty_weight)
+                           optimizer_groups, penalty_gradients, penalty_weight)
 
 SPARSE = [n for n in zoo.list_models() if zoo.catalog.registry.get_card(n)["args"].get("l0")]
 
@@ -49,6 +49,76 @@ def test_gate_per_sample_gradients_exact():
             ref = torch.autograd.grad(losses[i], [gate.log_alpha], retain_graph=True)[0]
             assert ref.abs().sum() > 0
             assert torch.allclose(grads["1.log_alpha"][i], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_a_gate_scale_is_dp_sgd_on_log_alpha_over_k():
+    """Gate scale k: the per-sample gradients that DP-SGD clips are those of theta = log_alpha / k (autograd through
+    log_alpha = k theta, same draws), the penalty's too, and stepping log_alpha with the optimizer groups is SGD with
+    momentum on theta, step for step."""
+    k = 10.0
+    torch.manual_seed(0)
+    gate = HardConcreteGate(6, scale=k)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3, padding=1), gate, torch.nn.Flatten(),
+                                torch.nn.Linear(6 * 25, 3)).double()
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(1)
+    grads = zoo.per_sample_gradients(model, x, y)
+    theta = (gate.log_alpha.detach() / k).requires_grad_()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    torch.manual_seed(1)  # the same gate draws
+    out = torch.func.functional_call(model, {**params, "1.log_alpha": k * theta}, (x,))
+    losses = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    for i in range(4):
+        ref = torch.autograd.grad(losses[i], [theta], retain_graph=True)[0]
+        assert ref.abs().sum() > 0
+        assert torch.allclose(grads["1.log_alpha"][i], ref, rtol=1e-9, atol=1e-12)
+    # the penalty: d/dtheta = k d/dlog_alpha
+    model[1].scale = 1.0
+    plain = penalty_gradients(model, 0.01)[gate.log_alpha]
+    model[1].scale = k
+    assert torch.allclose(penalty_gradients(model, 0.01)[gate.log_alpha], k * plain)
+    # the optimizer: log_alpha at k times the lr is SGD (momentum 0.9) on theta
+    groups = optimizer_groups(model)
+    assert [g["lr_scale"] for g in groups] == [1.0, k] and groups[1]["params"] == [gate.log_alpha]
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    for g in opt.param_groups:
+        g["lr"] = 0.1 * g["lr_scale"]
+    th = torch.nn.Parameter(gate.log_alpha.detach() / k)
+    ref_opt = torch.optim.SGD([th], lr=0.1, momentum=0.9)
+    for step in range(3):
+        g = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(step))  # a gradient wrt theta
+        gate.log_alpha.grad, th.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+        assert torch.allclose(gate.log_alpha, k * th, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        HardConcreteGate(3, scale=0.0)
+
+
+def test_training_with_a_gate_scale_moves_the_gates_k_squared_as_far(data_dir, tmp_path):
+    """zoo.train with l0_gate_scale k, one step without noise or active clipping, the same seed: every gate's
+    log_alpha moves k^2 times as far as with k = 1 (k for the gradient of theta, k for the step), every other
+    parameter alike; the checkpoint records k."""
+    from zoo.catalog.registry import load_checkpoint
+
+    def run(k):
+        r = zoo.train("test-wrn10-1-l0", data_dir=data_dir, out_dir=tmp_path / f"k{k:g}", seed=0, steps=1,
+                      batch_size=16, physical_batch_size=16, epsilon=math.inf, clip_norm=1e9, momentum=0.0,
+                      ema_decay=0.0, test_subset=20, progress=False, model_args={"l0_gate_scale": k})
+        return r["model_object"], load_checkpoint(r["checkpoint"])[1]
+
+    (one, _), (four, side) = run(1.0), run(4.0)
+    assert side["args"]["l0_gate_scale"] == 4.0 and {g.scale for g in gate_modules(four)} == {4.0}
+    init = dict(zoo.create_model("test-wrn10-1-l0").named_parameters())  # log_alpha starts from the drop rate
+    moved = 0
+    for (n, a), (_, b) in zip(one.named_parameters(), four.named_parameters()):
+        if n.endswith("log_alpha"):
+            da, db = a.detach() - init[n].detach(), b.detach() - init[n].detach()
+            assert torch.allclose(db, 16 * da, rtol=1e-3, atol=1e-7), n
+            moved += int(da.abs().max() > 0)
+        else:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), n
+    assert moved > 0
 
 
 def test_dp_update_is_clip_and_noise_of_the_data_gradients_plus_the_penalty_gradient():

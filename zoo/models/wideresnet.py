@@ -30,7 +30,7 @@ class WideBasicBlock(nn.Module):
     shortcut is a 1x1 WS conv when the shape changes."""
 
     def __init__(self, cin: int, cout: int, stride: int, norm, act, l0: bool = False, l0_blocks: bool = False,
-                 drop_rate: float = 0.3):
+                 drop_rate: float = 0.3, gate_scale: float = 1.0):
         super().__init__()
         self.conv1, self.act1 = conv3x3(cin, cout, stride), act()
         self.norm1 = nn.GroupNorm(cout, cout) if l0 else norm(cout)  # per channel: pruning stays exact
@@ -38,9 +38,10 @@ class WideBasicBlock(nn.Module):
         per_channel = sum(p[0].numel() for p in self.conv1.parameters()) + sum(p[0].numel() for p in
                                                                                self.norm1.parameters())
         per_channel += self.conv2.weight[:, 0].numel()  # the input slice of conv2 that reads the channel
-        self.gate1 = HardConcreteGate(cout, drop_rate, cost=per_channel) if l0 else nn.Identity()
+        self.gate1 = HardConcreteGate(cout, drop_rate, cost=per_channel, scale=gate_scale) if l0 else nn.Identity()
         branch = sum(p.numel() for m in (self.conv1, self.norm1, self.conv2, self.norm2) for p in m.parameters())
-        self.branch_gate = HardConcreteGate(1, drop_rate, cost=branch) if l0_blocks else nn.Identity()
+        self.branch_gate = (HardConcreteGate(1, drop_rate, cost=branch, scale=gate_scale) if l0_blocks
+                            else nn.Identity())
         self.shortcut = (
             WSConv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else nn.Identity()
         )
@@ -55,13 +56,14 @@ class WideBasicBlock(nn.Module):
 class WideResNet(ZooClassifier):
     """WRN-``depth``-``width``. Args: depth (6n+4), width (k), num_classes, in_chans, norm, act; L0 variant:
     l0 (channel gates), l0_blocks (branch gates), l0_drop_rate (initial closed-gate probability), l0_lambda
-    (Louizos et al.'s lambda: the price of a kept parameter against the mean loss of one sample, divided by N)."""
+    (Louizos et al.'s lambda: the price of a kept parameter against the mean loss of one sample, divided by N),
+    l0_gate_scale (DP-SGD trains log_alpha / scale: the gates' share of the clipping budget; :mod:`zoo.nn.sparse`)."""
 
     min_size = 4
 
     def __init__(self, depth: int = 16, width: int = 4, num_classes: int = 10, in_chans: int = 3,
                  norm: str = "groupnorm", act: str = "relu", l0: bool = False, l0_blocks: bool = False,
-                 l0_drop_rate: float = 0.3, l0_lambda: float = 0.0):
+                 l0_drop_rate: float = 0.3, l0_lambda: float = 0.0, l0_gate_scale: float = 1.0):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
@@ -74,7 +76,7 @@ class WideResNet(ZooClassifier):
         for stage, cout in enumerate(widths[1:]):
             for i in range(n):
                 blocks.append(WideBasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1, norm_f, act_f,
-                                             l0, l0_blocks, l0_drop_rate))
+                                             l0, l0_blocks, l0_drop_rate, l0_gate_scale))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -55,6 +55,7 @@ from zoo.io import write_text
 from zoo.models._base import set_trainable
 from zoo.nn.equivariant import export
 from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
+from zoo.nn.sparse import optimizer_groups
 from zoo.schedule import lr_factor
 
 
@@ -504,7 +505,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     align = AlignSettings.from_recipe(recipe)
     aligned = align.mode != "off"
     psg = AlignedPerSampleGradients(model, align) if aligned else PerSampleGradients(model)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
+    # one group, plus one per L0 gate scale k (log_alpha at k times the lr: SGD on log_alpha / k, zoo.nn.sparse)
+    opt = torch.optim.SGD(optimizer_groups(model), lr=recipe["lr"], momentum=recipe["momentum"])
     if tensors is not None:
         ckpt.load_training_state(tensors, model, ema.module, opt)
         ema.n_averaged.fill_(max(done, 1))
@@ -554,7 +556,7 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
             if aligned:  # the public reference: an EMA of the updates released so far (zoo.dp.alignment)
                 psg.set_reference({name: opt.state[p].get(REFERENCE_SLOT) for name, p in params.items()})
             for group in opt.param_groups:  # a function of the step alone: public, resumes exactly (zoo.schedule)
-                group["lr"] = recipe["lr"] * lr_factor(recipe.get("lr_schedule"), step, planned)
+                group["lr"] = recipe["lr"] * group["lr_scale"] * lr_factor(recipe.get("lr_schedule"), step, planned)
             idx, grads, loss_sum, score = dp_step(step, batches_for)  # empty idx: noise only
             samples += len(idx) * k
             if aligned:
