@@ -55,12 +55,12 @@ def main() -> int:
     info = zoo.model_info(args.model)
     rec = info["recipe"]
     data = get_dataset_info(rec["dataset"])
-    n_train = len(data.load("train", data_dir=args.data_dir))
+    ds = data.load("train", data_dir=args.data_dir)
+    n_train = len(ds)
     clip, b, s = args.clip or rec["clip_norm"], args.batch_size or rec["batch_size"], args.steps or rec["steps"]
     sigma = args.sigma or calibrate_sigma(rec["epsilon"], rec["delta"], b / n_train, s, rec.get("accountant", "rdp"))
     model = zoo.create_model(args.model)
     model.train()
-    ds = data.load("train", data_dir=args.data_dir)
     x, y = ds.batch(torch.randperm(len(ds))[: args.n])
     psg = PerSampleGradients(model)
     grads, _, _ = psg(x, y, task_of(model).loss)

@@ -216,9 +216,8 @@ def tan_study_release(config: str, models: list[str], epsilon: float, default: b
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+",
-                    default=["backbone", "study", "pneumonia", "cifar10", "cifar10-eq", "cifar10-e2e-study", "cifar10-study",
-                             "scatternet",
-                             "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
+                    default=["backbone", "study", "pneumonia", "cifar10", "cifar10-eq", "cifar10-e2e-study",
+                             "cifar10-study", "scatternet", "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
                              "scatternet-cnn", "scatternet-cnn-datanorm", "scatternet-cnn-datanorm-eps3"])
     ap.add_argument("--procs", type=int, default=1,
                     help="one-thread processes per training run, under torchrun (eval/bench_train_loop.py --procs "

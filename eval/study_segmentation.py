@@ -53,6 +53,7 @@ import zoo
 from _results import close, mean_std, record, study_dirs, study_parser
 from zoo.data import get_dataset_info
 from zoo.dp import tan
+from zoo.privacy import calibrate_sigma, compute_epsilon
 from zoo.training.engine import load_split
 from zoo.io import write_text
 
@@ -153,14 +154,14 @@ def all_foreground_dice(dataset: str, resize: int | None, data_dir) -> float:
     return 2 * p / (1 + p)
 
 
-def _noise_to_signal(rows: list[dict], dataset: str, model: str, epsilon: float) -> str:
-    """The run's best-case noise-to-signal ratio (:func:`zoo.dp.tan.noise_to_signal`: sqrt(params) sigma / (B sqrt(S)));
-    above about 1 the noise's random walk outruns everything the gradients can add."""
-    r = next((r for r in rows if r["dataset"] == dataset and r["model"] == model and float(r["epsilon"]) == epsilon),
-             None)
+def _noise_to_signal(runs: list[dict], epsilon: float, params: str = "params") -> str:
+    """The best-case noise-to-signal ratio (:func:`zoo.dp.tan.noise_to_signal`: sqrt(params) sigma / (B sqrt(S))) of
+    the first of ``runs`` (rows of one data set and model) at ``epsilon``, over the parameters counted in column
+    ``params``; above about 1 the noise's random walk outruns everything the gradients can add."""
+    r = next((r for r in runs if float(r["epsilon"]) == epsilon), None)
     if r is None:
         return "—"
-    ratio = tan.noise_to_signal(int(r["params"]), float(r["sigma"]), float(r["batch_size"]), int(r["steps"]))
+    ratio = tan.noise_to_signal(int(r[params]), float(r["sigma"]), float(r["batch_size"]), int(r["steps"]))
     return f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.2g}"
 
 
@@ -189,7 +190,8 @@ def table(rows: list[dict], config: str, trivial: dict[str, float]) -> str:
             first = next(r for r in rows if r["dataset"] == dataset and r["model"] == model)
             cells = {e: f"{m:.3f} ± {s:.3f} ({n})" if n > 1 else f"{m:.3f}"
                      for e, m, s, n in _summary(rows, dataset, model)}
-            ratios = ", ".join(_noise_to_signal(rows, dataset, model, e) for e in epsilons if not math.isinf(e))
+            runs = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
+            ratios = ", ".join(_noise_to_signal(runs, e) for e in epsilons if not math.isinf(e))
             lines.append(f"| `{model}` | {_args(first['model_args'])} | {int(first['params']):,} | "
                          f"{float(first['psg_mib']):.1f} | {ratios} | "
                          + " | ".join(cells.get(e, "—") for e in epsilons) + " |")
@@ -304,8 +306,6 @@ def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: lis
     search (TAN's simulation at ``B / shrink``, same S and sigma / B, over the lrs, at the search epsilon), full
     (the chosen lr at every epsilon, seed 0), decide (the cells that decide the ranking at the search epsilon: more
     seeds). Data sets with a transfer entry run after the data set they start from."""
-    from zoo.dp.accounting import calibrate_sigma, compute_epsilon
-
     config = args.config
     redraw = lambda rs: budget_report(rs, out, config, args.data_dir)  # noqa: E731
     done = {budget_key(r["config"], r["stage"], r["dataset"], r["model"], r["start"],
@@ -412,8 +412,9 @@ def budget_table(rows: list[dict], config: str, trivial: dict[str, float], sizes
         here = [r for r in full if r["dataset"] == dataset]
         one = here[0]
         lines += [f"**{dataset}** (N = {sizes[dataset]} training images, δ = {one['delta']}, RDP; "
-                  f"B = {one['full_batch_size']}, S = {one['steps']}, {int(float(one['view_pixels'])) / 1e6:.1f} M view-pixels per run; predicting "
-                  f"foreground everywhere scores {trivial[dataset]:.3f})", "",
+                  f"B = {one['full_batch_size']}, S = {one['steps']}, "
+                  f"{int(float(one['view_pixels'])) / 1e6:.1f} M view-pixels per run; predicting foreground everywhere "
+                  f"scores {trivial[dataset]:.3f})", "",
                   "| model | params (trained) | per-sample grads MiB | s / step | lr | noise / signal at ε = "
                   + ", ".join(f"{e:g}" for e in finite) + " | "
                   + " | ".join(f"ε = {_eps_label(e)}" for e in epsilons) + " |",
@@ -430,11 +431,7 @@ def budget_table(rows: list[dict], config: str, trivial: dict[str, float], sizes
                 if e == cfg["search"]["epsilon"] and vals:
                     means[label] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
                                     len(vals))
-            ratios = []
-            for e in finite:
-                r = next((r for r in rs if float(r["epsilon"]) == e), None)
-                ratios.append("—" if r is None else "{:.2g}".format(tan.noise_to_signal(
-                    int(r["trained_params"]), float(r["sigma"]), float(r["batch_size"]), int(r["steps"]))))
+            ratios = [_noise_to_signal(rs, e, params="trained_params") for e in finite]
             per_step = statistics.fmean(float(r["s_per_step"]) for r in rs)
             lines.append(f"| `{label}` | {int(rs[0]['params']):,} ({int(rs[0]['trained_params']):,}) | "
                          f"{float(rs[0]['psg_mib']):.1f} | {per_step:.2f} | "
