@@ -1,17 +1,23 @@
-"""DP-SGD step time of a pruned L0 network against the gated network it came from, with parameters and FLOPs.
+"""DP-SGD step time of a pruned L0 network against the gated network it came from and its dense twin.
 
 For each sparse model (default: every registered model with ``l0`` gates) the gates are set so that a fraction
 ``--closed`` of each block's channel gates is shut (the channels with the lowest random ``log_alpha``; in a
-trained network the penalty does this), then ``zoo.prune`` builds the smaller network. Both take a DP step
-(``zoo.dp.step.dp_gradients`` + SGD, one physical batch) on the same random batch, interleaved, ``--repeats``
-rounds after a warm-up; medians are reported. Reproduce (2 CPU cores, about a minute):
+trained network the penalty does this), then ``zoo.prune`` builds the smaller network. With ``--runs DIR`` the
+models are instead the trained gated networks in the run folders under ``DIR`` (each ``final.safetensors`` whose
+sidecar has ``l0``; e.g. ``runs/study-sparsity-budget`` of ``eval/study_sparsity.py``), at their own input size.
+The dense twin is the same architecture without gates (``l0=False``): what the pruned network must beat. All
+three take a DP step (``zoo.dp.step.dp_gradients`` + SGD, one physical batch) on the same random batch,
+interleaved, ``--repeats`` rounds after a warm-up; medians are reported, and the ratio pruned / dense.
+Reproduce (2 CPU cores, about a minute each):
     python eval/bench_prune.py --closed 0.5 --batch-size 64 --repeats 3
+    python eval/bench_prune.py --runs runs/study-sparsity-budget --batch-size 64 --repeats 5
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,7 +25,7 @@ import zoo
 from _timing import timer
 from zoo.dp.step import dp_gradients
 from zoo.dp.grad_sample import PerSampleGradients
-from zoo.catalog.registry import get_card
+from zoo.catalog.registry import build, get_card, load_checkpoint
 from zoo.nn.sparse import HardConcreteGate
 
 
@@ -41,25 +47,41 @@ def main() -> int:
     ap.add_argument("--closed", type=float, default=0.5, help="fraction of each block's channel gates shut")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--runs", type=Path, help="time the trained gated networks in the run folders under this one")
     args = ap.parse_args()
-    names = sorted({n for pat in args.models for n in zoo.list_models(pat) if get_card(n)["args"].get("l0")})
-    if not names:
-        ap.error(f"no registered L0 model matches {args.models}")
+    if args.runs:
+        found = sorted(args.runs.glob("*/final.safetensors"))
+        cases = [(p.parent.name, *load_checkpoint(p)) for p in found]
+        cases = [(n, m, sc["preparation"]["input_size"], sc["card"], sc["args"]) for n, m, sc in cases
+                 if sc["args"].get("l0")]
+        if not cases:
+            ap.error(f"no finished run of a gated network under {args.runs} (looked for */final.safetensors)")
+    else:
+        names = sorted({n for pat in args.models for n in zoo.list_models(pat) if get_card(n)["args"].get("l0")})
+        if not names:
+            ap.error(f"no registered L0 model matches {args.models}")
+        cases = []
+        for name in names:
+            torch.manual_seed(0)
+            model = zoo.create_model(name)
+            shut(model, args.closed, torch.Generator().manual_seed(0))
+            cases.append((name, model, get_card(name)["input_size"], get_card(name), {}))
     time_ms = timer(torch.device("cpu"))
-    fmt = "{:<18} {:>12} {:>12} {:>14} {:>14} {:>12} {:>12} {:>8}"
-    print(f"threads {torch.get_num_threads()} | closed fraction {args.closed} | batch {args.batch_size} | median of "
-          f"{args.repeats} interleaved rounds after 1 warm-up")
-    print(fmt.format("model", "params", "pruned", "GFLOPs", "pruned GFLOPs", "DP step ms", "pruned ms", "ratio"))
-    for name in names:
+    fmt = "{:<44} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}"
+    print(f"threads {torch.get_num_threads()} | " + (f"trained gates of {args.runs}" if args.runs else
+          f"closed fraction {args.closed}") + f" | batch {args.batch_size} | median of {args.repeats} interleaved "
+          f"rounds after 1 warm-up")
+    print(fmt.format("model", "params", "pruned", "MFLOPs", "pruned", "dense ms", "gated ms", "pruned ms",
+                     "pr./dense"))
+    for name, model, input_size, card, model_args in cases:
         torch.manual_seed(0)
-        model = zoo.create_model(name)
-        shut(model, args.closed, torch.Generator().manual_seed(0))
-        small, report = zoo.prune(model)
+        small, report = zoo.prune(model, input_size=tuple(input_size))
         small.train()
-        x = torch.randn(args.batch_size, *get_card(name)["input_size"])
+        dense = build(card, **{**model_args, "l0": False}).train()  # the same architecture without gates
+        x = torch.randn(args.batch_size, *input_size)
         y = torch.randint(0, model.num_classes, (args.batch_size,))
         steps = {}
-        for key, net in (("gated", model), ("pruned", small)):
+        for key, net in (("dense", dense), ("gated", model), ("pruned", small)):
             psg, opt = PerSampleGradients(net), torch.optim.SGD(net.parameters(), lr=0.1)
 
             def step(psg=psg, opt=opt):
@@ -76,10 +98,11 @@ def main() -> int:
                 ms = time_ms(f)
                 if r:
                     times[k].append(ms)
-        gated, pruned = statistics.median(times["gated"]), statistics.median(times["pruned"])
+        ms = {k: statistics.median(v) for k, v in times.items()}
         print(fmt.format(name, f"{report['params_before']:,}", f"{report['params_after']:,}",
-                         f"{report['flops_before'] / 1e9:.3f}", f"{report['flops_after'] / 1e9:.3f}",
-                         f"{gated:.1f}", f"{pruned:.1f}", f"{pruned / gated:.2f}"))
+                         f"{report['flops_before'] / 1e6:.1f}", f"{report['flops_after'] / 1e6:.1f}",
+                         f"{ms['dense']:.1f}", f"{ms['gated']:.1f}", f"{ms['pruned']:.1f}",
+                         f"{ms['pruned'] / ms['dense']:.2f}"))
     return 0
 
 

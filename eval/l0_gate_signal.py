@@ -22,6 +22,7 @@ Writes ``eval/results/l0-gate-signal/results.md`` (``--out``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ from zoo.privacy import calibrate_sigma
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="wrn16-4-l0")
+    ap.add_argument("--model-args", type=json.loads, default={},
+                    help='JSON overrides of the card\'s architecture, e.g. \'{"l0": true, "l0_gate_scale": 10}\'')
     ap.add_argument("--n", type=int, default=32, help="training images (one per-sample gradient each)")
     ap.add_argument("--clip", type=float, help="default: the card's clip norm")
     ap.add_argument("--batch-size", type=int, help="default: the card's")
@@ -59,13 +62,15 @@ def main() -> int:
     n_train = len(ds)
     clip, b, s = args.clip or rec["clip_norm"], args.batch_size or rec["batch_size"], args.steps or rec["steps"]
     sigma = args.sigma or calibrate_sigma(rec["epsilon"], rec["delta"], b / n_train, s, rec.get("accountant", "rdp"))
-    model = zoo.create_model(args.model)
+    model = zoo.create_model(args.model, **args.model_args)
     model.train()
     x, y = ds.batch(torch.randperm(len(ds))[: args.n])
     psg = PerSampleGradients(model)
     grads, _, _ = psg(x, y, task_of(model).loss)
     psg.close()
     gates = gate_modules(model)
+    if not gates:
+        ap.error(f"{args.model} has no L0 gates: give an L0 model, or --model-args '{{\"l0\": true}}'")
     names = {id(p): k for k, p in model.named_parameters()}
     gate_names = [names[id(g.log_alpha)] for g in gates]
     sq = sum(v.reshape(args.n, -1).pow(2).sum(1) for v in grads.values())
@@ -77,8 +82,12 @@ def main() -> int:
     slope = [torch.sigmoid(g.log_alpha.detach() - BETA * math.log(-GAMMA / ZETA)) for g in gates]
     dp = [(x * (1 - x)).mean().item() for x in slope]  # P'(open) at init, per gate module
     costs = [g.cost for g in gates]
+    model_args = f" --model-args '{json.dumps(args.model_args)}'" if args.model_args else ""
+    flags = "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in
+                    (("clip", args.clip), ("batch_size", args.batch_size), ("steps", args.steps), ("sigma", args.sigma))
+                    if v is not None)
     lines = [f"### L0 gates under DP: signal, noise and penalty per step (`{args.model}`, at initialisation)", "",
-             f"From `eval/l0_gate_signal.py --model {args.model} --n {args.n}` on {args.n} {rec['dataset']} training "
+             f"From `eval/l0_gate_signal.py --model {args.model}{model_args} --n {args.n}{flags}` on {args.n} {rec['dataset']} training "
              f"images (seed {args.seed}): B = {b}, S = {s}, C = {clip:g}, σ = {sigma:.3f} (ε = {rec['epsilon']:g}, "
              f"δ = {rec['delta']:g}, N = {n_train:,}), {sum(g.log_alpha.numel() for g in gates)} gates.", "",
              f"- per-sample gradient norm (median): {sq.sqrt().median():.3g}; the gates' share of its square "

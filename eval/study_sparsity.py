@@ -1,52 +1,98 @@
-"""Study: accuracy of L0-sparse WideResNets under DP against sparsity strength and privacy budget.
+"""Study: accuracy of L0-sparse WideResNets under DP against their open channels, beside the dense twin.
 
-Grid: data set (CIFAR-10, PneumoniaMNIST) x ``l0_lambda`` (Louizos et al.'s lambda: the price of a kept parameter
-against the mean loss of one sample, over N; :mod:`zoo.nn.sparse`) x epsilon. Each run
-trains with ``zoo.train`` (DP-SGD, RDP accountant, delta 1e-5), prunes the EMA model with ``zoo.prune`` and
-appends one row to ``<out>/results.csv``: test accuracy of the EMA model (the pruned network has the same
-outputs, see tests/test_sparse.py), the fraction of channel gates left open, the residual branches left open (when branch gates are used), parameters and FLOPs before and after pruning, sigma, batch size, steps, time.
-Resumable: finished rows are skipped and an interrupted run resumes from its last checkpoint
-(``<out>/runs/<key>``). ``<out>/accuracy_vs_sparsity.png`` is redrawn after every run.
+Grid: data set x setting x epsilon x seed. A setting is the dense twin (no gates) or a gated network at one
+``l0_lambda`` (Louizos et al.'s lambda: the price of a kept parameter against the mean loss of one sample, over N;
+:mod:`zoo.nn.sparse`) and gate scale ``k`` (``l0_gate_scale``: DP-SGD trains ``log_alpha / k``, which gives the
+gates ``k`` times their share of the clipping budget; without it their signal sits below the DP noise and they
+close together or not at all, ``eval/l0_gate_signal.py``). Each run trains with ``zoo.train`` (DP-SGD, RDP),
+prunes the EMA model with ``zoo.prune`` and appends one row to ``results.csv``: test accuracy (and balanced
+accuracy, ROC-AUC) of the EMA model (the pruned network has the same outputs, tests/test_sparse.py), the fraction
+of channel gates left open, parameters and FLOPs before and after pruning, sigma, batch size, steps, samples, time.
+``results.md`` (included in MODEL_CARD.md) and ``accuracy_vs_sparsity.png`` are redrawn after every run.
+Resumable: finished rows are skipped and an interrupted run resumes from its last checkpoint. The DP step time of
+a pruned network against its dense twin: ``python eval/bench_prune.py --runs <the runs folder>``.
 
 Configurations:
   cpu  ``test-wrn10-1-l0``, batch 256, 30 steps, CIFAR-10 on a 5,000-image subset (1,000 test images), all
-       of PneumoniaMNIST (624 test images): a few minutes on 2 cores. Small and short: it checks the pipeline and shows trends,
-       not the accuracy of the recipe.
+       of PneumoniaMNIST (624 test images), lambda in {0, 0.1, 1, 10}, epsilon 2 and 8: a few minutes on 2 cores.
+       It checks the pipeline; the gates do not learn at this size.
+  budget  the CPU study (issue 18): ``wrn16-1-pneumonia`` and ``wrn16-1`` (0.18M parameters) with and without
+       gates at epsilon 8, privacy parameters from ``zoo.privacy.tan.propose(8, delta, N, steps=S, sigma=s)``
+       alone (PneumoniaMNIST: S=400, s=1 -> B=371, 148,400 samples per run, delta 1e-4; CIFAR-10: S=200, s=0.7 ->
+       B=3585, 717,000 samples, delta 1e-5), the cards' lr 2, clip 1, no momentum, EMA 0.999, K=1. The lambda
+       grid is placed around the balance of the penalty with the gates' data signal measured at initialisation
+       (``eval/l0_gate_signal.py --model wrn16-1-pneumonia --model-args '{"l0": true}' --batch-size 371 --steps
+       400``: the dearest gate's penalty equals the rms signal near lambda 0.006 on PneumoniaMNIST and, with N ten
+       times larger, near 0.06 on CIFAR-10); the ratio of penalty to signal does not depend on k, while the
+       distance both move the gates in a run grows by k^2 and the noise's by k. k = 1 at two lambdas shows the two
+       failure modes (nothing moves; everything closes together). About 6 minutes per PneumoniaMNIST run and
+       about an hour per CIFAR-10 run on 2 idle cores, so CIFAR-10 runs only the dense twin and the settings
+       chosen on PneumoniaMNIST. Public seed 0 (a measurement, not a release).
   gpu  ``wrn16-4-l0`` with the batch size, sigma and steps that TAN proposes for each (epsilon, N)
        (``zoo.privacy.tan.propose``), augmentation multiplicity 16, the full data sets.
-Reproduce:  python eval/study_sparsity.py --config cpu --out runs/study-cpu
+Reproduce:  python eval/study_sparsity.py --config budget --datasets pneumoniamnist
 """
 from __future__ import annotations
 
-import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import zoo
 from _fixtures import register_fixture_models
-from _results import append_row, read_rows
+from _results import METRICS, append_row, close, mean_std, report, study_dirs, study_parser
+from zoo.data import get_dataset_info
+from zoo.nn.sparse import HardConcreteGate, count_flops
 from zoo.privacy import tan
-from zoo.nn.sparse import HardConcreteGate
 
+
+def gated(l0_lambda: float, scale: float = 1.0) -> dict:
+    """The model arguments of a gated setting."""
+    return {"l0": True, "l0_lambda": l0_lambda, "l0_gate_scale": scale}
+
+
+DENSE = {"l0": False}
+_BUDGET = {"physical_batch_size": 128, "clip_norm": 1.0, "lr": 2.0, "momentum": 0.0, "augmult": 1,
+           "ema_decay": 0.999}
 CONFIGS = {
-    "cpu": {"model": "test-wrn10-1-l0", "l0_lambdas": [0.0, 0.1, 1.0, 10.0], "epsilons": [2.0, 8.0],
-            "datasets": {"cifar10": ({"train_subset": 5000}, 1000), "pneumoniamnist": ({}, None)},
-            "recipe": {"batch_size": 256, "physical_batch_size": 128, "steps": 30, "augmult": 1, "lr": 2.0},
-            "tan": False},
-    "gpu": {"model": "wrn16-4-l0", "l0_lambdas": [0.0, 0.001, 0.01, 0.1], "epsilons": [1.0, 3.0, 8.0],
-            "datasets": {"cifar10": ({}, None), "pneumoniamnist": ({}, None)},  # (recipe overrides, test subset)
-            "recipe": {"physical_batch_size": 256, "augmult": 16}, "tan": True},
+    "cpu": {"epsilons": [2.0, 8.0], "seeds": [0],
+            "datasets": {"cifar10": {"model": "test-wrn10-1-l0", "recipe": {"train_subset": 5000},
+                                     "test_subset": 1000},
+                         "pneumoniamnist": {"model": "test-wrn10-1-l0"}},
+            "settings": [{"l0_lambda": w} for w in (0.0, 0.1, 1.0, 10.0)],
+            "recipe": {"batch_size": 256, "physical_batch_size": 128, "steps": 30, "augmult": 1, "lr": 2.0}},
+    "budget": {"epsilons": [8.0], "seeds": [0],
+               "datasets": {"pneumoniamnist": {"model": "wrn16-1-pneumonia", "propose": {"steps": 400, "sigma": 1.0},
+                                               "settings": [DENSE, gated(0.01), gated(0.1),
+                                                            *(gated(w, k) for k in (10.0, 30.0)
+                                                              for w in (0.003, 0.01, 0.03))]},
+                            "cifar10": {"model": "wrn16-1", "propose": {"steps": 200, "sigma": 0.7},
+                                        "settings": [DENSE, gated(0.06, 10.0), gated(0.2, 10.0)]}},
+               "recipe": _BUDGET},
+    "gpu": {"epsilons": [1.0, 3.0, 8.0], "seeds": [0],
+            "datasets": {"cifar10": {"model": "wrn16-4-l0", "propose": {}},
+                         "pneumoniamnist": {"model": "wrn16-4-l0", "propose": {}}},
+            "settings": [{"l0_lambda": w} for w in (0.0, 0.001, 0.01, 0.1)],
+            "recipe": {"physical_batch_size": 256, "augmult": 16}},
 }
 DATASET_SIZES = {"cifar10": 50_000, "pneumoniamnist": 4_708}
-DELTA = 1e-5
-FIELDS = ["config", "dataset", "model", "epsilon", "delta", "l0_lambda", "batch_size", "sigma", "steps",
-          "epsilon_spent", "accuracy", "open_fraction", "branches_open", "params", "params_pruned", "flops", "flops_pruned",
-          "train_time_s"]
+PLOT = "accuracy_vs_sparsity.png"
+FIELDS = ["config", "dataset", "model", "setting", "l0", "l0_lambda", "gate_scale", "epsilon", "delta", "seed",
+          "batch_size", "sigma", "steps", "samples", "epsilon_spent", *METRICS, "open_fraction", "branches_open",
+          "params", "params_pruned", "flops", "flops_pruned", "train_time_s"]
 
 
-def key(row: dict) -> str:
-    return f"{row['config']}-{row['dataset']}-eps{row['epsilon']:g}-l0lambda{row['l0_lambda']:g}"
+def label(setting: dict) -> str:
+    """A setting's name in keys and tables: ``dense``, ``l0lambda0.01`` or ``l0lambda0.01-k10``."""
+    if setting.get("l0") is False:
+        return "dense"
+    k = float(setting.get("l0_gate_scale", 1.0))
+    return f"l0lambda{float(setting['l0_lambda']):g}" + (f"-k{k:g}" if k != 1.0 else "")
+
+
+def key(config: str, dataset: str, epsilon: float, setting: str, seed: int) -> str:
+    return f"{config}-{dataset}-eps{epsilon:g}-{setting}" + (f"-seed{seed}" if seed else "")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -58,84 +104,121 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     for ax, dataset in zip(axes, sorted(DATASET_SIZES)):
         for eps in sorted({float(r["epsilon"]) for r in rows}):
-            pts = sorted((float(r["open_fraction"]), float(r["accuracy"])) for r in rows
-                         if r["dataset"] == dataset and float(r["epsilon"]) == eps)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"ε = {eps:g}")
+            mine = [r for r in rows if r["dataset"] == dataset and float(r["epsilon"]) == eps]
+            for k in sorted({float(r["gate_scale"] or 1) for r in mine if r["setting"] != "dense"}):
+                pts = sorted((float(r["open_fraction"]), float(r["accuracy"])) for r in mine
+                             if r["setting"] != "dense" and float(r["gate_scale"] or 1) == k)
+                ax.plot(*zip(*pts), marker="o", linestyle=":", label=f"ε = {eps:g}, gate scale {k:g}")
+            dense = [float(r["accuracy"]) for r in mine if r["setting"] == "dense"]
+            if dense:
+                ax.axhline(statistics.fmean(dense), color="k", linewidth=0.8, label=f"ε = {eps:g}, dense twin")
         ax.set(title=dataset, xlabel="fraction of channel gates open (1 = dense)", ylabel="test accuracy")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def table(rows: list[dict], config: str) -> str:
+    """Per data set and epsilon: every setting (mean ± std over seeds), its open channels, parameters and FLOPs
+    before and after pruning, and its accuracy against the dense twin's."""
+    lines = [f"### L0 sparsity under DP against the dense twin (`{config}`)", "",
+             f"`python eval/study_sparsity.py --config {config}`; privacy parameters from `zoo.privacy.tan.propose` "
+             "alone; accuracy of the EMA model (the pruned network computes the same outputs). Open channels: the "
+             "fraction of channel gates whose test-time gate is above 0. DP step time of the pruned networks: "
+             f"`python eval/bench_prune.py --runs runs/study-sparsity-{config}`.", ""]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for eps in sorted({float(r["epsilon"]) for r in rows if r["dataset"] == dataset}, reverse=True):
+            mine = [r for r in rows if r["dataset"] == dataset and float(r["epsilon"]) == eps]
+            first = mine[0]
+            lines += [f"**{dataset}, ε = {eps:g}** (`{first['model']}`, B = {first['batch_size']}, "
+                      f"σ = {float(first['sigma']):.3f}, S = {first['steps']}, {int(first['samples']):,} samples "
+                      f"per run, ε spent {float(first['epsilon_spent']):.3f}, δ = {float(first['delta']):g})", "",
+                      "| setting | gate scale | λ | seeds | accuracy | balanced acc. | open channels | params → pruned "
+                      "| MFLOPs → pruned | accuracy − dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+            dense = [float(r["accuracy"]) for r in mine if r["setting"] == "dense"]
+            for setting in dict.fromkeys(r["setting"] for r in mine):
+                rs = [r for r in mine if r["setting"] == setting]
+                acc = [float(r["accuracy"]) for r in rs]
+                gap = f"{statistics.fmean(acc) - statistics.fmean(dense):+.4f}" if dense and setting != "dense" else ""
+                opened = statistics.fmean(float(r["open_fraction"]) for r in rs)
+                p0, p1 = int(rs[0]["params"]), statistics.fmean(int(r["params_pruned"]) for r in rs)
+                f0, f1 = int(rs[0]["flops"]) / 1e6, statistics.fmean(int(r["flops_pruned"]) for r in rs) / 1e6
+                dense_row = setting == "dense"
+                lines.append(
+                    f"| {setting} | {'' if dense_row else rs[0]['gate_scale']} | {'' if dense_row else rs[0]['l0_lambda']} "
+                    f"| {len(rs)} | {mean_std(acc)} | {mean_std([float(r['balanced_accuracy']) for r in rs])} "
+                    f"| {opened:.0%} | {p0:,} → {p1:,.0f} | {f0:.1f} → {f1:.1f} | {gap} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    ap.add_argument("--out", default="runs/study-sparsity")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, help="override the steps of every run (smoke tests)")
+    ap = study_parser(__doc__, "sparsity", CONFIGS)
+    ap.add_argument("--datasets", nargs="+", choices=sorted(DATASET_SIZES))
+    ap.add_argument("--seed", type=int, help="one seed instead of the config's")
     ap.add_argument("--limit", type=int, help="stop after this many new runs (smoke tests)")
     args = ap.parse_args()
-    cfg, out = CONFIGS[args.config], Path(args.out)
+    cfg = CONFIGS[args.config]
     register_fixture_models()  # the cpu config trains the test suite's tiny L0 WRN (tests/models)
-    out.mkdir(parents=True, exist_ok=True)
-    table = out / "results.csv"
-    rows = read_rows(table)
-    done = {key({**r, "epsilon": float(r["epsilon"]), "l0_lambda": float(r["l0_lambda"])}) for r in rows}
-    grid = [(d, e, w) for d in cfg["datasets"] for e in cfg["epsilons"] for w in cfg["l0_lambdas"]]
+    out, runs, csv_path, rows = study_dirs("sparsity", args.config, args.out, args.runs)
+    redraw = lambda rs: report(rs, out, args.config, plot, table, PLOT)  # noqa: E731
+    done = {key(r["config"], r["dataset"], float(r["epsilon"]), r["setting"], int(r["seed"])) for r in rows}
+    seeds = [args.seed] if args.seed is not None else cfg["seeds"]
+    grid = [(d, e, s, seed) for d, dcfg in cfg["datasets"].items() if d in (args.datasets or cfg["datasets"])
+            for e in cfg["epsilons"] for s in dcfg.get("settings", cfg.get("settings")) for seed in seeds]
     ran = 0
-    for i, (dataset, eps, weight) in enumerate(grid, 1):
-        row = {"config": args.config, "dataset": dataset, "model": cfg["model"], "epsilon": eps, "delta": DELTA,
-               "l0_lambda": weight}
-        if key(row) in done:
-            print(f"[{i}/{len(grid)}] {key(row)}: done, skipped", file=sys.stderr)
+    for i, (dataset, eps, setting, seed) in enumerate(grid, 1):
+        dcfg = cfg["datasets"][dataset]
+        name = dcfg["model"]
+        k = key(args.config, dataset, eps, label(setting), seed)
+        if k in done:
+            print(f"[{i}/{len(grid)}] {k}: done, skipped", file=sys.stderr)
             continue
         if args.limit is not None and ran >= args.limit:
             break
         ran += 1
-        data_recipe, test_subset = cfg["datasets"][dataset]
-        recipe = {**cfg["recipe"], **data_recipe}
-        if cfg["tan"]:
-            p = tan.propose(eps, DELTA, DATASET_SIZES[dataset])
+        delta = zoo.model_info(name)["recipe"]["delta"]
+        recipe = {**cfg["recipe"], **dcfg.get("recipe", {})}
+        if "propose" in dcfg:
+            p = tan.propose(eps, delta, DATASET_SIZES[dataset], **dcfg["propose"])
             recipe.update(batch_size=p["batch_size"], steps=p["steps"])
         if args.steps:
             recipe["steps"] = args.steps
-        print(f"[{i}/{len(grid)}] {key(row)} ...", file=sys.stderr, flush=True)
+        print(f"[{i}/{len(grid)}] {k} ...", file=sys.stderr, flush=True)
         t0 = time.time()
-        result = zoo.train(cfg["model"], dataset=dataset, epsilon=eps, delta=DELTA, seed=args.seed,
-                           data_dir=args.data_dir, out_dir=out / "runs" / key(row), resume=True,
-                           test_subset=test_subset, progress=False, model_args={"l0_lambda": weight},
-                           **recipe)
-        model = result["model_object"]
+        result = zoo.train(name, dataset=dataset, epsilon=eps, delta=delta, seed=seed, data_dir=args.data_dir,
+                           out_dir=runs / k, resume=True, test_subset=dcfg.get("test_subset"), progress=False,
+                           device=args.device, model_args=setting, **recipe)
+        model, ledger, test = result["model_object"].cpu(), result["ledger"], result["test"]
+        size = get_dataset_info(dataset).image_size
         gates = [m for m in model.modules() if isinstance(m, HardConcreteGate) and m.log_alpha.numel() > 1]
         branches = [m for m in model.modules() if isinstance(m, HardConcreteGate) and m.log_alpha.numel() == 1]
-        open_gates = sum(int((g.eval().gates()[0] > 0).sum()) for g in gates)
-        small, report = zoo.prune(model, input_size=model_input(dataset))
-        ledger = result["ledger"]
-        row.update(batch_size=recipe["batch_size"], sigma=ledger["noise_multiplier"], steps=ledger["steps"],
-                   epsilon_spent=ledger["epsilon"], accuracy=result["test"]["accuracy"],
-                   open_fraction=open_gates / sum(g.log_alpha.numel() for g in gates),
-                   branches_open=f"{sum(int(b.eval().gates()[0, 0] > 0) for b in branches)}/{len(branches)}",
-                   params=report["params_before"], params_pruned=report["params_after"],
-                   flops=report["flops_before"], flops_pruned=report["flops_after"],
-                   train_time_s=round(time.time() - t0, 1))
+        if gates:
+            _, rep = zoo.prune(model, input_size=size)
+            sizes = dict(params=rep["params_before"], params_pruned=rep["params_after"], flops=rep["flops_before"],
+                         flops_pruned=rep["flops_after"])
+            opened = sum(int((g.eval().gates()[0] > 0).sum()) for g in gates) / sum(g.log_alpha.numel() for g in gates)
+        else:
+            n, f = sum(p.numel() for p in model.parameters()), count_flops(model, size)
+            sizes, opened = dict(params=n, params_pruned=n, flops=f, flops_pruned=f), 1.0
+        row = {"config": args.config, "dataset": dataset, "model": name, "setting": label(setting),
+               "l0": int(bool(gates)), "l0_lambda": setting.get("l0_lambda", ""),
+               "gate_scale": setting.get("l0_gate_scale", 1.0) if gates else "", "epsilon": eps, "delta": delta,
+               "seed": seed, "batch_size": recipe["batch_size"], "sigma": ledger["noise_multiplier"],
+               "steps": ledger["steps"], "samples": result["training"]["samples_processed"],
+               "epsilon_spent": ledger["epsilon"], **{m: test.get(m, "") for m in METRICS},
+               "open_fraction": round(opened, 4),
+               "branches_open": f"{sum(int(b.eval().gates()[0, 0] > 0) for b in branches)}/{len(branches)}",
+               **sizes, "train_time_s": round(time.time() - t0, 1)}
         rows.append(row)
-        append_row(table, FIELDS, row)
-        plot(rows, out / "accuracy_vs_sparsity.png")
-        print(f"    accuracy {row['accuracy']:.3f}, open {row['open_fraction']:.2f}, "
-              f"params {row['params']:,} -> {row['params_pruned']:,}", file=sys.stderr)
-    print(f"{len(rows)} rows in {table}; plot: {out / 'accuracy_vs_sparsity.png'}")
-    return 0
-
-
-def model_input(dataset: str) -> tuple[int, ...]:
-    from zoo.data import get_dataset_info
-
-    return get_dataset_info(dataset).image_size
+        append_row(csv_path, FIELDS, row)
+        redraw(rows)
+        print(f"    accuracy {row['accuracy']:.4f}, open {row['open_fraction']:.2f}, params {row['params']:,} -> "
+              f"{row['params_pruned']:,}, {row['train_time_s']} s", file=sys.stderr, flush=True)
+    return close(rows, csv_path, out / PLOT, redraw)
 
 
 if __name__ == "__main__":

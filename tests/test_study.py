@@ -14,8 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "study_sparsity.py"
 
 
 def run(out: Path, data_dir: Path, limit: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--config", "cpu", "--out", str(out), "--data-dir",
-                           str(data_dir), "--steps", "2", "--limit", str(limit)],
+    return subprocess.run([sys.executable, str(SCRIPT), "--config", "cpu", "--out", str(out), "--runs",
+                           str(out / "runs"), "--data-dir", str(data_dir), "--steps", "2", "--limit", str(limit)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=True)
 
 
@@ -29,6 +29,26 @@ def test_study_writes_rows_and_a_plot_and_resumes_without_redoing_them(data_dir,
     rows2 = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert rows2[:2] == rows and len(rows2) == 3  # the finished rows were kept and skipped, one new row added
     assert second.stderr.count("done, skipped") == 2
+
+
+def test_sparsity_budget_compares_gated_networks_with_their_dense_twin_and_times_the_pruned_ones(data_dir, tmp_path):
+    """The budget config: the dense twin (no gates) and a gated network at TAN's proposed privacy, a table that
+    sets each against the twin, and bench_prune timing the trained gated run against its pruned and dense forms."""
+    subprocess.run([sys.executable, str(SCRIPT), "--config", "budget", "--datasets", "pneumoniamnist", "--out",
+                    str(tmp_path), "--runs", str(tmp_path / "runs"), "--data-dir", str(data_dir), "--steps", "2",
+                    "--limit", "2"], capture_output=True, text=True, check=True,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    dense, gated = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert (dense["setting"], dense["l0"], dense["open_fraction"]) == ("dense", "0", "1.0")
+    assert dense["params"] == dense["params_pruned"] == gated["params_pruned"]  # all gates open: pruned = the twin
+    assert int(gated["params"]) > int(dense["params"]) and gated["l0"] == "1" and gated["setting"] == "l0lambda0.01"
+    assert dense["batch_size"] == gated["batch_size"] == "371"  # zoo.privacy.tan.propose(8, 1e-4, 4708, 400, 1)
+    table = (tmp_path / "results.md").read_text()
+    assert "accuracy − dense" in table and "| dense |" in table and "| l0lambda0.01 |" in table
+    bench = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_prune.py"), "--runs", str(tmp_path / "runs"),
+                            "--batch-size", "4", "--repeats", "1"], capture_output=True, text=True, check=True)
+    lines = [ln for ln in bench.stdout.splitlines() if ln.startswith("budget-")]
+    assert [ln.split()[0] for ln in lines] == ["budget-pneumoniamnist-eps8-l0lambda0.01"]  # the dense run is no case
 
 
 SEG_SCRIPT = SCRIPT.parent / "study_segmentation.py"
