@@ -216,5 +216,8 @@ def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str
         lines += ["## Studies", ""]
         for path in studies:
             where = path.parent.relative_to(CARDS_DIR.parent) if path.is_relative_to(CARDS_DIR.parent) else path.parent
-            lines += [path.read_text().strip(), "", f"(CSV and plot: `{where}/`)", ""]
+            extra = sorted(p.suffix[1:].upper() if p.suffix != ".png" else "plot" for p in path.parent.iterdir()
+                           if p.suffix in (".csv", ".png"))
+            lines += [path.read_text().strip(), ""] + ([f"({' and '.join(dict.fromkeys(extra))}: `{where}/`)", ""]
+                                                        if extra else [])
     return "\n".join(lines)
