@@ -196,3 +196,15 @@ def test_l0_gate_signal_reports_signal_noise_and_penalty_from_real_per_sample_gr
     snr = [float(line.split(" | ")[2]) for line in scale.splitlines() if line.startswith(("| 1 |", "| 10 |"))]
     assert snr[1] == pytest.approx(10 * snr[0], rel=0.05)
     assert (tmp_path / "results.md").read_text() in out + "\n"
+
+
+def test_l0_gate_signal_gates_a_dense_card_through_model_args_and_refuses_one_without_gates(data_dir, tmp_path):
+    """--model-args builds the card with gates (the sparsity study's wrn16-1 twins); without gates it says how."""
+    base = [sys.executable, str(SCRIPT.parent / "l0_gate_signal.py"), "--model", "test-wrn10-1", "--n", "2",
+            "--batch-size", "100", "--steps", "10", "--sigma", "2", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    refused = subprocess.run(base, capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "has no L0 gates" in refused.stderr and '"l0": true' in refused.stderr
+    out = subprocess.run([*base, "--model-args", '{"l0": true, "l0_gate_scale": 10}'], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    assert "--model-args '{\"l0\": true, \"l0_gate_scale\": 10}'" in out and " gates." in out
