@@ -36,6 +36,22 @@ def study_dirs(name: str, config: str, out: str | None, runs: str | None) -> tup
     return results, Path(runs or Path("runs") / f"study-{name}-{config}"), csv_path, read_rows(csv_path)
 
 
+def finished_run(out: Path) -> dict | None:
+    """The result of the complete run in ``out`` (its ``result.json``, with ``model_object`` loaded from its verified
+    ``final`` checkpoint), or None when it is not complete: a run whose row was not written (the study stopped
+    between the run's end and its row) is read back, not trained again."""
+    import json
+
+    if not ((out / "final.json").exists() and (out / "result.json").exists()):
+        return None
+    from zoo.catalog.registry import load_checkpoint
+
+    result = json.loads((out / "result.json").read_text())
+    result["model_object"] = load_checkpoint(out / "final.safetensors")[0]
+    print(f"    {out} is complete: reading its result", file=sys.stderr, flush=True)
+    return result
+
+
 def record(rows: list[dict], row: dict, csv_path: Path, fields: list[str], redraw, summary: str = "") -> None:
     """Keep a finished run: append ``row`` to the CSV at once, ``redraw(rows)`` the plot and table, and print the
     run's ``summary`` line to stderr."""

@@ -15,6 +15,7 @@ Reproduce (2 CPU cores, about a minute each):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,20 +26,20 @@ import zoo
 from _timing import timer
 from zoo.dp.step import dp_gradients
 from zoo.dp.grad_sample import PerSampleGradients
+from zoo.catalog.checkpoint import paths
 from zoo.catalog.registry import build, get_card, load_checkpoint
-from zoo.nn.sparse import HardConcreteGate
+from zoo.nn.sparse import gate_modules
 
 
 def shut(model: torch.nn.Module, fraction: float, generator: torch.Generator) -> None:
     """Close the ``fraction`` of each channel gate's channels with the lowest random log_alpha; open the rest."""
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, HardConcreteGate):
-                la = torch.randn(m.log_alpha.shape, generator=generator)
-                k = int(fraction * la.numel()) if la.numel() > 1 else 0
-                closed = la.argsort()[:k]
-                m.log_alpha.fill_(5.0)
-                m.log_alpha[closed] = -5.0
+        for m in gate_modules(model):
+            la = torch.randn(m.log_alpha.shape, generator=generator)
+            k = int(fraction * la.numel()) if la.numel() > 1 else 0
+            closed = la.argsort()[:k]
+            m.log_alpha.fill_(5.0)
+            m.log_alpha[closed] = -5.0
 
 
 def main() -> int:
@@ -51,9 +52,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.runs:
         found = sorted(args.runs.glob("*/final.safetensors"))
-        cases = [(p.parent.name, *load_checkpoint(p)) for p in found]
-        cases = [(n, m, sc["preparation"]["input_size"], sc["card"], sc["args"]) for n, m, sc in cases
-                 if sc["args"].get("l0")]
+        gated = [p for p in found if json.loads(paths(p)[1].read_text())["args"].get("l0")]  # sidecars only
+        cases = [(p.parent.name, *load_checkpoint(p)) for p in gated]
+        cases = [(n, m, sc["preparation"]["input_size"], sc["card"], sc["args"]) for n, m, sc in cases]
         if not cases:
             ap.error(f"no finished run of a gated network under {args.runs} (looked for */final.safetensors)")
     else:

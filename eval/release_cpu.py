@@ -22,6 +22,12 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
   cifar10-e2e-study  ``eval/study_cifar10.py --config release-e2e``: the two releases' recipes above at full
              privacy, public seeds 0, 1, 2 (about 40 and 28 idle minutes a seed); their spread goes into the cards'
              results (``zoo.publish.attach_spread``; the checkpoints are untouched).
+  sparsity-study  ``eval/study_sparsity.py --config budget --datasets pneumoniamnist``: wrn16-1-pneumonia with
+             and without L0 gates at epsilon 8, privacy from ``zoo.privacy.tan.propose`` alone (B=371, S=400, 148,400
+             samples a run), public seeds.
+  pneumonia-l0  ``wrn16-1-pneumonia-l0``: the study's best gated setting (gate scale 10, lambda 0.003), its card's
+             recipe (which prunes at the end: the checkpoint is the plain pruned network), secret seed, published
+             as ``wrn16-1-pneumonia-l0.dp_eps8`` (the default) with the dense twin's accuracy in its note.
   cifar10-study  ``eval/study_cifar10.py --config release``: TAN small-batch search at epsilon 8, then the best
              simulated recipe of each model at full privacy, 3 public seeds.
   scatternet ``scatternet-linear`` with the study's chosen full recipe, secret seed, published as
@@ -132,6 +138,34 @@ def study_rows(path: Path = STUDY_CSV) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+SPARSITY_CSV = ROOT / "eval" / "results" / "sparsity-budget" / "results.csv"
+SPARSE_RELEASE = "wrn16-1-pneumonia-l0"
+
+
+def dense_twin_note(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> str:
+    """What the sparse release's card says beside its own numbers: the dense twin's accuracy (the same network
+    without gates, the same recipe: equal epsilon and samples) and the gated recipe's, public seeds of the sparsity
+    study, with the parameters and FLOPs the gated runs kept."""
+    import zoo
+
+    args = zoo.model_info(name)["args"]
+    rows = [r for r in study_rows(path) if r["config"] == "budget" and r["dataset"] == "pneumoniamnist"]
+    dense = [r for r in rows if r["setting"] == "dense"]
+    gated = [r for r in rows if r["l0"] == "1" and float(r["l0_lambda"]) == args["l0_lambda"]
+             and float(r["gate_scale"]) == args.get("l0_gate_scale", 1.0)]
+    if not dense or not gated:
+        raise SystemExit(f"{path} has no dense twin or no row of {name}'s setting; run --stages sparsity-study first")
+
+    def acc(rs):
+        v = [float(r["accuracy"]) for r in rs]
+        return f"{statistics.fmean(v):.4f}" + (f" +/- {statistics.stdev(v):.4f}" if len(v) > 1 else "") + \
+            f" ({len(v)} public seed{'s' if len(v) > 1 else ''})"
+    kept = statistics.fmean(float(r["params_pruned"]) for r in gated)
+    return (f"dense twin (wrn16-1-pneumonia without gates, the same recipe: equal epsilon and samples, "
+            f"eval/results/sparsity-budget): accuracy {acc(dense)}; this gated recipe there: {acc(gated)}, "
+            f"{kept:,.0f} of {int(dense[0]['params']):,} parameters kept")
+
+
 def tan_study_release(config: str, models: list[str], epsilon: float, default: bool,
                       before_full: bool = False) -> None:
     """Train the best of ``models`` at ``epsilon`` in the TAN study ``config`` of ``eval/study_cifar10.py`` (the
@@ -217,6 +251,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+",
                     default=["backbone", "study", "pneumonia", "cifar10", "cifar10-eq", "cifar10-e2e-study",
+                             "sparsity-study", "pneumonia-l0",
                              "cifar10-study", "scatternet", "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
                              "scatternet-cnn", "scatternet-cnn-datanorm", "scatternet-cnn-datanorm-eps3"])
     ap.add_argument("--procs", type=int, default=1,
@@ -277,6 +312,13 @@ def main() -> int:
                        check=True)
         for model in ("wrn16-1", "eq-resnet9-c4"):
             tan_study_release("release-e2e", [model], 8.0, default=True)
+    if "sparsity-study" in args.stages:
+        subprocess.run([sys.executable, str(ROOT / "eval" / "study_sparsity.py"), "--config", "budget", "--datasets",
+                        "pneumoniamnist"], check=True)
+    if "pneumonia-l0" in args.stages and not published(f"{SPARSE_RELEASE}.dp_eps8"):
+        out = RUNS / "pneumonia-wrn16-1-l0-eps8"
+        run([*ZOO, "train", SPARSE_RELEASE], out)  # the card's recipe, which prunes at the end
+        publish(out, SPARSE_RELEASE, "dp_eps8", default=True, note=dense_twin_note())
     if "cifar10-study" in args.stages:
         subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release"], check=True)
     if "scatternet" in args.stages:

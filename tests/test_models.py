@@ -56,8 +56,12 @@ def test_num_classes_override_and_reset(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_per_sample_gradients_exact(name):
     """Entry i equals the gradient of sample i's loss alone (float64, 1e-8 relative), for every parameter, in
-    train mode; random layers (L0 gates) see the same draws in both computations (same seed)."""
+    train mode; random layers (L0 gates) see the same draws in both computations (same seed). An L0 gate with
+    scale k has the gradient of theta = log_alpha / k: k times that of log_alpha (zoo.nn.sparse)."""
+    from zoo.nn.sparse import gate_modules
+
     model = zoo.create_model(name).double()
+    scale = {id(g.log_alpha): g.scale for g in gate_modules(model)}
     x = _input(model, batch=3, dtype=torch.float64)
     y = _targets(model, 3, x.shape[-1])
     torch.manual_seed(0)
@@ -69,7 +73,7 @@ def test_per_sample_gradients_exact(name):
     for i in range(3):
         ref = torch.autograd.grad(losses[i], list(trainable.values()), retain_graph=True, allow_unused=True)
         for (n, p), r in zip(trainable.items(), ref):
-            r = torch.zeros_like(p) if r is None else r
+            r = torch.zeros_like(p) if r is None else r * scale.get(id(p), 1.0)
             assert grads[n].shape == (3, *p.shape)
             err = (grads[n][i] - r).norm() / r.norm().clamp_min(1e-30)
             assert err < 1e-8 or (r.norm() < 1e-30 and grads[n][i].norm() < 1e-30), f"{n}: relative error {err:.2e}"

@@ -208,3 +208,53 @@ def test_a_published_segmenter_segments_a_users_image_and_reproduces(data_dir, t
     assert {"dice", "iou"} <= metrics
     report = reproduce_checkpoint(name, data_dir=data_dir)
     assert report.ok, report.table()
+
+
+def test_a_pruning_recipe_publishes_a_plain_network_that_loads_without_gates(data_dir, tmp_path, register):
+    """A gated card whose recipe prunes: the run's final checkpoint is the pruned network (no gates, the same
+    outputs as the gated EMA model), publishes under the gated card (the architecture trained), loads by name
+    without gates, reproduces, and fine-tunes privately as a plain network."""
+    from zoo.nn.sparse import gate_modules
+
+    cards = tmp_path / "models"
+    cards.mkdir()
+    name = "test-user-wrn10-1-l0"
+    card = json.loads((Path(__file__).resolve().parent / "models" / "test-wrn10-1-l0.json").read_text())
+    card.update(name=name, summary="TEST ONLY: a pruned release", results=[], checkpoints=[])
+    card["recipe"]["prune"] = True
+    card["args"]["l0_drop_rate"] = 0.9  # test-time gates sigmoid(log_alpha) 1.2 - 0.1 = 0.02 at init: some close
+    (cards / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    register(cards)
+    gated = zoo.create_model(name)
+    r = zoo.train(name, out_dir=tmp_path / "run", data_dir=data_dir, steps=2, test_subset=50, progress=False)
+    small = r["model_object"]
+    assert gate_modules(gated) and not gate_modules(small)
+    rep = r["pruning"]
+    assert rep["params_after"] < rep["params_before"] and rep["args"]["mid_channels"] == small.arch["mid_channels"]
+    side = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert side["args"]["mid_channels"] == rep["args"]["mid_channels"] and "l0" not in side["args"]
+    assert side["training"]["pruning"]["from_args"]["l0"] is True
+    out = publish(tmp_path / "run", name, "dp_test", data_dir=data_dir, cards_dir=cards,
+                  weights_dir=tmp_path / "weights")
+    from zoo.catalog import registry
+    registry._MODELS.pop(name)
+    register(cards)
+    loaded = zoo.create_model(name, pretrained=True)
+    assert not gate_modules(loaded) and sum(p.numel() for p in loaded.parameters()) == rep["params_after"]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), small.eval()(x), atol=1e-2, rtol=1e-2)  # float16 storage at most
+    note = zoo.model_info(name)["results"][0]["note"]
+    assert f"pruned by zoo.prune (exact: same outputs) from {rep['params_before']:,}" in note
+    assert reproduce_checkpoint(name, data_dir=data_dir).ok
+    tuned = zoo.finetune(f"{name}.dp_test", "pneumoniamnist", 8.0, 1e-4, out_dir=tmp_path / "ft", steps=1,
+                         batch_size=32, physical_batch_size=32, augmult=1, test_subset=20, progress=False)
+    assert not gate_modules(tuned["model_object"]) and out["metrics"]
+    again, _ = load_checkpoint(tmp_path / "ft" / "final.safetensors")
+    assert again.arch["mid_channels"] == rep["args"]["mid_channels"]
+
+
+def test_a_pruning_recipe_refuses_a_model_without_gates_before_reading_data(tmp_path):
+    with pytest.raises(ValueError, match="prune=true prunes an L0 model.*has no gates"):
+        zoo.train("test-wrn10-1", out_dir=tmp_path / "r", data_dir=tmp_path / "nowhere", steps=1, prune=True,
+                  progress=False)

@@ -163,8 +163,9 @@ def test_dp_update_is_clip_and_noise_of_the_data_gradients_plus_the_penalty_grad
 
 
 def _close_some(model, seed=0):
-    """Random log_alpha with about a third of the channel gates shut, one block's every channel shut and one
-    branch gate shut, so that every pruning case is exercised."""
+    """Random log_alpha with about a third of the channel gates shut, every channel of two blocks shut (one of them
+    strided: its constant branch must take the shortcut's smaller size) and one branch gate shut, so that every
+    pruning case is exercised."""
     g = torch.Generator().manual_seed(seed)
     gates = [m for m in model.modules() if isinstance(m, HardConcreteGate)]
     channel = [m for m in gates if m.log_alpha.numel() > 1]
@@ -172,6 +173,7 @@ def _close_some(model, seed=0):
         for m in gates:
             m.log_alpha.copy_(torch.randn(m.log_alpha.shape, generator=g) * 3)
         channel[0].log_alpha.fill_(-10.0)  # a whole block's channels closed
+        channel[len(channel) // 3].log_alpha.fill_(-10.0)  # and a strided one's (the first block of stage 2)
         branch = [m for m in gates if m.log_alpha.numel() == 1]
         if branch:
             for m in branch:
@@ -186,14 +188,19 @@ def _close_some(model, seed=0):
 def test_prune_gives_a_smaller_network_with_the_same_outputs(name):
     model = zoo.create_model(name)
     _close_some(model)
-    small, report = zoo.prune(model)
+    card = zoo.catalog.registry.get_card(name)
+    small, report = zoo.prune(model, input_size=tuple(card["input_size"]))
     assert not gate_modules(small) and gate_modules(model)  # the original keeps its gates
     assert report["params_after"] < report["params_before"] and report["flops_after"] < report["flops_before"]
     assert report["params_after"] == sum(p.numel() for p in small.parameters())
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, *card["input_size"])
     with torch.no_grad():
         assert torch.allclose(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
     assert zoo.validate_model(small) is small
+    # a plain network of the family: the report's arguments build it, and its weights load into that build
+    rebuilt = zoo.catalog.registry.build({**card, "args": report["args"]})
+    rebuilt.load_state_dict(small.state_dict())
+    assert not gate_modules(rebuilt) and torch.equal(rebuilt.eval()(x), small(x))
     kept = report["kept"]
     assert kept[0]["channels"] == 0 and any(0 < k["channels"] < k["of"] for k in kept)
 

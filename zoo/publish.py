@@ -3,7 +3,9 @@
 What a release must be, checked here before anything is written:
   * the run is complete (its ``final`` checkpoint verifies) and was trained with a **secret seed**: a run with a
     user-given ``--seed`` is a measurement, not a release (its noise can be replayed by anyone with the seed);
-  * the architecture (family and arguments, apart from classes and input channels) is the card's;
+  * the architecture (family and arguments, apart from classes and input channels) is the card's; for a recipe
+    that prunes (``prune``), the architecture trained, before :func:`zoo.prune` (the checkpoint holds the pruned
+    network, which loads without gates from its sidecar);
   * the sidecar carries the privacy ledger (epsilon, delta, accountant, sigma, q, steps, clip norm, K, any
     pretraining), the input preparation (:func:`zoo.data.preparation`), the training facts (wall time, hardware,
     samples processed, "seed withheld") and the test metrics *of the stored weights*;
@@ -122,8 +124,9 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
         raise PublishError(f"{run} was trained with a user-given seed ({state.get('seed_source')!r}): a seeded run is a "
                            "measurement, not a private release. Train the release without --seed")
     card = get_card(name)
-    if card["family"] != side["card"]["family"] or _architecture(card["args"]) != _architecture(side["args"]):
-        raise PublishError(f"{run} trained {side['card']['family']} {_architecture(side['args'])}, but {name!r} is "
+    trained = (side.get("training") or {}).get("pruning", {}).get("from_args") or side["args"]  # before pruning
+    if card["family"] != side["card"]["family"] or _architecture(card["args"]) != _architecture(trained):
+        raise PublishError(f"{run} trained {side['card']['family']} {_architecture(trained)}, but {name!r} is "
                            f"{card['family']} {_architecture(card['args'])}; publish it under a card of its own "
                            "architecture")
     if not side.get("ledger"):
@@ -158,7 +161,10 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
                                    "largest_metric_change_fp16": worst, "tolerance": FP16_TOLERANCE}
     weights_dir.mkdir(parents=True, exist_ok=True)
     stem = weights_dir / f"{name}.{tag}"
-    st = save_checkpoint(stem, model=model, model_name=name, model_args=side["args"], card=card,
+    pruning = training.get("pruning")
+    stored_card = card if not pruning else {**card, "args": side["card"]["args"],  # what the weights build
+                                            "recipe": {**card["recipe"], "prune": False}}
+    st = save_checkpoint(stem, model=model, model_name=name, model_args=side["args"], card=stored_card,
                          ledger=side["ledger"], metrics=metrics, weights_only_ema=True, preparation=prep,
                          training=training, half=use_half,
                          train_state={k: state[k] for k in ("step", "sigma", "planned_steps", "recipe",
@@ -189,6 +195,11 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
     for stat in led.get("statistics") or []:  # releases before DP-SGD (zoo.dp.data_norm), composed into epsilon
         words += (f"; before training, the normalisation statistics of layer {stat['layer']!r} released with the "
                   f"Gaussian mechanism (sigma={stat['sigma']:g}, {stat['releases']} releases, composed into epsilon)")
+    if pruning:
+        words += (f"; trained with L0 gates, then pruned by zoo.prune (exact: same outputs) from "
+                  f"{pruning['params_before']:,} to {pruning['params_after']:,} parameters and "
+                  f"{pruning['flops_before'] / 1e6:.1f} to {pruning['flops_after'] / 1e6:.1f} MFLOPs; the checkpoint "
+                  "is the pruned network, without gates")
     if pre:
         words += f"; started from {pre.get('model')} on {pre.get('dataset')} ({pre.get('note')})"
     for m in keys:

@@ -215,9 +215,17 @@ def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str
     if studies:
         lines += ["## Studies", ""]
         for path in studies:
-            where = path.parent.relative_to(CARDS_DIR.parent) if path.is_relative_to(CARDS_DIR.parent) else path.parent
-            extra = sorted(p.suffix[1:].upper() if p.suffix != ".png" else "plot" for p in path.parent.iterdir()
-                           if p.suffix in (".csv", ".png"))
-            lines += [path.read_text().strip(), ""] + ([f"({' and '.join(dict.fromkeys(extra))}: `{where}/`)", ""]
-                                                        if extra else [])
+            lines += [path.read_text().strip(), ""]
+            pointer = _study_pointer(path.parent)
+            lines += [pointer, ""] if pointer else []
     return "\n".join(lines)
+
+
+def _study_pointer(folder: Path) -> str:
+    """``(CSV and plot: `eval/results/NAME/`)``, naming only what the study's folder holds besides its table; empty
+    for a table-only study."""
+    kinds = [what for suffix, what in ((".csv", "CSV"), (".png", "plot")) if any(folder.glob(f"*{suffix}"))]
+    if not kinds:
+        return ""
+    where = folder.relative_to(CARDS_DIR.parent) if folder.is_relative_to(CARDS_DIR.parent) else folder
+    return f"({' and '.join(kinds)}: `{where}/`)"

@@ -80,6 +80,13 @@ class RunSpec:
                    download=a.download, progress=not a.no_progress)
 
 
+def _boolean(text: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return words[text.lower()]
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe overrides (default: the model card's recipe)")
     for key in RECIPE_FLAGS:
@@ -88,6 +95,9 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
         kinds = set().union(*(k if isinstance(k, tuple) else (k,) for k in kinds))  # (int, float) is a number
         if list in kinds:  # norm_clip: numbers
             g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, nargs="+", metavar="C")
+            continue
+        if bool in kinds:  # prune: --prune true|false
+            g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=_boolean, metavar="true|false")
             continue
         t = str if str in kinds else float if float in kinds else int
         g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=t)

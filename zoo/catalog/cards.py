@@ -47,6 +47,7 @@ RECIPE_SCHEMA: dict[str, tuple[Any, bool]] = {
     "norm_sigma": ((_num, type(None)), False),   # private data normalisation (zoo.dp.data_norm): its noise multiplier
     "norm_clip": ((list, type(None)), False),    # its L2 clips [c_mean, c_square] per channel group, flat
     "trainable": ((str, type(None)), False),     # which parameters DP-SGD trains (zoo.models._base.TRAINABLE_PRESETS)
+    "prune": ((bool, type(None)), False),         # L0 models: the final checkpoint holds the pruned network (zoo.prune)
     "source": (str, True),               # where the recipe comes from
 }
 RESULT_SCHEMA: dict[str, tuple[Any, bool]] = {

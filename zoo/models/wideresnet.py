@@ -14,8 +14,6 @@ gradient is added after the noise (:mod:`zoo.nn.sparse`).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -27,26 +25,42 @@ from zoo.nn.sparse import HardConcreteGate, register_pruner
 
 class WideBasicBlock(nn.Module):
     """``x -> GN(act(conv3x3(x))) [-> gate] -> GN(act(conv3x3(.))) [-> branch gate] + shortcut(x)``; the
-    shortcut is a 1x1 WS conv when the shape changes."""
+    shortcut is a 1x1 WS conv when the shape changes.
+
+    Pruned form (``mid`` given, :func:`prune_wideresnet`): no gates, ``mid`` channels between the two convs,
+    ``norm1`` per channel and ``conv2`` a plain conv (it holds the standardized filter of the trained block,
+    restricted to the kept channels: standardization mixes input channels, so the restriction is not itself a
+    standardized filter). ``mid = 0``: the branch is a constant, the per-channel buffer ``constant`` (``norm2``'s
+    bias, GroupNorm of zeros, times the branch gate; zero for a closed branch); it has no parameters."""
 
     def __init__(self, cin: int, cout: int, stride: int, norm, act, l0: bool = False, l0_blocks: bool = False,
-                 drop_rate: float = 0.3, gate_scale: float = 1.0):
+                 drop_rate: float = 0.3, gate_scale: float = 1.0, mid: int | None = None):
         super().__init__()
-        self.conv1, self.act1 = conv3x3(cin, cout, stride), act()
-        self.norm1 = nn.GroupNorm(cout, cout) if l0 else norm(cout)  # per channel: pruning stays exact
-        self.conv2, self.act2, self.norm2 = conv3x3(cout, cout), act(), norm(cout)
-        per_channel = sum(p[0].numel() for p in self.conv1.parameters()) + sum(p[0].numel() for p in
-                                                                               self.norm1.parameters())
-        per_channel += self.conv2.weight[:, 0].numel()  # the input slice of conv2 that reads the channel
-        self.gate1 = HardConcreteGate(cout, drop_rate, cost=per_channel, scale=gate_scale) if l0 else nn.Identity()
-        branch = sum(p.numel() for m in (self.conv1, self.norm1, self.conv2, self.norm2) for p in m.parameters())
-        self.branch_gate = (HardConcreteGate(1, drop_rate, cost=branch, scale=gate_scale) if l0_blocks
-                            else nn.Identity())
-        self.shortcut = (
+        if mid is None:
+            self.conv1, self.act1 = conv3x3(cin, cout, stride), act()
+            self.norm1 = nn.GroupNorm(cout, cout) if l0 else norm(cout)  # per channel: pruning stays exact
+            self.conv2, self.act2, self.norm2 = conv3x3(cout, cout), act(), norm(cout)
+            per_channel = sum(p[0].numel() for p in self.conv1.parameters()) + sum(p[0].numel() for p in
+                                                                                   self.norm1.parameters())
+            per_channel += self.conv2.weight[:, 0].numel()  # the input slice of conv2 that reads the channel
+            self.gate1 = HardConcreteGate(cout, drop_rate, cost=per_channel, scale=gate_scale) if l0 else nn.Identity()
+            branch = sum(p.numel() for m in (self.conv1, self.norm1, self.conv2, self.norm2) for p in m.parameters())
+            self.branch_gate = (HardConcreteGate(1, drop_rate, cost=branch, scale=gate_scale) if l0_blocks
+                                else nn.Identity())
+        elif mid > 0:  # the pruned form
+            self.conv1, self.act1, self.norm1 = conv3x3(cin, mid, stride), act(), nn.GroupNorm(mid, mid)
+            self.conv2, self.act2, self.norm2 = conv3x3(mid, cout, ws=False), act(), norm(cout)
+            self.gate1, self.branch_gate = nn.Identity(), nn.Identity()
+        else:
+            self.conv1 = None
+            self.register_buffer("constant", torch.zeros(1, cout, 1, 1))
+        self.shortcut = (  # registered last: the parameters' order (and so a seeded run's noise) is unchanged
             WSConv2d(cin, cout, 1, stride=stride, bias=False) if stride != 1 or cin != cout else nn.Identity()
         )
 
     def forward(self, x):
+        if self.conv1 is None:
+            return self.shortcut(x) + self.constant
         h = self.gate1(self.norm1(self.act1(self.conv1(x))))
         h = self.branch_gate(self.norm2(self.act2(self.conv2(h))))
         return h + self.shortcut(x)
@@ -57,27 +71,42 @@ class WideResNet(ZooClassifier):
     """WRN-``depth``-``width``. Args: depth (6n+4), width (k), num_classes, in_chans, norm, act; L0 variant:
     l0 (channel gates), l0_blocks (branch gates), l0_drop_rate (initial closed-gate probability), l0_lambda
     (Louizos et al.'s lambda: the price of a kept parameter against the mean loss of one sample, divided by N),
-    l0_gate_scale (DP-SGD trains log_alpha / scale: the gates' share of the clipping budget; :mod:`zoo.nn.sparse`)."""
+    l0_gate_scale (DP-SGD trains log_alpha / scale: the gates' share of the clipping budget; :mod:`zoo.nn.sparse`).
+    Pruned form: ``mid_channels``, one count per block (``3n`` of them) of the channels between its two convs
+    (:class:`WideBasicBlock`'s ``mid``), as :func:`zoo.prune` writes them; a network without gates."""
 
     min_size = 4
 
     def __init__(self, depth: int = 16, width: int = 4, num_classes: int = 10, in_chans: int = 3,
                  norm: str = "groupnorm", act: str = "relu", l0: bool = False, l0_blocks: bool = False,
-                 l0_drop_rate: float = 0.3, l0_lambda: float = 0.0, l0_gate_scale: float = 1.0):
+                 l0_drop_rate: float = 0.3, l0_lambda: float = 0.0, l0_gate_scale: float = 1.0,
+                 mid_channels: list[int] | None = None):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
         n = (depth - 4) // 6
         norm_f, act_f = get_norm_layer(norm), get_act_layer(act)
         widths = [16, 16 * width, 32 * width, 64 * width]
+        outs = [w for w in widths[1:] for _ in range(n)]
+        if mid_channels is not None:
+            if l0 or l0_blocks:
+                raise ValueError("mid_channels describes a pruned WideResNet, which has no gates; drop l0 / l0_blocks")
+            mid_channels = list(mid_channels)
+            if len(mid_channels) != len(outs) or any(isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= c
+                                                     for m, c in zip(mid_channels, outs)):
+                raise ValueError(f"mid_channels must give one int per block ({len(outs)} for depth {depth}), each "
+                                 f"between 0 and the block's width {outs}; got {mid_channels}")
+        self.arch = {"depth": depth, "width": width, "norm": norm, "act": act}  # what rebuilds it (zoo.prune)
+        if mid_channels is not None:
+            self.arch["mid_channels"] = mid_channels
         self.in_chans, self.num_classes, self.l0_lambda = in_chans, num_classes, l0_lambda
         self.stem = nn.Sequential(conv3x3(in_chans, widths[0]), act_f(), norm_f(widths[0]))
         blocks, cin = [], widths[0]
-        for stage, cout in enumerate(widths[1:]):
-            for i in range(n):
-                blocks.append(WideBasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1, norm_f, act_f,
-                                             l0, l0_blocks, l0_drop_rate, l0_gate_scale))
-                cin = cout
+        for i, cout in enumerate(outs):
+            blocks.append(WideBasicBlock(cin, cout, 2 if (i % n == 0 and i >= n) else 1, norm_f, act_f, l0, l0_blocks,
+                                         l0_drop_rate, l0_gate_scale, None if mid_channels is None else
+                                         mid_channels[i]))
+            cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.num_features = cin
@@ -87,74 +116,40 @@ class WideResNet(ZooClassifier):
         return self.pool(self.blocks(self.stem(x)))
 
 
-class _Constant(nn.Module):
-    """A residual branch whose every channel was closed: it outputs ``norm2``'s bias (GroupNorm of zeros)."""
-
-    def __init__(self, bias: torch.Tensor):
-        super().__init__()
-        self.register_buffer("bias", bias.detach().clone().view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return self.bias.expand(x.shape[0], -1, *x.shape[2:])
-
-
-class _PrunedBlock(nn.Module):
-    """``branch(x) + shortcut(x)``, or the shortcut alone when the branch was closed."""
-
-    def __init__(self, branch: nn.Module | None, shortcut: nn.Module):
-        super().__init__()
-        self.branch, self.shortcut = branch, shortcut
-
-    def forward(self, x):
-        s = self.shortcut(x)
-        return s if self.branch is None else self.branch(x) + s
-
-
-def _baked(conv: nn.Conv2d, in_keep: torch.Tensor) -> nn.Conv2d:
-    """A plain Conv2d holding ``conv``'s (standardized, for a WS conv) filter restricted to the kept inputs."""
-    w = standardize(conv.weight, conv.eps) if isinstance(conv, WSConv2d) else conv.weight
-    w = w[:, in_keep]
-    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding, bias=False).to(w)
-    new.weight.data.copy_(w)
-    return new
-
-
-def _folded_norm(norm: nn.GroupNorm, keep: torch.Tensor, scale: torch.Tensor) -> nn.GroupNorm:
-    """``norm`` restricted to the kept channels (its groups must be single channels, or whole kept groups), with
-    the gate values folded into its affine."""
-    k = int(keep.sum())
-    groups = k if norm.num_groups == norm.num_channels else norm.num_groups
-    new = nn.GroupNorm(groups, k, norm.eps).to(norm.weight)
-    new.weight.data.copy_(norm.weight[keep] * scale[keep])
-    new.bias.data.copy_(norm.bias[keep] * scale[keep])
-    return new
-
-
 @register_pruner(WideResNet)
 def prune_wideresnet(model: WideResNet):
-    """Remove the closed channels of each block's first conv (conv1 outputs, norm1, conv2 inputs) and the
-    branches whose branch gate is closed; fold open gates into norm1 / norm2. WS convs whose input channels
-    shrink are baked into plain convs with the standardized filter (standardization mixes input channels)."""
-    small, kept = copy.deepcopy(model), []
-    for i, blk in enumerate(small.blocks):
-        gate1 = blk.gate1.gates()[0] if isinstance(blk.gate1, HardConcreteGate) else torch.ones(blk.conv1.out_channels)
+    """The pruned form of a gated WideResNet (``mid_channels``): each block keeps the channels of its first conv
+    whose test-time gate is open (conv1 outputs, norm1, conv2 inputs), with the gate values folded into norm1's
+    affine and the branch gate into norm2's; conv2 becomes a plain conv holding the standardized filter restricted
+    to the kept channels (standardization mixes input channels). A block with no kept channel, or a closed branch
+    gate, becomes the constant its branch then outputs."""
+    if not all(isinstance(blk.gate1, HardConcreteGate) for blk in model.blocks):
+        raise ValueError("zoo.prune needs channel gates (l0=True: norm1 is then per channel, so removing a channel "
+                         "leaves the others' statistics unchanged); this WideResNet has branch gates only")
+    mids, kept, gates = [], [], []
+    for i, blk in enumerate(model.blocks):
+        gate1 = blk.gate1.gates()[0]
         zb = blk.branch_gate.gates()[0, 0] if isinstance(blk.branch_gate, HardConcreteGate) else torch.ones(())
-        keep = gate1 > 0
-        kept.append({"block": i, "channels": int(keep.sum()), "of": keep.numel(), "branch_open": bool(zb > 0)})
-        stride = blk.conv1.stride[0]
-        if zb == 0:
-            small.blocks[i] = _PrunedBlock(None, blk.shortcut)
+        gates.append((gate1, zb))
+        mids.append(int(((gate1 > 0) & (zb > 0)).sum()))
+        kept.append({"block": i, "channels": int((gate1 > 0).sum()), "of": gate1.numel(), "branch_open": bool(zb > 0)})
+    p = next(model.parameters())
+    small = WideResNet(**model.arch, num_classes=model.num_classes, in_chans=model.in_chans,
+                       mid_channels=mids).to(p)
+    small.stem.load_state_dict(model.stem.state_dict())
+    small.head.load_state_dict(model.head.state_dict())
+    for blk, new, mid, (gate1, zb) in zip(model.blocks, small.blocks, mids, gates):
+        if not isinstance(blk.shortcut, nn.Identity):
+            new.shortcut.load_state_dict(blk.shortcut.state_dict())
+        if mid == 0:  # GroupNorm of zeros is its bias; a closed branch adds nothing
+            new.constant.copy_((blk.norm2.bias * zb).view(1, -1, 1, 1))
             continue
-        if keep.any():
-            norm2 = copy.deepcopy(blk.norm2)
-            norm2.weight.data.mul_(zb)
-            norm2.bias.data.mul_(zb)
-            conv1 = WSConv2d(blk.conv1.in_channels, int(keep.sum()), 3, stride=stride, padding=1, bias=False,
-                             eps=blk.conv1.eps).to(blk.conv1.weight)
-            conv1.weight.data.copy_(blk.conv1.weight[keep])  # WS is per output channel: unaffected
-            branch = nn.Sequential(conv1, blk.act1, _folded_norm(blk.norm1, keep, gate1), _baked(blk.conv2, keep),
-                                   blk.act2, norm2)
-        else:
-            branch = _Constant(blk.norm2.bias * zb)
-        small.blocks[i] = _PrunedBlock(branch, blk.shortcut)
-    return small, kept
+        keep = gate1 > 0
+        new.conv1.weight.copy_(blk.conv1.weight[keep])  # WS is per output channel: unaffected
+        new.norm1.weight.copy_(blk.norm1.weight[keep] * gate1[keep])
+        new.norm1.bias.copy_(blk.norm1.bias[keep] * gate1[keep])
+        w2 = standardize(blk.conv2.weight, blk.conv2.eps) if isinstance(blk.conv2, WSConv2d) else blk.conv2.weight
+        new.conv2.weight.copy_(w2[:, keep])
+        new.norm2.weight.copy_(blk.norm2.weight * zb)
+        new.norm2.bias.copy_(blk.norm2.bias * zb)
+    return small, kept, small.arch

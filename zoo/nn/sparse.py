@@ -164,12 +164,14 @@ def optimizer_groups(model: nn.Module) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- pruning
-_PRUNERS: dict[type, Callable[[nn.Module], tuple[nn.Module, list[dict]]]] = {}
+_PRUNERS: dict[type, Callable[[nn.Module], tuple[nn.Module, list[dict], dict]]] = {}
 
 
 def register_pruner(cls: type):
-    """Register ``fn(model) -> (smaller model, channels kept per gate)`` for a model class (exact type, as
-    opacus' grad samplers); ``fn`` runs in eval mode without autograd."""
+    """Register ``fn(model) -> (smaller model, channels kept per gate, args)`` for a model class (exact type, as
+    opacus' grad samplers); ``args`` are the family arguments (apart from ``num_classes`` and ``in_chans``) that
+    build the smaller model without gates, so that a checkpoint of it loads by its sidecar alone. ``fn`` runs in
+    eval mode without autograd."""
     def wrap(fn):
         _PRUNERS[cls] = fn
         return fn
@@ -193,9 +195,10 @@ def prune(model: nn.Module, input_size: tuple[int, ...] | None = None) -> tuple[
     """A physically smaller dense copy of a gated model, with the same eval outputs, and a report.
 
     Channels whose test-time gate is 0 are removed (with the weights that read or write them); gates in (0, 1]
-    are folded into the neighbouring affine. ``model`` is left unchanged. The report has ``params`` and ``flops``
-    before and after, and the channels kept per gate. ``input_size`` (default: ``(in_chans, 32, 32)``) is the
-    per-sample input for the FLOP count.
+    are folded into the neighbouring affine. ``model`` is left unchanged. The smaller model is of the same family,
+    without gates. The report has ``params`` and ``flops`` before and after, the channels kept per gate and
+    ``args``: the family arguments that build the smaller model (e.g. a WideResNet's ``mid_channels``).
+    ``input_size`` (default: ``(in_chans, 32, 32)``) is the per-sample input for the FLOP count.
     """
     fn = _PRUNERS.get(type(model))
     if fn is None:
@@ -209,11 +212,12 @@ def prune(model: nn.Module, input_size: tuple[int, ...] | None = None) -> tuple[
     model.eval()
     try:
         with torch.no_grad():
-            small, kept = fn(model)
+            small, kept, args = fn(model)
     finally:
         model.train(was)
     small.eval()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     report = {"params_before": count(model), "params_after": count(small),
-              "flops_before": count_flops(model, size), "flops_after": count_flops(small, size), "kept": kept}
+              "flops_before": count_flops(model, size), "flops_after": count_flops(small, size), "kept": kept,
+              "args": dict(args)}
     return small, report

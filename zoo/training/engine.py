@@ -55,7 +55,7 @@ from zoo.io import write_text
 from zoo.models._base import set_trainable
 from zoo.nn.equivariant import export
 from zoo.nn.layers import MEMO_BYTES, memoized_fixed_layers
-from zoo.nn.sparse import optimizer_groups
+from zoo.nn.sparse import gate_modules, optimizer_groups, prune
 from zoo.schedule import lr_factor
 
 
@@ -485,6 +485,9 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         test_subset = state.get("test_subset", test_subset)
     seed, source = _resolve_seed(seed)
     seed_source = state.get("seed_source") or seed_source or source
+    if recipe.get("prune") and not gate_modules(model):  # before any data is read or budget spent
+        raise ValueError(f"recipe prune=true prunes an L0 model at the end of training, but {model_name!r} has no "
+                         "gates; train a gated variant (--model-arg l0=true) or set --prune false")
     data = _prepare_data(model, model_name, card, recipe, ledger, data_dir, test_subset, download)
     trainable, total = set_trainable(model, recipe.get("trainable"))  # before any release: a bad spec spends none
     n = len(data.train)
@@ -524,18 +527,28 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
         return (round(time.time() - t0 + state.get("train_time_s", 0.0), 1),
                 samples + int(state.get("samples_processed", 0)))
 
-    def save(path: Path, final: bool, metrics: dict | None = None) -> Path:
+    def save(path: Path, final: bool, metrics: dict | None = None, pruned: tuple | None = None) -> Path:
+        """A step checkpoint (the training state), or the final one: the EMA weights, or with ``pruned`` (the pruned
+        EMA model and :func:`zoo.prune`'s report) the pruned network, whose sidecar card has its arguments."""
         wall, seen = totals()
         st = {"step": done, "sigma": sigma, "planned_steps": planned, "recipe": recipe, "seed_source": seed_source,
               "ledger_steps_before": before, "init": init, "test_subset": test_subset, "train_time_s": wall,
               "samples_processed": seen}
         if not final:
             st["seed"] = seed  # private working state; the released checkpoint omits it
+        training = {**facts, "wall_time_s": wall, "samples_processed": seen}
+        if pruned is not None:
+            small, report = pruned
+            args = {**report["args"], "num_classes": small.num_classes, "in_chans": small.in_chans}
+            training["pruning"] = {"from_args": model_args, **{k: v for k, v in report.items() if k != "args"}}
+            pruned_card = {**card, "args": report["args"], "recipe": {**card["recipe"], "prune": False}}
+            return ckpt.save_checkpoint(path, model=small, model_name=model_name, model_args=args, card=pruned_card,
+                                        ledger=ledger.to_dict(), metrics=metrics, train_state=st,
+                                        weights_only_ema=True, preparation=data.prep, training=training)
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
                                     ledger=ledger.to_dict(), metrics=metrics, ema=ema.module,
                                     optimizer=None if final else opt, train_state=st, weights_only_ema=final,
-                                    preparation=data.prep,
-                                    training={**facts, "wall_time_s": wall, "samples_processed": seen})
+                                    preparation=data.prep, training=training)
 
     def batches_for(idx: torch.Tensor, aug_gen: torch.Generator):
         """This rank's physical batches of the sampled ``idx``; every rank draws all views (zoo.dp.distributed)."""
@@ -575,20 +588,28 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
     bar.close()
     psg.close()
 
-    # stage 8, evaluation and the final checkpoint
-    metrics = _finish(ema.module, data, device, progress, time.time() - t0)
+    # stage 8, evaluation and the final checkpoint (the pruned network when the recipe prunes: same outputs)
+    final_model, pruned = ema.module, None
+    if recipe.get("prune"):
+        pruned = prune(ema.module, input_size=tuple(data.prep["input_size"]))
+        final_model = pruned[0]
+        _say(f"pruned: {pruned[1]['params_before']:,} -> {pruned[1]['params_after']:,} parameters, "
+             f"{pruned[1]['flops_before'] / 1e6:.1f} -> {pruned[1]['flops_after'] / 1e6:.1f} MFLOPs")
+    metrics = _finish(final_model, data, device, progress, time.time() - t0)
     facts["wall_time_s"], facts["samples_processed"] = totals()
     result = {"model": model_name, "dataset": data.info.name, "test": metrics, "ledger": ledger.to_dict(),
               "noise_multiplier": sigma, "sample_rate": q, "steps": ledger.steps, "recipe": recipe,
               "rng": seed_source, "hardware": ckpt.hardware(), "training": facts, "preparation": data.prep,
               "num_params": sum(p.numel() for p in params.values())}
+    if pruned is not None:
+        result["pruning"] = pruned[1]
     if out:
         result["checkpoint"] = str(ckpt.paths(out / "final")[0])
     if writes:
-        save(out / "final", final=True, metrics=metrics)
+        save(out / "final", final=True, metrics=metrics, pruned=pruned)
         write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     distributed.barrier()  # the other ranks return once the final checkpoint exists
-    result["model_object"] = ema.module
+    result["model_object"] = final_model
     return result
 
 
