@@ -25,7 +25,8 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
   sparsity-study  ``eval/study_sparsity.py --config budget --datasets pneumoniamnist``: wrn16-1-pneumonia with
              and without L0 gates at epsilon 8, privacy from ``zoo.privacy.tan.propose`` alone (B=371, S=400, 148,400
              samples a run), public seeds.
-  pneumonia-l0  ``wrn16-1-pneumonia-l0``: the study's best gated setting (gate scale 10, lambda 0.003), its card's
+  pneumonia-l0  ``wrn16-1-pneumonia-l0``: the study's smallest gated network within a point of the dense twin
+             (gate scale 30, lambda 0.01), its card's
              recipe (which prunes at the end: the checkpoint is the plain pruned network), secret seed, published
              as ``wrn16-1-pneumonia-l0.dp_eps8`` (the default) with the dense twin's accuracy in its note.
   cifar10-study  ``eval/study_cifar10.py --config release``: TAN small-batch search at epsilon 8, then the best
@@ -142,10 +143,8 @@ SPARSITY_CSV = ROOT / "eval" / "results" / "sparsity-budget" / "results.csv"
 SPARSE_RELEASE = "wrn16-1-pneumonia-l0"
 
 
-def dense_twin_note(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> str:
-    """What the sparse release's card says beside its own numbers: the dense twin's accuracy (the same network
-    without gates, the same recipe: equal epsilon and samples) and the gated recipe's, public seeds of the sparsity
-    study, with the parameters and FLOPs the gated runs kept."""
+def sparsity_rows(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> tuple[list[dict], list[dict]]:
+    """``(dense twin rows, rows of name's gated setting)`` of the sparsity study on PneumoniaMNIST (public seeds)."""
     import zoo
 
     args = zoo.model_info(name)["args"]
@@ -155,6 +154,14 @@ def dense_twin_note(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> st
              and float(r["gate_scale"]) == args.get("l0_gate_scale", 1.0)]
     if not dense or not gated:
         raise SystemExit(f"{path} has no dense twin or no row of {name}'s setting; run --stages sparsity-study first")
+    return dense, gated
+
+
+def dense_twin_note(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> str:
+    """What the sparse release's card says beside its own numbers: the dense twin's accuracy (the same network
+    without gates, the same recipe: equal epsilon and samples) and the gated recipe's, public seeds of the sparsity
+    study, with the parameters the gated runs kept."""
+    dense, gated = sparsity_rows(name, path)
 
     def acc(rs):
         v = [float(r["accuracy"]) for r in rs]
@@ -164,6 +171,17 @@ def dense_twin_note(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> st
     return (f"dense twin (wrn16-1-pneumonia without gates, the same recipe: equal epsilon and samples, "
             f"eval/results/sparsity-budget): accuracy {acc(dense)}; this gated recipe there: {acc(gated)}, "
             f"{kept:,.0f} of {int(dense[0]['params']):,} parameters kept")
+
+
+def sparse_spread(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> dict | None:
+    """The seed spread of the sparse release's recipe in the sparsity study (None below 2 seeds), for
+    ``zoo reproduce --retrain``."""
+    _, gated = sparsity_rows(name, path)
+    if len(gated) < 2:
+        return None
+    source = f"eval/study_sparsity.py --config budget, setting {gated[0]['setting']}, {len(gated)} public seeds"
+    return {m: (statistics.stdev(float(r[m]) for r in gated), len(gated), source)
+            for m in ("accuracy", "balanced_accuracy", "roc_auc")}
 
 
 def tan_study_release(config: str, models: list[str], epsilon: float, default: bool,
@@ -318,7 +336,7 @@ def main() -> int:
     if "pneumonia-l0" in args.stages and not published(f"{SPARSE_RELEASE}.dp_eps8"):
         out = RUNS / "pneumonia-wrn16-1-l0-eps8"
         run([*ZOO, "train", SPARSE_RELEASE], out)  # the card's recipe, which prunes at the end
-        publish(out, SPARSE_RELEASE, "dp_eps8", default=True, note=dense_twin_note())
+        publish(out, SPARSE_RELEASE, "dp_eps8", default=True, note=dense_twin_note(), spread=sparse_spread())
     if "cifar10-study" in args.stages:
         subprocess.run([sys.executable, str(ROOT / "eval" / "study_cifar10.py"), "--config", "release"], check=True)
     if "scatternet" in args.stages:

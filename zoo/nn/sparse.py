@@ -195,7 +195,8 @@ def prune(model: nn.Module, input_size: tuple[int, ...] | None = None) -> tuple[
     """A physically smaller dense copy of a gated model, with the same eval outputs, and a report.
 
     Channels whose test-time gate is 0 are removed (with the weights that read or write them); gates in (0, 1]
-    are folded into the neighbouring affine. ``model`` is left unchanged. The smaller model is of the same family,
+    are folded into the neighbouring affine. It reads the weights alone, no data: pruning a DP-trained model is
+    post-processing and costs no privacy. ``model`` is left unchanged. The smaller model is of the same family,
     without gates. The report has ``params`` and ``flops`` before and after, the channels kept per gate and
     ``args``: the family arguments that build the smaller model (e.g. a WideResNet's ``mid_channels``).
     ``input_size`` (default: ``(in_chans, 32, 32)``) is the per-sample input for the FLOP count.
