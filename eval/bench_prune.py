@@ -10,14 +10,18 @@ three take a DP step (``zoo.dp.step.dp_gradients`` + SGD, one physical batch) on
 interleaved, ``--repeats`` rounds after a warm-up; medians are reported, and the ratio pruned / dense.
 Reproduce (2 CPU cores, about a minute each):
     python eval/bench_prune.py --closed 0.5 --batch-size 64 --repeats 3
-    python eval/bench_prune.py --runs runs/study-sparsity-budget --batch-size 64 --repeats 5
+    python eval/bench_prune.py --runs runs/study-sparsity-budget --batch-size 128 --repeats 5 \\
+        --markdown eval/results/bench-prune/results.md
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,7 +53,10 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--runs", type=Path, help="time the trained gated networks in the run folders under this one")
+    ap.add_argument("--markdown", type=Path, help="also write the table to this results.md (with the command, "
+                    "threads, torch version and the load average before and after)")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     if args.runs:
         found = sorted(args.runs.glob("*/final.safetensors"))
         gated = [p for p in found if json.loads(paths(p)[1].read_text())["args"].get("l0")]  # sidecars only
@@ -72,8 +79,9 @@ def main() -> int:
     print(f"threads {torch.get_num_threads()} | " + (f"trained gates of {args.runs}" if args.runs else
           f"closed fraction {args.closed}") + f" | batch {args.batch_size} | median of {args.repeats} interleaved "
           f"rounds after 1 warm-up")
-    print(fmt.format("model", "params", "pruned", "MFLOPs", "pruned", "dense ms", "gated ms", "pruned ms",
-                     "pr./dense"))
+    heads = ("model", "params", "pruned", "MFLOPs", "pruned", "dense ms", "gated ms", "pruned ms", "pr./dense")
+    print(fmt.format(*heads))
+    rows = []
     for name, model, input_size, card, model_args in cases:
         torch.manual_seed(0)
         small, report = zoo.prune(model, input_size=tuple(input_size))
@@ -100,10 +108,23 @@ def main() -> int:
                 if r:
                     times[k].append(ms)
         ms = {k: statistics.median(v) for k, v in times.items()}
-        print(fmt.format(name, f"{report['params_before']:,}", f"{report['params_after']:,}",
-                         f"{report['flops_before'] / 1e6:.1f}", f"{report['flops_after'] / 1e6:.1f}",
-                         f"{ms['dense']:.1f}", f"{ms['gated']:.1f}", f"{ms['pruned']:.1f}",
-                         f"{ms['pruned'] / ms['dense']:.2f}"))
+        rows.append((name, f"{report['params_before']:,}", f"{report['params_after']:,}",
+                     f"{report['flops_before'] / 1e6:.1f}", f"{report['flops_after'] / 1e6:.1f}",
+                     f"{ms['dense']:.1f}", f"{ms['gated']:.1f}", f"{ms['pruned']:.1f}",
+                     f"{ms['pruned'] / ms['dense']:.2f}"))
+        print(fmt.format(*rows[-1]))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        cmd = "python eval/bench_prune.py " + " ".join(sys.argv[1:])
+        lines = ["### DP step time of pruned L0 networks against their dense twins (`bench_prune`)", "",
+                 f"`{cmd}`: one DP step (per-sample gradients, clipping, noise, SGD) on one physical batch of "
+                 f"{args.batch_size}, median of {args.repeats} interleaved rounds after a warm-up; {platform.machine()}, "
+                 f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; load "
+                 f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the benchmark's own load "
+                 "included). Dense twin: the same architecture without gates, what the pruned network replaces.", "",
+                 "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        args.markdown.write_text("\n".join(lines) + "\n")
     return 0
 
 

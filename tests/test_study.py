@@ -46,9 +46,24 @@ def test_sparsity_budget_compares_gated_networks_with_their_dense_twin_and_times
     table = (tmp_path / "results.md").read_text()
     assert "accuracy − dense" in table and "| dense |" in table and "| l0lambda0.01 |" in table
     bench = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_prune.py"), "--runs", str(tmp_path / "runs"),
-                            "--batch-size", "4", "--repeats", "1"], capture_output=True, text=True, check=True)
+                            "--batch-size", "4", "--repeats", "1", "--markdown", str(tmp_path / "bench" / "results.md")],
+                           capture_output=True, text=True, check=True)
     lines = [ln for ln in bench.stdout.splitlines() if ln.startswith("budget-")]
     assert [ln.split()[0] for ln in lines] == ["budget-pneumoniamnist-eps8-l0lambda0.01"]  # the dense run is no case
+    md = (tmp_path / "bench" / "results.md").read_text()
+    assert "| budget-pneumoniamnist-eps8-l0lambda0.01 |" in md and "--batch-size 4" in md and "load average" in md
+    # a complete run whose row was lost (the study stopped between the run's end and its row) is read back
+    with (tmp_path / "results.csv").open() as fh:
+        head, first, _ = fh.read().splitlines()
+    (tmp_path / "results.csv").write_text(f"{head}\n{first}\n")
+    again = subprocess.run([sys.executable, str(SCRIPT), "--config", "budget", "--datasets", "pneumoniamnist", "--out",
+                            str(tmp_path), "--runs", str(tmp_path / "runs"), "--data-dir", str(data_dir), "--steps",
+                            "2", "--limit", "1"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert "is complete: reading its result" in again.stderr
+    back = list(csv.DictReader((tmp_path / "results.csv").open()))[1]
+    assert {k: back[k] for k in ("setting", "accuracy", "params_pruned", "train_time_s")} == \
+        {k: gated[k] for k in ("setting", "accuracy", "params_pruned", "train_time_s")}
 
 
 SEG_SCRIPT = SCRIPT.parent / "study_segmentation.py"
