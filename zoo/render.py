@@ -54,14 +54,21 @@ def _checkpoint_facts(info: dict):
     return sidecar, model
 
 
-def _sparsity(info: dict, model) -> str:
+def _sparsity(info: dict, model, sidecar: dict | None = None) -> str:
     """"dense", or for an L0 model the share of open test-time gates and the expected L0 of its checkpoint's
-    ``model`` (:mod:`zoo.nn.sparse`); the gate count alone without one (``model`` None)."""
+    ``model`` (:mod:`zoo.nn.sparse`); for a checkpoint published pruned (its sidecar's ``training.pruning``), the
+    channels and parameters kept; the gate count alone without a checkpoint (``model`` None)."""
     if not (info["args"].get("l0") or info["args"].get("l0_blocks")):
         return "dense"
     import torch
 
     from zoo.nn.sparse import expected_l0, gate_modules
+
+    pruning = ((sidecar or {}).get("training") or {}).get("pruning")
+    if pruning:
+        kept, of = sum(k["channels"] for k in pruning["kept"]), sum(k["of"] for k in pruning["kept"])
+        return (f"L0, published pruned: {kept}/{of} gated channels kept ({kept / of:.0%}), "
+                f"{pruning['params_after']:,} of {pruning['params_before']:,} parameters")
 
     if model is None:
         from zoo.catalog.registry import build
@@ -155,7 +162,7 @@ def render_model_card(infos: list[dict], studies_dir: Path = STUDIES_DIR) -> str
         "| reported | checkpoint |",
         "|---|---|---|---|---|---:|---|---|---:|---:|---:|---:|---|---|",
     ]
-    sparsity = {i["name"]: _sparsity(i, facts[i["name"]][1]) for i in infos}
+    sparsity = {i["name"]: _sparsity(i, facts[i["name"]][1], facts[i["name"]][0]) for i in infos}
     for info in infos:
         r = info["recipe"]
         by_ds: dict[str, set] = {}
