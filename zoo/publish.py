@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.catalog.cards import CARDS_DIR, load_card
+from zoo.catalog.cards import CARDS_DIR, load_card, pruned_card
 from zoo.catalog.checkpoint import check_published, paths, save_checkpoint
 from zoo.catalog.registry import NONPRIVATE_PREFIX, get_card, load_checkpoint
 from zoo.io import sha256_file, write_text
@@ -162,8 +162,7 @@ def publish(run_dir: str | Path, name: str, tag: str, *, default: bool = False, 
     weights_dir.mkdir(parents=True, exist_ok=True)
     stem = weights_dir / f"{name}.{tag}"
     pruning = training.get("pruning")
-    stored_card = card if not pruning else {**card, "args": side["card"]["args"],  # what the weights build
-                                            "recipe": {**card["recipe"], "prune": False}}
+    stored_card = pruned_card(card, side["card"]["args"]) if pruning else card  # what the weights build
     st = save_checkpoint(stem, model=model, model_name=name, model_args=side["args"], card=stored_card,
                          ledger=side["ledger"], metrics=metrics, weights_only_ema=True, preparation=prep,
                          training=training, half=use_half,

@@ -138,6 +138,13 @@ def _bad(where: str, value: Any, expected: str, fix: str = "fix the card") -> Ca
     return CardError(f"{where}: got {value!r}, expected {expected}; {fix}")
 
 
+def pruned_card(card: dict, args: dict) -> dict:
+    """The card a pruned checkpoint's sidecar records: ``card`` with the pruned network's family ``args`` (what its
+    weights build, :func:`zoo.prune`'s ``report["args"]``) and a recipe that no longer prunes (fine-tuning the
+    pruned network has no gates to prune)."""
+    return {**card, "args": dict(args), "recipe": {**card["recipe"], "prune": False}}
+
+
 def check_recipe_values(recipe: dict, where: str = "recipe", fix: str = "fix the card") -> None:
     """Raise :class:`CardError` (a ``ValueError``) naming the first recipe value out of its range
     (:data:`_RECIPE_VALUES`); ``None`` values of optional fields are not tested. The one range check of a card's

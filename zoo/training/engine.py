@@ -40,7 +40,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from zoo.catalog import checkpoint as ckpt
-from zoo.catalog.cards import RECIPE_SCHEMA, check_recipe_values
+from zoo.catalog.cards import RECIPE_SCHEMA, check_recipe_values, pruned_card
 from zoo.catalog.registry import build, get_card, load_verified
 from zoo.data import get_dataset_info, preparation
 from zoo.data.folder import describe as describe_path_data
@@ -541,8 +541,8 @@ def _run(model: nn.Module, *, model_name: str, card: dict, recipe: dict, ledger:
             small, report = pruned
             args = {**report["args"], "num_classes": small.num_classes, "in_chans": small.in_chans}
             training["pruning"] = {"from_args": model_args, **{k: v for k, v in report.items() if k != "args"}}
-            pruned_card = {**card, "args": report["args"], "recipe": {**card["recipe"], "prune": False}}
-            return ckpt.save_checkpoint(path, model=small, model_name=model_name, model_args=args, card=pruned_card,
+            return ckpt.save_checkpoint(path, model=small, model_name=model_name, model_args=args,
+                                        card=pruned_card(card, report["args"]),
                                         ledger=ledger.to_dict(), metrics=metrics, train_state=st,
                                         weights_only_ema=True, preparation=data.prep, training=training)
         return ckpt.save_checkpoint(path, model=model, model_name=model_name, model_args=model_args, card=card,
@@ -624,7 +624,8 @@ def train(name: str, *, out_dir: str | Path | None = None, data_dir: str | Path 
     built for the data set's classes and channels, and ``model_args`` override the card's architecture
     arguments (e.g. ``{"l0_lambda": 0.01}``); checkpoints record the arguments used. With ``out_dir``,
     checkpoints ``step-*`` (resumable with ``resume=True``), ``final`` (EMA weights, ledger, metrics) and
-    ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model).
+    ``result.json`` are written there. Returns the result dict (``model_object`` holds the EMA model, pruned
+    when the recipe prunes: then ``pruning`` holds :func:`zoo.prune`'s report).
     Started by ``torchrun``, the processes train one model together (:mod:`zoo.dp.distributed`).
     ``auto_recipe`` (default: on for data given by path): delta, batch size, steps and K chosen for the data set's
     N and epsilon (:mod:`zoo.training.auto_recipe`) where not given; ``False`` keeps the card's.
