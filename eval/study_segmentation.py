@@ -28,7 +28,8 @@ Configurations:
          ISBI 2012   native 512x512 slices, 128x128 crops, B = N = 20 (q = 1), K = 2, S = 40:  26.2 M;
          horses      resized to 128x128, B = 32 of N = 222, K = 2, S = 300:                     315 M.
        Search: TAN's simulation at B / 2 (same S and sigma / B; not private at epsilon 8, its epsilon is in the
-       row) over lr 0.25, 0.5, 1 at epsilon 8, seed 0; full runs at the chosen lr at epsilon inf (sigma 0), 8
+       row) over lr 0.25, 0.5, 1 at epsilon 8, seed 0, extended past an edge of the grid that scores best (half
+       the smallest or twice the largest lr, up to twice: ``beyond_edge``); full runs at the chosen lr at epsilon inf (sigma 0), 8
        and 3, seed 0; then seeds 1 and 2 at epsilon 8 for the cells that decide the ranking (the 3 best and every
        equivariant one). ISBI also fine-tuned from public pretraining: the same network's noise-free horse run
        (public, non-medical data; the ledger keeps its record as the parent), training only the head and the
@@ -73,7 +74,7 @@ CONFIGS = {
     # TAN-chosen recipes at one budget per data set, every architecture at the same small width (see the docstring)
     "budget": {"seeds": [0], "decide_seeds": [0, 1, 2], "decide_top": 3, "epsilons": [math.inf, 8.0, 3.0],
                "model_args": {"width": 4, "depth": 3},
-               "search": {"epsilon": 8.0, "lrs": [0.25, 0.5, 1.0], "seed": 0, "shrink": 2},
+               "search": {"epsilon": 8.0, "lrs": [0.25, 0.5, 1.0], "seed": 0, "shrink": 2, "extend": 2},
                "transfer": {"isbi2012": {"from": "weizmann-horse", "trainable": ["head+norm", None]}},
                "recipes": {"isbi2012": {"resize": None, "crop": 128, "batch_size": 20, "physical_batch_size": 10,
                                         "steps": 40, "augmult": 2},
@@ -291,6 +292,15 @@ def chosen_lrs(rows: list[dict], config: str) -> dict:
     return {k: max(by_lr, key=lambda lr: statistics.fmean(by_lr[lr])) for k, by_lr in acc.items()}
 
 
+def beyond_edge(tried: list[float], best: float | None) -> float | None:
+    """The next lr to search when the best simulated one sits at an edge of the lrs ``tried``: half the smallest or
+    twice the largest (a grid whose best point is its edge has not bracketed the optimum); None when it is inside."""
+    if best is None or len(tried) < 2:
+        return None
+    nxt = best / 2 if best == min(tried) else best * 2 if best == max(tried) else None
+    return None if nxt is None or nxt in tried else nxt
+
+
 def deciding(rows: list[dict], config: str, dataset: str, eps: float, top: int) -> list[tuple]:
     """The variants that decide the ranking at ``eps``: the ``top`` best by their first full seed, and every
     equivariant one (a release of it is due if it comes within 0.02 Dice of the best)."""
@@ -303,9 +313,9 @@ def deciding(rows: list[dict], config: str, dataset: str, eps: float, top: int) 
 
 def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: list[dict]) -> int:
     """The study of a budget configuration, in stages (each resumable, finished rows skipped):
-    search (TAN's simulation at ``B / shrink``, same S and sigma / B, over the lrs, at the search epsilon), full
-    (the chosen lr at every epsilon, seed 0), decide (the cells that decide the ranking at the search epsilon: more
-    seeds). Data sets with a transfer entry run after the data set they start from."""
+    search (TAN's simulation at ``B / shrink``, same S and sigma / B, over the lrs and past an edge of them that
+    scores best, at the search epsilon), full (the chosen lr at every epsilon, seed 0), decide (the cells that decide
+    the ranking at the search epsilon: more seeds). Data sets with a transfer entry run after the data set they start from."""
     config = args.config
     redraw = lambda rs: budget_report(rs, out, config, args.data_dir)  # noqa: E731
     done = {budget_key(r["config"], r["stage"], r["dataset"], r["model"], r["start"],
@@ -367,7 +377,15 @@ def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: lis
         for dataset in datasets:
             for start, trainable in variants(dataset, cfg):
                 for model in models:
-                    for lr in search["lrs"]:
+                    tried = list(search["lrs"])
+                    for lr in tried:
+                        go("search", dataset, model, start, trainable, search["epsilon"], search["seed"], lr)
+                    for _ in range(search.get("extend", 0)):  # the best lr at an edge of the grid: one beyond it
+                        lr = beyond_edge(tried, chosen_lrs(rows, config).get((dataset, model, start,
+                                                                              trainable or "all")))
+                        if lr is None:
+                            break
+                        tried.append(lr)
                         go("search", dataset, model, start, trainable, search["epsilon"], search["seed"], lr)
                 lrs.update(chosen_lrs(rows, config))
                 for model in models:

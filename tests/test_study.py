@@ -93,6 +93,16 @@ def test_segmentation_study_writes_csv_plot_and_table_and_resumes(data_dir, tmp_
     assert "predicting foreground everywhere scores 0." in table
 
 
+def test_beyond_edge_searches_past_the_edge_of_the_grid_that_scores_best(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_segmentation import beyond_edge
+
+    grid = [0.25, 0.5, 1.0]
+    assert beyond_edge(grid, 0.25) == 0.125 and beyond_edge(grid, 1.0) == 2.0
+    assert beyond_edge(grid, 0.5) is None and beyond_edge(grid, None) is None
+    assert beyond_edge([0.125, 0.25, 0.5, 1.0], 0.25) is None and beyond_edge([0.5], 0.5) is None
+
+
 def _study(script: str, out: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT.parent / script), "--config", "cpu", "--out", str(out),
                            "--runs", str(out / "runs"), "--data-dir", str(data_dir), "--steps", "2", *args],
@@ -149,19 +159,27 @@ def test_tan_study_runs_an_unsearched_recipe_at_its_given_point_over_the_full_se
     assert list(csv.DictReader((tmp_path / "results.csv").open())) == rows
 
 
-def test_segmentation_budget_study_searches_with_tan_then_runs_the_chosen_lr(data_dir, tmp_path):
+def test_segmentation_budget_study_searches_with_tan_then_runs_the_chosen_lr(data_dir, tmp_path, monkeypatch):
     """The budget configuration: TAN simulations at B / 2 (same steps and sigma / B, so they spend more than the
     target epsilon) over the lrs, then full runs at the lr whose simulation scored best; every architecture at the
-    config's arguments; a transfer variant without its public source run is skipped, not failed."""
+    config's arguments; a transfer variant without its public source run is skipped, not failed; a best lr at an
+    edge of the grid is searched past (beyond_edge)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_segmentation import beyond_edge
+
     args = [sys.executable, str(SEG_SCRIPT), "--config", "budget", "--out", str(tmp_path), "--runs",
             str(tmp_path / "runs"), "--data-dir", str(data_dir), "--models", "test-unet-w4", "--datasets",
-            "isbi2012", "--epsilons", "inf", "--steps", "1", "--limit", "4"]
+            "isbi2012", "--epsilons", "inf", "--steps", "1", "--limit", "6"]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                           check=True)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    search, full = rows[:3], rows[3:]
-    assert [r["stage"] for r in rows] == ["search"] * 3 + ["full"] and [float(r["lr"]) for r in search] == [
-        0.25, 0.5, 1.0]
+    search, full = [r for r in rows if r["stage"] == "search"], [r for r in rows if r["stage"] == "full"]
+    assert [r["stage"] for r in rows] == ["search"] * len(search) + ["full"] and len(full) == 1
+    lrs = [float(r["lr"]) for r in search]
+    leader = [float(max(search[:i], key=lambda r: float(r["dice"]))["lr"]) for i in range(1, len(search) + 1)]
+    assert lrs[:3] == [0.25, 0.5, 1.0] and len(lrs) <= 5  # the grid, then at most 2 lrs past its edge
+    assert all(lrs[i] == beyond_edge(lrs[:i], leader[i - 1]) for i in range(3, len(lrs)))
+    assert len(lrs) == 5 or beyond_edge(lrs, leader[-1]) is None  # it stops once the best lies inside
     assert all(r["batch_size"] == "10" and r["full_batch_size"] == "20" and float(r["epsilon_spent"]) > 8
                for r in search)
     best = max(search, key=lambda r: float(r["dice"]))  # the first of equals, as max keeps it
