@@ -462,7 +462,31 @@ def budget_table(rows: list[dict], config: str, trivial: dict[str, float], sizes
                       f"within max(its std, 0.02) of it: " + (", ".join(f"`{k}` ({means[k][0]:.3f})" for k in close_)
                                                               or "none") + "."]
         lines.append("")
+    for dataset in sorted({r["dataset"] for r in rows if r["stage"] == "search"}):
+        lines += search_table(rows, config, dataset)
     return "\n".join(lines)
+
+
+def search_table(rows: list[dict], config: str, dataset: str) -> list[str]:
+    """The search stage of ``dataset``: each variant's simulated Dice by lr (mean over the search seeds), the lr
+    that the full runs take in bold."""
+    here = [r for r in rows if r["config"] == config and r["stage"] == "search" and r["dataset"] == dataset]
+    lrs, one, chosen = sorted({float(r["lr"]) for r in here}), here[0], chosen_lrs(rows, config)
+    lines = [f"TAN's simulation on **{dataset}** (B = {one['batch_size']} of {one['full_batch_size']}, "
+             f"S = {one['steps']}, the same σ/B: ε spent {float(one['epsilon_spent']):.2f} for ε = "
+             f"{float(one['epsilon']):g}): foreground Dice by lr, the chosen lr in bold.", "",
+             "| model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    groups: dict = {}
+    for r in here:
+        groups.setdefault((r["model"], r["start"], r["trainable"]), []).append(r)
+    for (model, start, trainable), rs in sorted(groups.items()):
+        cells = []
+        for lr in lrs:
+            vals = [float(r["dice"]) for r in rs if float(r["lr"]) == lr]
+            cell = f"{statistics.fmean(vals):.3f}" if vals else "—"
+            cells.append(f"**{cell}**" if vals and chosen.get((dataset, model, start, trainable)) == lr else cell)
+        lines.append(f"| `{_label(rs[0])}` | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def budget_report(rows: list[dict], out: Path, config: str, data_dir) -> None:

@@ -186,7 +186,9 @@ def test_segmentation_budget_study_searches_with_tan_then_runs_the_chosen_lr(dat
     assert full[0]["epsilon"] == "inf" and full[0]["lr"] == best["lr"] and full[0]["batch_size"] == "20"
     assert all(r["model_args"] == "{'width': 4, 'depth': 3}" and int(r["view_pixels"]) > 0 for r in rows)
     assert "from-weizmann-horse-head_norm-eps8-seed0-lr0.25 skipped: no noise-free weizmann-horse run" in done.stderr
-    assert "`test-unet-w4`" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "`test-unet-w4`" in table and "TAN's simulation on **isbi2012** (B = 10 of 20, S = 1" in table
+    assert f"**{float(best['dice']):.3f}**" in table.split("TAN's simulation on")[1]  # the chosen lr's cell
 
 
 def test_tan_propose_runs_its_recipe_at_the_searched_lr_and_tables_it_beside_the_searched_one(data_dir, tmp_path,
