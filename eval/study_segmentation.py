@@ -29,9 +29,9 @@ Configurations:
          horses      resized to 128x128, B = 32 of N = 222, K = 2, S = 300:                     315 M.
        Search: TAN's simulation at B / 2 (same S and sigma / B; not private at epsilon 8, its epsilon is in the
        row) over lr 0.25, 0.5, 1 at epsilon 8, seed 0, extended past an edge of the grid that scores best (half
-       the smallest or twice the largest lr, up to twice: ``beyond_edge``); full runs at the chosen lr at epsilon inf (sigma 0), 8
-       and 3, seed 0; then seeds 1 and 2 at epsilon 8 for the cells that decide the ranking (the 3 best and every
-       equivariant one). ISBI also fine-tuned from public pretraining: the same network's noise-free horse run
+       the smallest or twice the largest lr, up to twice: ``beyond_edge``); full runs at the chosen lr at
+       epsilon inf (sigma 0), 8 and 3, seed 0; then seeds 1 and 2 at epsilon 8 for the cells that decide the
+       ranking (the 3 best and every equivariant one). ISBI also fine-tuned from public pretraining: the same network's noise-free horse run
        (public, non-medical data; the ledger keeps its record as the parent), training only the head and the
        norms (``trainable`` head+norm) or all parameters, each with its own lr search.
        Sized from one DP step per view of each network at 128x128 (1 thread, loaded machine: U-Net 40 ms, U-Net++
@@ -315,7 +315,8 @@ def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: lis
     """The study of a budget configuration, in stages (each resumable, finished rows skipped):
     search (TAN's simulation at ``B / shrink``, same S and sigma / B, over the lrs and past an edge of them that
     scores best, at the search epsilon), full (the chosen lr at every epsilon, seed 0), decide (the cells that decide
-    the ranking at the search epsilon: more seeds). Data sets with a transfer entry run after the data set they start from."""
+    the ranking at the search epsilon: more seeds). Data sets with a transfer entry run after the data set they
+    start from."""
     config = args.config
     redraw = lambda rs: budget_report(rs, out, config, args.data_dir)  # noqa: E731
     done = {budget_key(r["config"], r["stage"], r["dataset"], r["model"], r["start"],
