@@ -31,9 +31,10 @@ Configurations:
        row) over lr 0.25, 0.5, 1 at epsilon 8, seed 0, extended past an edge of the grid that scores best (half
        the smallest or twice the largest lr, up to twice: ``beyond_edge``); full runs at the chosen lr at
        epsilon inf (sigma 0), 8 and 3, seed 0; then seeds 1 and 2 at epsilon 8 for the cells that decide the
-       ranking (the 3 best and every equivariant one). ISBI also fine-tuned from public pretraining: the same network's noise-free horse run
-       (public, non-medical data; the ledger keeps its record as the parent), training only the head and the
-       norms (``trainable`` head+norm) or all parameters, each with its own lr search.
+       ranking (the 3 best and every equivariant one). ISBI also fine-tuned from public pretraining: the same
+       network's noise-free horse run (public, non-medical data; the ledger keeps its record as the parent),
+       training only the head and the norms (``trainable`` head+norm) or all parameters, each with its own lr
+       search.
        Sized from one DP step per view of each network at 128x128 (1 thread, loaded machine: U-Net 40 ms, U-Net++
        74, LinkNet 24, DeepLabV3+ 23, D4 U-Net 74): about 20-45 idle minutes per architecture on the horses
        and 1-3 on ISBI, some 4-5 CPU hours in all; the table gives each network's measured s / step.
