@@ -283,14 +283,19 @@ def budget_row(config, stage, dataset, model, start, trainable, margs, eps, delt
     return row
 
 
-def chosen_lrs(rows: list[dict], config: str) -> dict:
-    """``(dataset, model, start, trainable) -> lr`` of the best simulated run (mean Dice over the search seeds)."""
+def search_scores(rows: list[dict], config: str) -> dict:
+    """``(dataset, model, start, trainable) -> {lr: mean simulated Dice over the search seeds}``."""
     acc: dict = {}
     for r in rows:
         if r["config"] == config and r["stage"] == "search":
             acc.setdefault((r["dataset"], r["model"], r["start"], r["trainable"]), {}).setdefault(
                 float(r["lr"]), []).append(float(r["dice"]))
-    return {k: max(by_lr, key=lambda lr: statistics.fmean(by_lr[lr])) for k, by_lr in acc.items()}
+    return {k: {lr: statistics.fmean(d) for lr, d in by_lr.items()} for k, by_lr in acc.items()}
+
+
+def chosen_lrs(rows: list[dict], config: str) -> dict:
+    """``(dataset, model, start, trainable) -> lr`` of the best simulated run (mean Dice over the search seeds)."""
+    return {k: max(by_lr, key=by_lr.get) for k, by_lr in search_scores(rows, config).items()}
 
 
 def beyond_edge(tried: list[float], best: float | None) -> float | None:
@@ -300,6 +305,22 @@ def beyond_edge(tried: list[float], best: float | None) -> float | None:
         return None
     nxt = best / 2 if best == min(tried) else best * 2 if best == max(tried) else None
     return None if nxt is None or nxt in tried else nxt
+
+
+def next_search_lr(grid: list[float], scores: dict[float, float], extend: int) -> float | None:
+    """The next lr to simulate given the ``scores`` done so far (lr -> mean Dice), or None when the search is over:
+    the ``grid`` first, then up to ``extend`` lrs past an edge of it that scores best (``beyond_edge``). It reads
+    only ``scores``, so a resumed study searches the same lrs as one that ran without a stop."""
+    tried = list(grid)
+    for lr in grid:
+        if lr not in scores:
+            return lr
+    for _ in range(extend):
+        nxt = beyond_edge(tried, max(tried, key=scores.__getitem__))
+        if nxt is None or nxt not in scores:
+            return nxt
+        tried.append(nxt)
+    return None
 
 
 def deciding(rows: list[dict], config: str, dataset: str, eps: float, top: int) -> list[tuple]:
@@ -379,16 +400,12 @@ def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: lis
         for dataset in datasets:
             for start, trainable in variants(dataset, cfg):
                 for model in models:
-                    tried = list(search["lrs"])
-                    for lr in tried:
-                        go("search", dataset, model, start, trainable, search["epsilon"], search["seed"], lr)
-                    for _ in range(search.get("extend", 0)):  # the best lr at an edge of the grid: one beyond it
-                        lr = beyond_edge(tried, chosen_lrs(rows, config).get((dataset, model, start,
-                                                                              trainable or "all")))
-                        if lr is None:
-                            break
-                        tried.append(lr)
-                        go("search", dataset, model, start, trainable, search["epsilon"], search["seed"], lr)
+                    key = (dataset, model, start, trainable or "all")
+                    while (lr := next_search_lr(search["lrs"], search_scores(rows, config).get(key, {}),
+                                                search.get("extend", 0))) is not None:
+                        if go("search", dataset, model, start, trainable, search["epsilon"], search["seed"],
+                              lr) is None:
+                            break  # skipped (no source to start from): nothing more to learn for this variant
                 lrs.update(chosen_lrs(rows, config))
                 for model in models:
                     lr = lrs.get((dataset, model, start, trainable or "all"))

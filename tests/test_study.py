@@ -103,6 +103,23 @@ def test_beyond_edge_searches_past_the_edge_of_the_grid_that_scores_best(monkeyp
     assert beyond_edge([0.125, 0.25, 0.5, 1.0], 0.25) is None and beyond_edge([0.5], 0.5) is None
 
 
+def test_the_lr_search_reads_only_its_scores_so_a_resumed_study_searches_the_same_lrs(monkeypatch):
+    """A study stopped after the first lr past the grid's edge, the extension scoring best, goes on to the second
+    one when it resumes (it once compared the best lr with the grid alone and stopped there)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_segmentation import next_search_lr
+
+    grid = [0.25, 0.5, 1.0]
+    assert next_search_lr(grid, {}, 2) == 0.25 and next_search_lr(grid, {0.25: 0.5}, 2) == 0.5
+    done = {0.25: 0.65, 0.5: 0.61, 1.0: 0.57}
+    assert next_search_lr(grid, done, 2) == 0.125 and next_search_lr(grid, done, 0) is None
+    assert next_search_lr(grid, {**done, 0.125: 0.72}, 2) == 0.0625  # the resumed case
+    assert next_search_lr(grid, {**done, 0.125: 0.72}, 1) is None  # the extensions are spent
+    assert next_search_lr(grid, {**done, 0.125: 0.60}, 2) is None  # the best lies inside now
+    assert next_search_lr(grid, {**done, 0.125: 0.72, 0.0625: 0.73}, 2) is None
+    assert next_search_lr(grid, {0.25: 0.1, 0.5: 0.2, 1.0: 0.3}, 2) == 2.0
+
+
 def _study(script: str, out: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT.parent / script), "--config", "cpu", "--out", str(out),
                            "--runs", str(out / "runs"), "--data-dir", str(data_dir), "--steps", "2", *args],
