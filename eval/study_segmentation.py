@@ -29,9 +29,10 @@ Configurations:
          horses      resized to 128x128, B = 32 of N = 222, K = 2, S = 300:                     315 M.
        Search: TAN's simulation at B / 2 (same S and sigma / B; not private at epsilon 8, its epsilon is in the
        row) over lr 0.25, 0.5, 1 at epsilon 8, seed 0, extended past an edge of the grid that scores best (half
-       the smallest or twice the largest lr, up to twice: ``beyond_edge``); full runs at the chosen lr at
-       epsilon inf (sigma 0), 8 and 3, seed 0; then seeds 1 and 2 at epsilon 8 for the cells that decide the
-       ranking (the 3 best and every equivariant one). ISBI also fine-tuned from public pretraining: the same
+       the smallest or twice the largest lr, up to 3 times: ``beyond_edge``); full runs at the chosen lr at
+       epsilon 8, seed 0; seeds 1 and 2 there for the cells that decide the ranking (the 3 best and every
+       equivariant one); then epsilon inf (sigma 0) and 3, seed 0 (in this order, so that a study stopped early
+       has what the releases need first). ISBI also fine-tuned from public pretraining: the same
        network's noise-free horse run (public, non-medical data; the ledger keeps its record as the parent),
        training only the head and the norms (``trainable`` head+norm) or all parameters, each with its own lr
        search.
@@ -75,7 +76,7 @@ CONFIGS = {
     # TAN-chosen recipes at one budget per data set, every architecture at the same small width (see the docstring)
     "budget": {"seeds": [0], "decide_seeds": [0, 1, 2], "decide_top": 3, "epsilons": [math.inf, 8.0, 3.0],
                "model_args": {"width": 4, "depth": 3},
-               "search": {"epsilon": 8.0, "lrs": [0.25, 0.5, 1.0], "seed": 0, "shrink": 2, "extend": 2},
+               "search": {"epsilon": 8.0, "lrs": [0.25, 0.5, 1.0], "seed": 0, "shrink": 2, "extend": 3},
                "transfer": {"isbi2012": {"from": "weizmann-horse", "trainable": ["head+norm", None]}},
                "recipes": {"isbi2012": {"resize": None, "crop": 128, "batch_size": 20, "physical_batch_size": 10,
                                         "steps": 40, "augmult": 2},
@@ -336,9 +337,9 @@ def deciding(rows: list[dict], config: str, dataset: str, eps: float, top: int) 
 def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: list[dict]) -> int:
     """The study of a budget configuration, in stages (each resumable, finished rows skipped):
     search (TAN's simulation at ``B / shrink``, same S and sigma / B, over the lrs and past an edge of them that
-    scores best, at the search epsilon), full (the chosen lr at every epsilon, seed 0), decide (the cells that decide
-    the ranking at the search epsilon: more seeds). Data sets with a transfer entry run after the data set they
-    start from."""
+    scores best, at the search epsilon), full (the chosen lr at the search epsilon, seed 0), decide (the cells that
+    decide the ranking there: more seeds), then full at the other epsilons. Data sets with a transfer entry run
+    after the data set they start from (their start is its noise-free run)."""
     config = args.config
     redraw = lambda rs: budget_report(rs, out, config, args.data_dir)  # noqa: E731
     done = {budget_key(r["config"], r["stage"], r["dataset"], r["model"], r["start"],
@@ -396,6 +397,16 @@ def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: lis
         return row
 
     lrs: dict = {}
+    epsilons = args.epsilons or cfg["epsilons"]
+    deciding_eps = [e for e in epsilons if e == search["epsilon"]]  # first: the releases and the ranking need it
+
+    def full(dataset, start, trainable, eps_list):
+        for model in models:
+            lr = lrs.get((dataset, model, start, trainable or "all"))
+            for eps in eps_list if lr is not None else []:
+                for seed in cfg["seeds"]:
+                    go("full", dataset, model, start, trainable, eps, seed, lr)
+
     try:
         for dataset in datasets:
             for start, trainable in variants(dataset, cfg):
@@ -407,17 +418,14 @@ def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: lis
                               lr) is None:
                             break  # skipped (no source to start from): nothing more to learn for this variant
                 lrs.update(chosen_lrs(rows, config))
-                for model in models:
-                    lr = lrs.get((dataset, model, start, trainable or "all"))
-                    for eps in args.epsilons or cfg["epsilons"]:
-                        for seed in cfg["seeds"]:
-                            if lr is not None:
-                                go("full", dataset, model, start, trainable, eps, seed, lr)
+                full(dataset, start, trainable, deciding_eps)
             for model, start, trainable in deciding(rows, config, dataset, search["epsilon"], cfg["decide_top"]):
                 spec = None if trainable == "all" else trainable
                 for seed in cfg["decide_seeds"]:
                     go("full", dataset, model, start, spec, search["epsilon"], seed,
                        lrs[dataset, model, start, trainable])
+            for start, trainable in variants(dataset, cfg):
+                full(dataset, start, trainable, [e for e in epsilons if e not in deciding_eps])
     except _Limit:
         pass
     return close(rows, csv_path, out / "dice_vs_epsilon.png", redraw)

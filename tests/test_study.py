@@ -3,6 +3,7 @@ smoke-test size."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -178,29 +179,35 @@ def test_tan_study_runs_an_unsearched_recipe_at_its_given_point_over_the_full_se
 
 def test_segmentation_budget_study_searches_with_tan_then_runs_the_chosen_lr(data_dir, tmp_path, monkeypatch):
     """The budget configuration: TAN simulations at B / 2 (same steps and sigma / B, so they spend more than the
-    target epsilon) over the lrs, then full runs at the lr whose simulation scored best; every architecture at the
-    config's arguments; a transfer variant without its public source run is skipped, not failed; a best lr at an
-    edge of the grid is searched past (beyond_edge)."""
+    target epsilon) over the lrs, then full runs at the lr whose simulation scored best, at the search epsilon and
+    its deciding seeds before the other epsilons; every architecture at the config's arguments; a transfer variant
+    without its public source run is skipped, not failed; a best lr at an edge of the grid is searched past
+    (beyond_edge)."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    from study_segmentation import beyond_edge
+    from study_segmentation import CONFIGS, beyond_edge
 
     args = [sys.executable, str(SEG_SCRIPT), "--config", "budget", "--out", str(tmp_path), "--runs",
             str(tmp_path / "runs"), "--data-dir", str(data_dir), "--models", "test-unet-w4", "--datasets",
-            "isbi2012", "--epsilons", "inf", "--steps", "1", "--limit", "6"]
+            "isbi2012", "--epsilons", "inf", "8", "--steps", "1", "--limit", "7"]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                           check=True)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     search, full = [r for r in rows if r["stage"] == "search"], [r for r in rows if r["stage"] == "full"]
-    assert [r["stage"] for r in rows] == ["search"] * len(search) + ["full"] and len(full) == 1
+    assert [r["stage"] for r in rows] == ["search"] * len(search) + ["full"] * len(full)
+    assert len(full) == 7 - len(search)
+    # the search epsilon first, its deciding seeds next, the other epsilons last
+    order = [(8.0, "0"), (8.0, "1"), (8.0, "2"), (math.inf, "0")]
+    assert [(float(r["epsilon"]), r["seed"]) for r in full] == order[:len(full)]
     lrs = [float(r["lr"]) for r in search]
     leader = [float(max(search[:i], key=lambda r: float(r["dice"]))["lr"]) for i in range(1, len(search) + 1)]
-    assert lrs[:3] == [0.25, 0.5, 1.0] and len(lrs) <= 5  # the grid, then at most 2 lrs past its edge
+    extend = CONFIGS["budget"]["search"]["extend"]
+    assert lrs[:3] == [0.25, 0.5, 1.0] and len(lrs) <= 3 + extend  # the grid, then at most `extend` lrs past it
     assert all(lrs[i] == beyond_edge(lrs[:i], leader[i - 1]) for i in range(3, len(lrs)))
-    assert len(lrs) == 5 or beyond_edge(lrs, leader[-1]) is None  # it stops once the best lies inside
+    assert len(lrs) == 3 + extend or beyond_edge(lrs, leader[-1]) is None  # it stops once the best lies inside
     assert all(r["batch_size"] == "10" and r["full_batch_size"] == "20" and float(r["epsilon_spent"]) > 8
                for r in search)
     best = max(search, key=lambda r: float(r["dice"]))  # the first of equals, as max keeps it
-    assert full[0]["epsilon"] == "inf" and full[0]["lr"] == best["lr"] and full[0]["batch_size"] == "20"
+    assert all(r["lr"] == best["lr"] and r["batch_size"] == "20" for r in full)
     assert all(r["model_args"] == "{'width': 4, 'depth': 3}" and int(r["view_pixels"]) > 0 for r in rows)
     assert "from-weizmann-horse-head_norm-eps8-seed0-lr0.25 skipped: no noise-free weizmann-horse run" in done.stderr
     table = (tmp_path / "results.md").read_text()
