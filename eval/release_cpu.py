@@ -50,6 +50,17 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
              seed, published as ``scatternet-cnn-datanorm.dp_eps3``; once the study's full-privacy seeds exist
              (``--stage full``), the recipe with the best mean over them (sigma 8: 0.6854 +/- 0.0034 over 3 seeds),
              trained again if the published one differs in any recipe setting.
+  segmentation-study  ``eval/study_segmentation.py --config budget``: every segmentation architecture at width
+             4 (depth 3) with a TAN-chosen lr at one budget per data set (horses B=32 of 222, S=300, K=2 at
+             128x128: 19,200 samples x 2 views; ISBI B=20 of 20, S=40, K=2 on 128x128 crops), epsilon inf / 8 / 3,
+             3 public seeds for the cells that decide the ranking at epsilon 8.
+  segmentation  per data set (horses, then ISBI 2012), the network with the best mean Dice over the study's seeds
+             at epsilon 8, and the equivariant one too when within 0.02 Dice of it, under a card of its own
+             written from the study (``unet-w4-horse``: the network, its data set), trained with a secret seed and
+             published as ``NAME.dp_eps8`` with the study's seed spread. A network fine-tuned from public
+             pretraining in the study starts from its noise-free checkpoint on horses, trained here with a secret
+             seed and published as ``NAME-w4-horse.nonprivate_weizmann-horse`` (not private; the release's ledger
+             records it as pretraining).
 A published release whose recipe has full-privacy seeds in its study gets their spread attached to its card results
 (``zoo reproduce --retrain`` compares against it); a published release whose recipe differs in any setting from
 the one its study now chooses is trained again and replaced.
@@ -58,8 +69,10 @@ Budgets are in samples processed; wall times are printed. Reproduce:  python eva
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
+import math
 import os
 import shutil
 import statistics
@@ -184,6 +197,167 @@ def sparse_spread(name: str = SPARSE_RELEASE, path: Path = SPARSITY_CSV) -> dict
             for m in ("accuracy", "balanced_accuracy", "roc_auc")}
 
 
+SEG_CONFIG = "budget"
+SEG_CSV = ROOT / "eval" / "results" / f"segmentation-{SEG_CONFIG}" / "results.csv"
+SEG_SHORT = {"weizmann-horse": "horse", "isbi2012": "isbi"}
+SEG_EPSILON = 8.0
+SEG_EQ_WITHIN = 0.02
+"""The equivariant network is released beside the best one when its mean Dice is within this of the best's."""
+
+
+def segmentation_picks(rows: list[dict], dataset: str, epsilon: float = SEG_EPSILON,
+                       within: float = SEG_EQ_WITHIN) -> list[dict]:
+    """The segmentation releases of ``dataset``, from the budget study's full-privacy runs at ``epsilon`` that have
+    2 or more seeds (the cells that decide the ranking): the variant (network, start, trainable, lr) with the
+    highest mean Dice, then every equivariant variant within ``within`` of it. Each pick:
+    ``{model, model_args, start, trainable, lr, rows, mean, std, best}`` (``best``: the best variant's mean)."""
+    groups: dict = {}
+    for r in rows:
+        if (r["config"], r["stage"], r["dataset"]) == (SEG_CONFIG, "full", dataset) and \
+                float(r["epsilon"]) == epsilon:
+            groups.setdefault((r["model"], r["start"], r["trainable"], float(r["lr"])), []).append(r)
+    groups = {k: rs for k, rs in groups.items() if len(rs) >= 2}
+    if not groups:
+        raise SystemExit(f"the segmentation study has no {dataset} cell at epsilon {epsilon:g} with 2 or more seeds "
+                         f"yet; run `python eval/study_segmentation.py --config {SEG_CONFIG}` first")
+    mean = {k: statistics.fmean(float(r["dice"]) for r in rs) for k, rs in groups.items()}
+    best = max(mean, key=mean.get)
+    keys = [best] + [k for k in sorted(mean, key=mean.get, reverse=True)
+                     if k != best and k[0].startswith("eq-") and mean[best] - mean[k] <= within]
+    return [{"model": k[0], "model_args": ast.literal_eval(groups[k][0]["model_args"]), "start": k[1],
+             "trainable": k[2], "lr": k[3], "rows": groups[k], "mean": mean[k],
+             "std": statistics.stdev(float(r["dice"]) for r in groups[k]), "best": mean[best]} for k in keys]
+
+
+def segmentation_name(model: str, model_args: dict, dataset: str) -> str:
+    """The release's name: the study's network (``model`` at ``model_args``) and its data set, e.g. ``unet-w16`` at
+    width 4 on horses -> ``unet-w4-horse`` (its card gives the depth)."""
+    from zoo.catalog.registry import get_card
+
+    width = get_card(model)["args"]["width"]
+    if not model.endswith(f"-w{width}"):
+        raise ValueError(f"{model!r} does not end in its width -w{width}; name its release by hand")
+    return f"{model[:-len(str(width)) - 2]}-w{model_args['width']}-{SEG_SHORT[dataset]}"
+
+
+def segmentation_recipe(dataset: str, lr: float, epsilon: float, trainable: str | None) -> dict:
+    """The card recipe of a network of the budget study on ``dataset``: the study's recipe at the chosen ``lr``."""
+    from study_segmentation import COMMON, CONFIGS as SEG_STUDIES, DATASETS  # eval/ is on the path of this script
+
+    base = {**COMMON, **SEG_STUDIES[SEG_CONFIG]["recipes"][dataset], "lr": lr}
+    recipe = {"dataset": dataset, "epsilon": epsilon, "delta": DATASETS[dataset]["delta"]}
+    recipe.update({k: base[k] for k in ("accountant", "batch_size", "physical_batch_size", "steps", "clip_norm",
+                                        "lr", "momentum", "augmult", "ema_decay", "crop", "resize")})
+    if trainable not in (None, "all"):
+        recipe["trainable"] = trainable
+    return recipe
+
+
+def segmentation_card(model: str, model_args: dict, dataset: str, recipe: dict, in_chans: int, source: str,
+                      summary_tail: str) -> str:
+    """Write ``models/NAME.json`` for the study's network ``model`` at ``model_args`` trained on ``dataset`` with
+    ``recipe`` (``source`` says where it comes from), unless a card of that name exists with the same architecture
+    and recipe; a card whose recipe differs is rewritten only while it has no checkpoint. Returns NAME."""
+    import zoo
+    from zoo.catalog.cards import CARDS_DIR, load_card
+    from zoo.catalog.registry import get_card, register_model
+    from zoo.data import get_dataset_info, preparation
+    from zoo.io import write_text
+
+    name = segmentation_name(model, model_args, dataset)
+    base = get_card(model)
+    args = {**base["args"], **model_args}
+    recipe = {**recipe, "source": source}
+    path = CARDS_DIR / f"{name}.json"
+    if path.exists():
+        have = load_card(path)
+        same = have["args"] == args and {k: v for k, v in have["recipe"].items() if k != "source"} == \
+            {k: v for k, v in recipe.items() if k != "source"}
+        if same:
+            return name
+        if have["checkpoints"]:
+            raise SystemExit(f"{path} has checkpoints and another architecture or recipe than the study now "
+                             f"chooses ({args}, {recipe}); retire it by hand before releasing another")
+    net = zoo.create_model(model, num_classes=base["num_classes"], in_chans=in_chans, **model_args)
+    params = sum(p.numel() for p in net.parameters())
+    info = get_dataset_info(dataset)
+    levels = f", depth {args['depth']}" if "depth" in args else ""
+    card = {"name": name,
+            "summary": f"{base['summary'].split(' (')[0]} at width {args['width']}{levels} ({params:,} parameters) "
+                       f"for {info.name} ({' vs '.join(getattr(info, 'classes', ()) or ())}): {summary_tail}",
+            "family": base["family"], "args": args,
+            "input_size": preparation(info, recipe, in_chans)["input_size"], "num_classes": base["num_classes"],
+            "recipe": recipe, "results": [], "checkpoints": [], "references": base.get("references", [])}
+    write_text(path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    card = load_card(path)  # valid
+    if name in zoo.list_models():  # rewritten (it had no checkpoint): this process sees the new card too
+        get_card(name).update(card)
+    else:
+        register_model(card)
+    print(f"  wrote {path}", flush=True)
+    return name
+
+
+def segmentation_release(dataset: str, epsilon: float = SEG_EPSILON) -> None:
+    """Train and publish the segmentation releases of ``dataset`` at ``epsilon`` (:func:`segmentation_picks`): each
+    pick's network under a card of its own (:func:`segmentation_card`), trained once more with a secret seed through
+    the ``zoo`` command line, published as ``NAME.dp_epsE`` with the spread of the study's seeds. A pick fine-tuned
+    from public pretraining starts from a published noise-free checkpoint of the same network on the public data set
+    (trained here too, with a secret seed, tagged ``nonprivate_DATASET``: it gives no privacy guarantee for that
+    data set, and the private checkpoint's ledger records it as its pretraining)."""
+    from zoo.catalog.registry import NONPRIVATE_PREFIX
+
+    from zoo.data import get_dataset_info
+
+    from study_segmentation import SCRATCH  # eval/ is on the path of this script
+
+    tag = f"dp_eps{epsilon:g}"
+    picks = segmentation_picks(study_rows(SEG_CSV), dataset, epsilon)
+    study = f"eval/study_segmentation.py --config {SEG_CONFIG}"
+    for pick in picks:
+        model, margs, lr = pick["model"], pick["model_args"], pick["lr"]
+        n = len(pick["rows"])
+        how = (f"{'the best' if pick['mean'] == pick['best'] else 'the equivariant'} network of the segmentation "
+               f"budget study ({study}) on {dataset} at epsilon {epsilon:g}: its lr chosen by TAN's small-batch "
+               f"simulation, full-privacy seeds 0-{n - 1}: mean Dice {pick['mean']:.3f} +/- {pick['std']:.3f}"
+               + ("" if pick["mean"] == pick["best"] else f" (the best network's {pick['best']:.3f})"))
+        spread = {m: (statistics.stdev(float(r[m]) for r in pick["rows"]), n, f"{study}, {n} seeds")
+                  for m in ("dice", "iou")}
+        in_chans = get_dataset_info(dataset if pick["start"] == SCRATCH else pick["start"]).in_chans
+        recipe = segmentation_recipe(dataset, lr, epsilon, pick["trainable"])
+        name = segmentation_card(model, margs, dataset, recipe, in_chans, source=how,
+                                 summary_tail=f"released at epsilon {epsilon:g}, {how}")
+        if published(f"{name}.{tag}"):
+            print(f"  {name}.{tag} is published", flush=True)
+            continue
+        out = RUNS / f"{dataset}-{name}-eps{epsilon:g}-lr{lr:g}"
+        if pick["start"] == SCRATCH:
+            run([*ZOO, "train", name], out)  # the card's recipe
+        else:
+            src_lr = float(next(r["lr"] for r in study_rows(SEG_CSV) if (r["config"], r["stage"], r["dataset"],
+                                r["model"], r["start"]) == (SEG_CONFIG, "full", pick["start"], model, SCRATCH)
+                                and float(r["epsilon"]) == math.inf))
+            # the public network's card is its study recipe at epsilon 8 (the same card, whether or not it is
+            # also released privately on that data set); its pretraining checkpoint is trained at epsilon inf
+            src = segmentation_card(model, margs, pick["start"],
+                                    segmentation_recipe(pick["start"], src_lr, epsilon, None),
+                                    get_dataset_info(pick["start"]).in_chans,
+                                    source=f"{study} on {pick['start']}: the lr chosen by TAN's small-batch "
+                                           "simulation at epsilon 8",
+                                    summary_tail=f"its noise-free checkpoint is the public pretraining of {name}")
+            src_tag = f"{NONPRIVATE_PREFIX}_{pick['start']}"
+            if not published(f"{src}.{src_tag}"):
+                src_out = RUNS / f"{pick['start']}-{src}-epsinf-lr{src_lr:g}"
+                run([*ZOO, "train", src, "--epsilon", "inf"], src_out)
+                publish(src_out, src, src_tag, default=False,
+                        note=f"NOT PRIVATE: trained without noise (epsilon = inf) on {pick['start']}, as public "
+                             f"pretraining for {name}; it gives no privacy guarantee for {pick['start']}")
+            flags_ = {k.replace("_", "-"): v for k, v in recipe.items()
+                      if k not in ("dataset",) and v is not None}
+            run([*ZOO, "finetune", f"{src}.{src_tag}", "--dataset", dataset, *flags(flags_)], out)
+        publish(out, name, tag, default=True, spread=spread, note=how)
+
+
 def tan_study_release(config: str, models: list[str], epsilon: float, default: bool,
                       before_full: bool = False) -> None:
     """Train the best of ``models`` at ``epsilon`` in the TAN study ``config`` of ``eval/study_cifar10.py`` (the
@@ -271,7 +445,8 @@ def main() -> int:
                     default=["backbone", "study", "pneumonia", "cifar10", "cifar10-eq", "cifar10-e2e-study",
                              "sparsity-study", "pneumonia-l0",
                              "cifar10-study", "scatternet", "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
-                             "scatternet-cnn", "scatternet-cnn-datanorm", "scatternet-cnn-datanorm-eps3"])
+                             "scatternet-cnn", "scatternet-cnn-datanorm", "scatternet-cnn-datanorm-eps3",
+                             "segmentation-study", "segmentation"])
     ap.add_argument("--procs", type=int, default=1,
                     help="one-thread processes per training run, under torchrun (eval/bench_train_loop.py --procs "
                          "measures the gain); default 1: one process on every thread")
@@ -361,6 +536,12 @@ def main() -> int:
                         "--stage", "search"], check=True)
         tan_study_release("release-long-eps3", ["scatternet-cnn-datanorm", "scatternet-cnn-datanorm+nsigma16"], 3.0,
                           default=False, before_full=True)
+    if "segmentation-study" in args.stages:
+        subprocess.run([sys.executable, str(ROOT / "eval" / "study_segmentation.py"), "--config", SEG_CONFIG],
+                       check=True)
+    if "segmentation" in args.stages:
+        for dataset in SEG_SHORT:  # horses first: an ISBI release may start from a horse network
+            segmentation_release(dataset)
     if shutil.which("git"):
         subprocess.run([*ZOO, "card"], check=True)
     return 0

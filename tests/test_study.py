@@ -3,6 +3,7 @@ smoke-test size."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -267,3 +268,65 @@ def test_l0_gate_signal_gates_a_dense_card_through_model_args_and_refuses_one_wi
     out = subprocess.run([*base, "--model-args", '{"l0": true, "l0_gate_scale": 10}'], capture_output=True, text=True,
                          env=env, check=True).stdout
     assert "--model-args '{\"l0\": true, \"l0_gate_scale\": 10}'" in out and " gates." in out
+
+
+def _seg_row(dataset, model, dice, seed, eps=8.0, stage="full", start="scratch", lr=0.125):
+    return {"config": "budget", "stage": stage, "dataset": dataset, "model": model, "start": start,
+            "trainable": "all", "lr": str(lr), "epsilon": str(eps), "seed": str(seed), "dice": str(dice),
+            "iou": str(dice - 0.1), "model_args": "{'width': 4, 'depth': 3}"}
+
+
+def test_segmentation_release_picks_the_best_decided_network_and_an_equivariant_one_within_0_02(monkeypatch):
+    """The release stage reads the budget study: only cells with 2 or more seeds at epsilon 8 compete (a single
+    lucky seed does not), the best mean Dice wins, the equivariant network joins it when within 0.02."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from release_cpu import segmentation_name, segmentation_picks
+
+    horse = "weizmann-horse"
+    rows = [_seg_row(horse, "unet-w16", d, s) for s, d in enumerate((0.74, 0.75, 0.76))]
+    rows += [_seg_row(horse, "linknet-w16", d, s) for s, d in enumerate((0.70, 0.71, 0.72))]
+    rows += [_seg_row(horse, "eq-unet-d4-w16", d, s, lr=0.0625) for s, d in enumerate((0.73, 0.735, 0.74))]
+    rows += [_seg_row(horse, "deeplabv3plus-w16", 0.90, 0), _seg_row(horse, "unetpp-w16", 0.95, 0, eps=3.0),
+             _seg_row(horse, "unetpp-w16", 0.95, 1, eps=3.0), _seg_row(horse, "unetpp-w16", 0.99, 0, stage="search"),
+             _seg_row(horse, "unetpp-w16", 0.99, 1, stage="search")]
+    picks = segmentation_picks(rows, horse)
+    assert [(p["model"], p["lr"], len(p["rows"])) for p in picks] == [("unet-w16", 0.125, 3),
+                                                                      ("eq-unet-d4-w16", 0.0625, 3)]
+    assert picks[0]["mean"] == pytest.approx(0.75) and picks[1]["best"] == pytest.approx(0.75)
+    assert picks[0]["std"] == pytest.approx(0.01) and picks[0]["model_args"] == {"width": 4, "depth": 3}
+    far = [r if r["model"] != "eq-unet-d4-w16" else {**r, "dice": str(float(r["dice"]) - 0.02)} for r in rows]
+    assert [p["model"] for p in segmentation_picks(far, horse)] == ["unet-w16"]  # 0.035 behind: not released
+    with pytest.raises(SystemExit, match="no isbi2012 cell at epsilon 8 with 2 or more seeds"):
+        segmentation_picks(rows, "isbi2012")
+    assert segmentation_name("unet-w16", {"width": 4, "depth": 3}, horse) == "unet-w4-horse"
+    assert segmentation_name("eq-unet-d4-w16", {"width": 4}, "isbi2012") == "eq-unet-d4-w4-isbi"
+
+
+def test_segmentation_release_card_is_written_from_the_study_and_builds_its_network(tmp_path, monkeypatch):
+    """The card of a segmentation release: the study's network and recipe at the chosen lr, the input size of the
+    data set as trained, valid, registered in this process; written once, kept while the same."""
+    import zoo
+    from zoo.catalog import cards, registry
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from release_cpu import segmentation_card, segmentation_recipe
+
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry, "_UNCHECKED", set(registry._UNCHECKED))
+    recipe = segmentation_recipe("weizmann-horse", 0.0625, 8.0, None)
+    assert recipe["lr"] == 0.0625 and recipe["resize"] == 128 and recipe["batch_size"] == 32 and recipe["steps"] == 300
+    assert "trainable" not in recipe and segmentation_recipe("isbi2012", 0.5, 8.0, "head+norm")["trainable"] == \
+        "head+norm"
+    args = dict(model="unet-w16", model_args={"width": 4, "depth": 3}, dataset="weizmann-horse", recipe=recipe,
+                in_chans=3, source="the study", summary_tail="released at epsilon 8")
+    name = segmentation_card(**args)
+    card = json.loads((tmp_path / "unet-w4-horse.json").read_text())
+    assert name == "unet-w4-horse" and card["args"] == {"width": 4, "depth": 3} and card["input_size"] == [3, 128, 128]
+    assert card["recipe"]["lr"] == 0.0625 and card["recipe"]["source"] == "the study" and card["checkpoints"] == []
+    assert card["summary"].startswith("U-Net at width 4, depth 3 (") and "background vs horse" in card["summary"]
+    model = zoo.create_model(name, in_chans=3)
+    assert model.num_classes == 2 and f"({sum(p.numel() for p in model.parameters()):,} parameters)" in card["summary"]
+    stamp = (tmp_path / "unet-w4-horse.json").stat().st_mtime_ns
+    assert segmentation_card(**{**args, "source": "reworded"}) == name  # the same recipe: the card is kept
+    assert (tmp_path / "unet-w4-horse.json").stat().st_mtime_ns == stamp
