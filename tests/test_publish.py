@@ -182,6 +182,19 @@ def test_every_published_checkpoint_is_complete_and_reproduces(full, data_dir):
     assert report.ok, report.table()
 
 
+@pytest.mark.parametrize("full", [n for n in zoo.list_models(pretrained=True)
+                                  if zoo.model_info(n)["task"] == "segmentation"])
+def test_every_published_segmenter_masks_a_users_image_of_any_size(full):
+    """A segmentation release, loaded by name, gives a mask of the image's own size for a raw image larger than its
+    training images and of no multiple of its size (zoo.segment: resized, or tiled at the data's scale)."""
+    model = zoo.create_model(full, pretrained=True)
+    cfg = model.pretrained_cfg
+    h, w = (s * 3 // 2 + 7 for s in cfg["input_size"][1:])
+    shape = (h, w, 3) if cfg["data_channels"] == 3 else (h, w)
+    image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    mask = zoo.segment(model, image)
+    assert mask.shape == (h, w) and set(mask.unique().tolist()) <= set(range(len(cfg["classes"])))
+
 def test_a_published_segmenter_segments_a_users_image_and_reproduces(data_dir, tmp_path, register):
     """A segmentation release end to end: a secret-seed run of a U-Net on ISBI 2012, published as NAME.TAG,
     loaded by tag with its preparation, segments an image of another size (zoo.segment), reproduces its Dice."""
