@@ -95,6 +95,23 @@ def test_segmentation_study_writes_csv_plot_and_table_and_resumes(data_dir, tmp_
     assert "predicting foreground everywhere scores 0." in table
 
 
+def test_a_sparsity_setting_with_its_own_initial_drop_rate_is_named_and_built_with_it(monkeypatch):
+    """The CIFAR-10 control of the gates' mask noise: ``l0_drop_rate`` reaches the gates and names the setting."""
+    import torch
+
+    import zoo
+    from zoo.nn.sparse import gate_modules
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_sparsity import gated, label
+
+    assert label(gated(0.006, 30.0)) == "l0lambda0.006-k30" and label(gated(0.01)) == "l0lambda0.01"
+    setting = gated(0.006, 30.0, drop_rate=0.05)
+    assert label(setting) == "l0lambda0.006-k30-drop0.05"
+    for args, drop in ((setting, 0.05), (gated(0.006, 30.0), 0.3)):
+        alpha = gate_modules(zoo.create_model("test-wrn10-1-l0", **args))[0].log_alpha
+        torch.testing.assert_close(torch.sigmoid(alpha), torch.full_like(alpha, 1 - drop))
+
 def test_beyond_edge_searches_past_the_edge_of_the_grid_that_scores_best(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     from study_segmentation import beyond_edge
