@@ -29,7 +29,7 @@ Configurations:
          horses      resized to 128x128, B = 32 of N = 222, K = 2, S = 300:                     315 M.
        Search: TAN's simulation at B / 2 (same S and sigma / B; not private at epsilon 8, its epsilon is in the
        row) over lr 0.25, 0.5, 1 at epsilon 8, seed 0, extended past an edge of the grid that scores best (half
-       the smallest or twice the largest lr, up to 3 times: ``beyond_edge``); full runs at the chosen lr at
+       the smallest or twice the largest lr, up to 4 times: ``beyond_edge``); full runs at the chosen lr at
        epsilon 8, seed 0; seeds 1 and 2 there for the cells that decide the ranking (the 3 best and every
        equivariant one); then epsilon inf (sigma 0) and 3, seed 0 (in this order, so that a study stopped early
        has what the releases need first). ISBI also fine-tuned from public pretraining: the same
@@ -76,7 +76,7 @@ CONFIGS = {
     # TAN-chosen recipes at one budget per data set, every architecture at the same small width (see the docstring)
     "budget": {"seeds": [0], "decide_seeds": [0, 1, 2], "decide_top": 3, "epsilons": [math.inf, 8.0, 3.0],
                "model_args": {"width": 4, "depth": 3},
-               "search": {"epsilon": 8.0, "lrs": [0.25, 0.5, 1.0], "seed": 0, "shrink": 2, "extend": 3},
+               "search": {"epsilon": 8.0, "lrs": [0.25, 0.5, 1.0], "seed": 0, "shrink": 2, "extend": 4},
                "transfer": {"isbi2012": {"from": "weizmann-horse", "trainable": ["head+norm", None]}},
                "recipes": {"isbi2012": {"resize": None, "crop": 128, "batch_size": 20, "physical_batch_size": 10,
                                         "steps": 40, "augmult": 2},

@@ -204,21 +204,22 @@ def test_segmentation_budget_study_searches_with_tan_then_runs_the_chosen_lr(dat
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     from study_segmentation import CONFIGS, beyond_edge
 
+    extend = CONFIGS["budget"]["search"]["extend"]
+    limit = 3 + extend + 1  # the whole search, then at least one full run
     args = [sys.executable, str(SEG_SCRIPT), "--config", "budget", "--out", str(tmp_path), "--runs",
             str(tmp_path / "runs"), "--data-dir", str(data_dir), "--models", "test-unet-w4", "--datasets",
-            "isbi2012", "--epsilons", "inf", "8", "--steps", "1", "--limit", "7"]
+            "isbi2012", "--epsilons", "inf", "8", "--steps", "1", "--limit", str(limit)]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                           check=True)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     search, full = [r for r in rows if r["stage"] == "search"], [r for r in rows if r["stage"] == "full"]
     assert [r["stage"] for r in rows] == ["search"] * len(search) + ["full"] * len(full)
-    assert len(full) == 7 - len(search)
+    assert len(full) == limit - len(search)
     # the search epsilon first, its deciding seeds next, the other epsilons last
     order = [(8.0, "0"), (8.0, "1"), (8.0, "2"), (math.inf, "0")]
     assert [(float(r["epsilon"]), r["seed"]) for r in full] == order[:len(full)]
     lrs = [float(r["lr"]) for r in search]
     leader = [float(max(search[:i], key=lambda r: float(r["dice"]))["lr"]) for i in range(1, len(search) + 1)]
-    extend = CONFIGS["budget"]["search"]["extend"]
     assert lrs[:3] == [0.25, 0.5, 1.0] and len(lrs) <= 3 + extend  # the grid, then at most `extend` lrs past it
     assert all(lrs[i] == beyond_edge(lrs[:i], leader[i - 1]) for i in range(3, len(lrs)))
     assert len(lrs) == 3 + extend or beyond_edge(lrs, leader[-1]) is None  # it stops once the best lies inside
