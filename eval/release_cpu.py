@@ -312,7 +312,8 @@ def segmentation_release(dataset: str, epsilon: float = SEG_EPSILON) -> None:
     from study_segmentation import SCRATCH  # eval/ is on the path of this script
 
     tag = f"dp_eps{epsilon:g}"
-    picks = segmentation_picks(study_rows(SEG_CSV), dataset, epsilon)
+    rows = study_rows(SEG_CSV)
+    picks = segmentation_picks(rows, dataset, epsilon)
     study = f"eval/study_segmentation.py --config {SEG_CONFIG}"
     for pick in picks:
         model, margs, lr = pick["model"], pick["model_args"], pick["lr"]
@@ -334,9 +335,12 @@ def segmentation_release(dataset: str, epsilon: float = SEG_EPSILON) -> None:
         if pick["start"] == SCRATCH:
             run([*ZOO, "train", name], out)  # the card's recipe
         else:
-            src_lr = float(next(r["lr"] for r in study_rows(SEG_CSV) if (r["config"], r["stage"], r["dataset"],
-                                r["model"], r["start"]) == (SEG_CONFIG, "full", pick["start"], model, SCRATCH)
-                                and float(r["epsilon"]) == math.inf))
+            src_lr = next((float(r["lr"]) for r in rows if (r["config"], r["stage"], r["dataset"], r["model"],
+                           r["start"]) == (SEG_CONFIG, "full", pick["start"], model, SCRATCH)
+                           and float(r["epsilon"]) == math.inf), None)
+            if src_lr is None:
+                raise SystemExit(f"the study has no noise-free {pick['start']} run of {model}, which {name} starts "
+                                 f"from; run `python {study}` first")
             # the public network's card is its study recipe at epsilon 8 (the same card, whether or not it is
             # also released privately on that data set); its pretraining checkpoint is trained at epsilon inf
             src = segmentation_card(model, margs, pick["start"],
