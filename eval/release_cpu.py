@@ -140,9 +140,12 @@ def run(cmd: list[str], out: Path) -> None:
 
 
 def publish(out: Path, name: str, tag: str, default: bool, note: str = "", spread: dict | None = None) -> None:
+    from zoo.catalog.cards import CARDS_DIR, load_card
+    from zoo.catalog.registry import get_card
     from zoo.publish import publish as pub
 
     r = pub(out, name, tag, default=default, note=note, spread=spread)
+    get_card(name).update(load_card(CARDS_DIR / f"{name}.json"))  # this process sees the new checkpoint too
     print(f"  published {name}.{tag}: {r['metrics']} ({r['dtype']['stored']}, weights/ {r['weights_mib']} MiB)",
           flush=True)
 
@@ -209,7 +212,8 @@ def segmentation_picks(rows: list[dict], dataset: str, epsilon: float = SEG_EPSI
                        within: float = SEG_EQ_WITHIN) -> list[dict]:
     """The segmentation releases of ``dataset``, from the budget study's full-privacy runs at ``epsilon`` that have
     2 or more seeds (the cells that decide the ranking): the variant (network, start, trainable, lr) with the
-    highest mean Dice, then every equivariant variant within ``within`` of it. Each pick:
+    highest mean Dice, then, unless it is equivariant itself, the best equivariant variant if within ``within`` of
+    it (so no two picks share a network, nor the name of their card). Each pick:
     ``{model, model_args, start, trainable, lr, rows, mean, std, best}`` (``best``: the best variant's mean)."""
     groups: dict = {}
     for r in rows:
@@ -222,8 +226,8 @@ def segmentation_picks(rows: list[dict], dataset: str, epsilon: float = SEG_EPSI
                          f"yet; run `python eval/study_segmentation.py --config {SEG_CONFIG}` first")
     mean = {k: statistics.fmean(float(r["dice"]) for r in rs) for k, rs in groups.items()}
     best = max(mean, key=mean.get)
-    keys = [best] + [k for k in sorted(mean, key=mean.get, reverse=True)
-                     if k != best and k[0].startswith("eq-") and mean[best] - mean[k] <= within]
+    eq = [k for k in sorted(mean, key=mean.get, reverse=True) if k[0].startswith("eq-")]
+    keys = [best] + ([eq[0]] if eq and not best[0].startswith("eq-") and mean[best] - mean[eq[0]] <= within else [])
     return [{"model": k[0], "model_args": ast.literal_eval(groups[k][0]["model_args"]), "start": k[1],
              "trainable": k[2], "lr": k[3], "rows": groups[k], "mean": mean[k],
              "std": statistics.stdev(float(r["dice"]) for r in groups[k]), "best": mean[best]} for k in keys]
@@ -309,7 +313,7 @@ def segmentation_release(dataset: str, epsilon: float = SEG_EPSILON) -> None:
 
     from zoo.data import get_dataset_info
 
-    from study_segmentation import SCRATCH  # eval/ is on the path of this script
+    from study_segmentation import SCRATCH, chosen_lrs  # eval/ is on the path of this script
 
     tag = f"dp_eps{epsilon:g}"
     rows = study_rows(SEG_CSV)
@@ -335,10 +339,11 @@ def segmentation_release(dataset: str, epsilon: float = SEG_EPSILON) -> None:
         if pick["start"] == SCRATCH:
             run([*ZOO, "train", name], out)  # the card's recipe
         else:
-            src_lr = next((float(r["lr"]) for r in rows if (r["config"], r["stage"], r["dataset"], r["model"],
-                           r["start"]) == (SEG_CONFIG, "full", pick["start"], model, SCRATCH)
-                           and float(r["epsilon"]) == math.inf), None)
-            if src_lr is None:
+            src_lr = chosen_lrs(rows, SEG_CONFIG).get((pick["start"], model, SCRATCH, "all"))  # as the study did
+            if src_lr is None or not any(
+                    (r["config"], r["stage"], r["dataset"], r["model"], r["start"]) == (SEG_CONFIG, "full",
+                                                                                         pick["start"], model, SCRATCH)
+                    and float(r["epsilon"]) == math.inf and float(r["lr"]) == src_lr for r in rows):
                 raise SystemExit(f"the study has no noise-free {pick['start']} run of {model}, which {name} starts "
                                  f"from; run `python {study}` first")
             # the public network's card is its study recipe at epsilon 8 (the same card, whether or not it is
@@ -356,8 +361,10 @@ def segmentation_release(dataset: str, epsilon: float = SEG_EPSILON) -> None:
                 publish(src_out, src, src_tag, default=False,
                         note=f"NOT PRIVATE: trained without noise (epsilon = inf) on {pick['start']}, as public "
                              f"pretraining for {name}; it gives no privacy guarantee for {pick['start']}")
-            flags_ = {k.replace("_", "-"): v for k, v in recipe.items()
-                      if k not in ("dataset",) and v is not None}
+            # every setting of the recipe, so that none comes from the source's card (horses resize to 128; 0
+            # unsets a crop or resize: zoo.runspec.UNSET_BY_ZERO)
+            flags_ = {k.replace("_", "-"): 0 if v is None else v for k, v in recipe.items()
+                      if k != "dataset" and (v is not None or k in ("crop", "resize"))}
             run([*ZOO, "finetune", f"{src}.{src_tag}", "--dataset", dataset, *flags(flags_)], out)
         publish(out, name, tag, default=True, spread=spread, note=how)
 

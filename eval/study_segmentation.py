@@ -324,12 +324,16 @@ def next_search_lr(grid: list[float], scores: dict[float, float], extend: int) -
     return None
 
 
-def deciding(rows: list[dict], config: str, dataset: str, eps: float, top: int) -> list[tuple]:
-    """The variants that decide the ranking at ``eps``: the ``top`` best by their first full seed, and every
-    equivariant one (a release of it is due if it comes within 0.02 Dice of the best)."""
+def deciding(rows: list[dict], config: str, dataset: str, eps: float, top: int, seed: int = 0,
+             lrs: dict | None = None) -> list[tuple]:
+    """The variants that decide the ranking at ``eps``: the ``top`` best by their first full seed ``seed`` (at
+    their chosen lr, ``lrs``: ``(dataset, model, start, trainable) -> lr``, when given), and every equivariant one
+    (a release of it is due if it comes within 0.02 Dice of the best). It reads the first seed alone, so the
+    ranking stays the same once the deciding seeds have run (a resumed study runs no other cells)."""
     first = {(r["model"], r["start"], r["trainable"]): float(r["dice"]) for r in rows
              if r["config"] == config and r["stage"] == "full" and r["dataset"] == dataset
-             and float(r["epsilon"]) == eps}
+             and float(r["epsilon"]) == eps and int(r["seed"]) == seed
+             and (lrs is None or float(r["lr"]) == lrs.get((dataset, r["model"], r["start"], r["trainable"])))}
     best = sorted(first, key=first.get, reverse=True)[:top]
     return best + [v for v in first if v not in best and v[0].startswith("eq-")]
 
@@ -419,7 +423,8 @@ def run_budget(args, cfg: dict, out: Path, runs: Path, csv_path: Path, rows: lis
                             break  # skipped (no source to start from): nothing more to learn for this variant
                 lrs.update(chosen_lrs(rows, config))
                 full(dataset, start, trainable, deciding_eps)
-            for model, start, trainable in deciding(rows, config, dataset, search["epsilon"], cfg["decide_top"]):
+            for model, start, trainable in deciding(rows, config, dataset, search["epsilon"], cfg["decide_top"],
+                                                    cfg["seeds"][0], lrs):
                 spec = None if trainable == "all" else trainable
                 for seed in cfg["decide_seeds"]:
                     go("full", dataset, model, start, spec, search["epsilon"], seed,

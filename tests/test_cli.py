@@ -168,6 +168,24 @@ def test_finetune_a_cifar10_checkpoint_on_pneumonia_with_alignment_then_eval(dat
     assert ev["test"]["roc_auc"] == sidecar["metrics"]["roc_auc"]
 
 
+def test_finetune_with_resize_0_and_crop_0_unsets_the_source_cards_preparation(data_dir, tmp_path):
+    """A checkpoint whose card resizes (and crops) fine-tuned at the data's own size: ``--resize 0 --crop 0`` unset
+    the card's settings (as ``--train-subset 0`` does), in the run's recipe and in its input preparation."""
+    from zoo.catalog.registry import load_checkpoint
+
+    zoo_cli("train", "test-unet-w4", "--data-dir", str(data_dir), "--out", str(tmp_path / "src"), "--seed", "0",
+            "--steps", "1", "--test-subset", "1", "--no-progress")
+    _, src = load_checkpoint(tmp_path / "src" / "final.safetensors")
+    assert (src["train_state"]["recipe"]["resize"], src["preparation"]["input_size"]) == (64, [1, 64, 64])
+    zoo_cli("finetune", str(tmp_path / "src" / "final.safetensors"), "--dataset", "isbi2012", "--epsilon", "8",
+            "--delta", "1e-4", "--resize", "0", "--crop", "0", "--steps", "1", "--batch-size", "2",
+            "--physical-batch-size", "2", "--augmult", "1", "--test-subset", "1", "--seed", "0", "--no-progress",
+            "--data-dir", str(data_dir), "--out", str(tmp_path / "ft"))
+    _, side = load_checkpoint(tmp_path / "ft" / "final.safetensors")
+    recipe = side["train_state"]["recipe"]
+    assert (recipe["resize"], recipe["crop"]) == (None, None) and side["preparation"]["input_size"] == [1, 512, 512]
+    assert "--resize 0" in side["command"]
+
 def test_card_plots_are_deterministic_and_the_card_links_them():
     from zoo.render import render_model_card, render_plots
 

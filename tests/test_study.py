@@ -294,6 +294,24 @@ def _seg_row(dataset, model, dice, seed, eps=8.0, stage="full", start="scratch",
             "iou": str(dice - 0.1), "model_args": "{'width': 4, 'depth': 3}"}
 
 
+def test_the_cells_that_decide_the_ranking_stay_the_same_once_their_seeds_have_run(monkeypatch):
+    """deciding() ranks by the first seed at the chosen lr alone: later seeds (here, poor ones) and a run at an lr
+    the search no longer chooses do not change which cells get more seeds."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_segmentation import deciding
+
+    horse = "weizmann-horse"
+    models = {"unet-w16": 0.73, "linknet-w16": 0.70, "deeplabv3plus-w16": 0.72, "unetpp-w16": 0.69,
+              "eq-unet-d4-w16": 0.65}
+    rows = [_seg_row(horse, m, d, 0) for m, d in models.items()]
+    lrs = {(horse, m, "scratch", "all"): 0.125 for m in models}
+    first = deciding(rows, "budget", horse, 8.0, 3, 0, lrs)
+    assert first == [("unet-w16", "scratch", "all"), ("deeplabv3plus-w16", "scratch", "all"),
+                     ("linknet-w16", "scratch", "all"), ("eq-unet-d4-w16", "scratch", "all")]
+    later = rows + [_seg_row(horse, m, 0.1, s) for m, *_ in first for s in (1, 2)]
+    later += [_seg_row(horse, "unetpp-w16", 0.99, 0, lr=1.0)]  # an lr that the search did not choose
+    assert deciding(later, "budget", horse, 8.0, 3, 0, lrs) == first
+
 def test_segmentation_release_picks_the_best_decided_network_and_an_equivariant_one_within_0_02(monkeypatch):
     """The release stage reads the budget study: only cells with 2 or more seeds at epsilon 8 compete (a single
     lucky seed does not), the best mean Dice wins, the equivariant network joins it when within 0.02."""
@@ -345,6 +363,58 @@ def test_segmentation_release_card_is_written_from_the_study_and_builds_its_netw
     assert card["summary"].startswith("U-Net at width 4, depth 3 (") and "background vs horse" in card["summary"]
     model = zoo.create_model(name, in_chans=3)
     assert model.num_classes == 2 and f"({sum(p.numel() for p in model.parameters()):,} parameters)" in card["summary"]
-    stamp = (tmp_path / "unet-w4-horse.json").stat().st_mtime_ns
     assert segmentation_card(**{**args, "source": "reworded"}) == name  # the same recipe: the card is kept
-    assert (tmp_path / "unet-w4-horse.json").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "unet-w4-horse.json").read_text())["recipe"]["source"] == "the study"
+
+
+def test_segmentation_release_trains_each_pick_as_the_study_did(tmp_path, monkeypatch):
+    """The commands of the release stage, read from a study: a pick fine-tuned from horses starts from a noise-free
+    horse checkpoint of the same network at the lr the study chose for it (trained, published as nonprivate, never
+    a default), then fine-tunes with every recipe setting given (the horse card's resize 128 unset); a pick from
+    scratch trains its own card; each private one is published as the default with the study's seed spread."""
+    from zoo.catalog import cards, registry
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import release_cpu as rc
+
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry, "_UNCHECKED", set(registry._UNCHECKED))
+    horse, isbi = "weizmann-horse", "isbi2012"
+    rows = [_seg_row(horse, "unet-w16", d, 0, stage="search", lr=lr) for lr, d in ((0.125, 0.70), (0.0625, 0.73))]
+    rows += [_seg_row(horse, "unet-w16", 0.80, 0, eps=math.inf, lr=0.125),  # an older lr's noise-free run
+             _seg_row(horse, "unet-w16", 0.81, 0, eps=math.inf, lr=0.0625)]
+    rows += [{**_seg_row(isbi, "unet-w16", d, s, start=horse, lr=0.5), "trainable": "head+norm"}
+             for s, d in enumerate((0.70, 0.71, 0.72))]
+    rows += [_seg_row(isbi, "eq-unet-d4-w16", d, s, lr=0.25) for s, d in enumerate((0.69, 0.70))]
+    csv_path = tmp_path / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    calls = []
+    monkeypatch.setattr(rc, "SEG_CSV", csv_path)
+    monkeypatch.setattr(rc, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(rc, "published", lambda full: False)
+    monkeypatch.setattr(rc, "run", lambda cmd, out: calls.append(("run", *cmd[len(rc.ZOO):])))
+    monkeypatch.setattr(rc, "publish", lambda out, name, tag, default, note="", spread=None: calls.append(
+        ("publish", name, tag, default, None if spread is None else spread["dice"][:2])))
+    rc.segmentation_release(isbi)
+    src = "unet-w4-horse.nonprivate_weizmann-horse"
+    assert calls[:2] == [("run", "train", "unet-w4-horse", "--epsilon", "inf"),
+                         ("publish", "unet-w4-horse", "nonprivate_weizmann-horse", False, None)]
+    ft = calls[2]
+    assert ft[:5] == ("run", "finetune", src, "--dataset", isbi)
+    given = dict(zip(ft[5::2], ft[6::2]))
+    assert given["--resize"] == "0" and given["--crop"] == "128" and given["--trainable"] == "head+norm"
+    assert given["--lr"] == "0.5" and given["--epsilon"] == "8.0" and given["--batch-size"] == "20"
+    assert calls[3][:4] == ("publish", "unet-w4-isbi", "dp_eps8", True)
+    assert calls[3][4] == pytest.approx((0.01, 3))
+    assert calls[4:] == [("run", "train", "eq-unet-d4-w4-isbi"),
+                         ("publish", "eq-unet-d4-w4-isbi", "dp_eps8", True, pytest.approx((0.00707, 2), rel=1e-3))]
+    card = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("unet-w4-horse", "unet-w4-isbi",
+                                                                          "eq-unet-d4-w4-isbi")}
+    assert card["unet-w4-horse"]["recipe"]["lr"] == 0.0625 and card["unet-w4-horse"]["recipe"]["resize"] == 128
+    assert card["unet-w4-isbi"]["input_size"] == [3, 512, 512] and card["unet-w4-isbi"]["recipe"]["trainable"] == \
+        "head+norm"
+    assert card["eq-unet-d4-w4-isbi"]["input_size"] == [1, 512, 512]

@@ -26,6 +26,9 @@ REGISTERED_HELP = "cifar10, isbi2012, pneumoniamnist, weizmann-horse"
 """The registered data sets, named in the help without importing the data stack (a test keeps it current)."""
 
 RECIPE_FLAGS = [k for k in RECIPE_SCHEMA if k not in ("source", "dataset")]
+UNSET_BY_ZERO = {"train_subset": "0: all training images", "crop": "0: no crop, whole images",
+                 "resize": "0: the data's own size (e.g. fine-tuning on another data set than the card's)"}
+"""Recipe flags whose value 0 unsets the card's setting (None), with what that means."""
 """The recipe fields a command may override, each as ``--key-with-dashes``."""
 
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
@@ -100,7 +103,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=_boolean, metavar="true|false")
             continue
         t = str if str in kinds else float if float in kinds else int
-        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=t)
+        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=t, help=UNSET_BY_ZERO.get(key))
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -185,8 +188,9 @@ def run(spec: RunSpec) -> dict:
     from zoo.training.engine import finetune, train
 
     kw = dict(spec.recipe)
-    if kw.get("train_subset") == 0:  # --train-subset 0: all training images (unsets the card's subset)
-        kw["train_subset"] = None
+    for key in UNSET_BY_ZERO:
+        if kw.get(key) == 0:
+            kw[key] = None
     kw.update(data_dir=spec.data_dir, seed=spec.seed, device=spec.device, resume=spec.resume,
               checkpoint_every=spec.checkpoint_every, test_subset=spec.test_subset, progress=spec.progress,
               download=spec.download, auto_recipe=None if spec.recipe_mode is None else spec.recipe_mode == "auto",
