@@ -454,8 +454,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+",
                     default=["backbone", "study", "pneumonia", "cifar10", "cifar10-eq", "cifar10-e2e-study",
-                             "sparsity-study", "pneumonia-l0",
-                             "cifar10-study", "scatternet", "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
+                             "sparsity-study", "pneumonia-l0", "cifar10-study", "scatternet",
+                             "pneumonia-scatternet-study", "pneumonia-scatternet", "cifar10-long-search",
                              "scatternet-cnn", "scatternet-cnn-datanorm", "scatternet-cnn-datanorm-eps3",
                              "segmentation-study", "segmentation"])
     ap.add_argument("--procs", type=int, default=1,
