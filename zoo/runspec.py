@@ -26,10 +26,10 @@ REGISTERED_HELP = "cifar10, isbi2012, pneumoniamnist, weizmann-horse"
 """The registered data sets, named in the help without importing the data stack (a test keeps it current)."""
 
 RECIPE_FLAGS = [k for k in RECIPE_SCHEMA if k not in ("source", "dataset")]
+"""The recipe fields a command may override, each as ``--key-with-dashes``."""
 UNSET_BY_ZERO = {"train_subset": "0: all training images", "crop": "0: no crop, whole images",
                  "resize": "0: the data's own size (e.g. fine-tuning on another data set than the card's)"}
 """Recipe flags whose value 0 unsets the card's setting (None), with what that means."""
-"""The recipe fields a command may override, each as ``--key-with-dashes``."""
 
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 
