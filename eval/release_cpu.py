@@ -59,8 +59,8 @@ Stages (each skipped when its checkpoint is published; an interrupted run resume
              written from the study (``unet-w4-horse``: the network, its data set), trained with a secret seed and
              published as ``NAME.dp_eps8`` with the study's seed spread. A network fine-tuned from public
              pretraining in the study starts from its noise-free checkpoint on horses, trained here with a secret
-             seed and published as ``NAME-w4-horse.nonprivate_weizmann-horse`` (not private; the release's ledger
-             records it as pretraining).
+             seed and published under the network's horse card, e.g. ``unet-w4-horse.nonprivate_weizmann-horse``
+             (not private, never a default; the release's ledger records it as pretraining).
 A published release whose recipe has full-privacy seeds in its study gets their spread attached to its card results
 (``zoo reproduce --retrain`` compares against it); a published release whose recipe differs in any setting from
 the one its study now chooses is trained again and replaced.
@@ -264,7 +264,7 @@ def segmentation_card(model: str, model_args: dict, dataset: str, recipe: dict, 
     and recipe; a card whose recipe differs is rewritten only while it has no checkpoint. Returns NAME."""
     import zoo
     from zoo.catalog.cards import CARDS_DIR, load_card
-    from zoo.catalog.registry import get_card, register_model
+    from zoo.catalog.registry import count_params, get_card, register_model
     from zoo.data import get_dataset_info, preparation
     from zoo.io import write_text
 
@@ -282,8 +282,7 @@ def segmentation_card(model: str, model_args: dict, dataset: str, recipe: dict, 
         if have["checkpoints"]:
             raise SystemExit(f"{path} has checkpoints and another architecture or recipe than the study now "
                              f"chooses ({args}, {recipe}); retire it by hand before releasing another")
-    net = zoo.create_model(model, num_classes=base["num_classes"], in_chans=in_chans, **model_args)
-    params = sum(p.numel() for p in net.parameters())
+    params = count_params(base, in_chans=in_chans, **model_args)  # as zoo.model_info counts them
     info = get_dataset_info(dataset)
     levels = f", depth {args['depth']}" if "depth" in args else ""
     card = {"name": name,
