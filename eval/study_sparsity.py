@@ -161,8 +161,8 @@ def table(rows: list[dict], config: str) -> str:
             lines += [f"**{dataset}, ε = {eps:g}** (`{first['model']}`, B = {first['batch_size']}, "
                       f"σ = {float(first['sigma']):.3f}, S = {first['steps']}, {int(first['samples']):,} samples "
                       f"per run, ε spent {float(first['epsilon_spent']):.3f}, δ = {float(first['delta']):g})", "",
-                      "| setting | gate scale | λ | seeds | accuracy | balanced acc. | open channels | params → pruned "
-                      "| MFLOPs → pruned | accuracy − dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| setting | gate scale | λ | seeds | accuracy | balanced acc. | open channels "
+                      "| params → pruned | MFLOPs → pruned | accuracy − dense |", "|---|---|---|---|---|---|---|---|---|---|"]
             dense = [float(r["accuracy"]) for r in mine if r["setting"] == "dense"]
             for setting in dict.fromkeys(r["setting"] for r in mine):
                 rs = [r for r in mine if r["setting"] == setting]
@@ -171,9 +171,9 @@ def table(rows: list[dict], config: str) -> str:
                 opened = statistics.fmean(float(r["open_fraction"]) for r in rs)
                 p0, p1 = int(rs[0]["params"]), statistics.fmean(int(r["params_pruned"]) for r in rs)
                 f0, f1 = int(rs[0]["flops"]) / 1e6, statistics.fmean(int(r["flops_pruned"]) for r in rs) / 1e6
-                dense_row = setting == "dense"
+                scale, lam = ("", "") if setting == "dense" else (rs[0]["gate_scale"], rs[0]["l0_lambda"])
                 lines.append(
-                    f"| {setting} | {'' if dense_row else rs[0]['gate_scale']} | {'' if dense_row else rs[0]['l0_lambda']} "
+                    f"| {setting} | {scale} | {lam} "
                     f"| {len(rs)} | {mean_std(acc)} | {mean_std([float(r['balanced_accuracy']) for r in rs])} "
                     f"| {opened:.0%} | {p0:,} → {p1:,.0f} | {f0:.1f} → {f1:.1f} | {gap} |")
             lines.append("")

@@ -28,7 +28,8 @@ def test_list_and_info():
 HEAVY = ("torch", "opacus", "escnn", "matplotlib", "numpy", "kymatio")
 
 
-@pytest.mark.parametrize("argv", [["list"], ["list", "--pretrained"], ["list", "eq-*"], ["--help"], ["train", "--help"]],
+@pytest.mark.parametrize("argv", [["list"], ["list", "--pretrained"], ["list", "eq-*"], ["--help"],
+                                  ["train", "--help"]],
                          ids=lambda a: " ".join(a))
 def test_help_and_list_import_no_heavy_module(argv):
     """`zoo --help` and `zoo list` read the cards alone: none of torch, opacus, escnn, matplotlib, numpy is

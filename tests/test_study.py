@@ -48,7 +48,8 @@ def test_sparsity_budget_compares_gated_networks_with_their_dense_twin_and_times
     table = (tmp_path / "results.md").read_text()
     assert "accuracy − dense" in table and "| dense |" in table and "| l0lambda0.01 |" in table
     bench = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_prune.py"), "--runs", str(tmp_path / "runs"),
-                            "--batch-size", "4", "--repeats", "1", "--markdown", str(tmp_path / "bench" / "results.md")],
+                            "--batch-size", "4", "--repeats", "1",
+                            "--markdown", str(tmp_path / "bench" / "results.md")],
                            capture_output=True, text=True, check=True)
     lines = [ln for ln in bench.stdout.splitlines() if ln.startswith("budget-")]
     assert [ln.split()[0] for ln in lines] == ["budget-pneumoniamnist-eps8-l0lambda0.01"]  # the dense run is no case

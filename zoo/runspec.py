@@ -42,8 +42,8 @@ class CommandError(ValueError):
 class RunSpec:
     """One `zoo train` (``cmd="train"``: a registered model from scratch) or `zoo finetune` (a checkpoint or
     pretrained model on ``dataset``) run. ``recipe``: the recipe fields given (they override the card's; the rest
-    come from the card); ``recipe_mode``: ``"auto"`` (:mod:`zoo.training.auto_recipe`), ``"card"`` or None (auto for data
-    given by path); ``out``: None for ``runs/<name>`` (a new run takes the first free ``runs/<name>-<i>``)."""
+    come from the card); ``recipe_mode``: ``"auto"`` (:mod:`zoo.training.auto_recipe`), ``"card"`` or None (auto for
+    data given by path); ``out``: None for ``runs/<name>`` (a new run takes the first free ``runs/<name>-<i>``)."""
 
     cmd: str
     name: str
