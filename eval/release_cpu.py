@@ -312,12 +312,12 @@ def segmentation_release(dataset: str, epsilon: float = SEG_EPSILON) -> None:
 
     from zoo.data import get_dataset_info
 
-    from study_segmentation import SCRATCH, chosen_lrs  # eval/ is on the path of this script
+    from study_segmentation import SCRATCH, chosen_lrs, study_command  # eval/ is on the path of this script
 
     tag = f"dp_eps{epsilon:g}"
     rows = study_rows(SEG_CSV)
     picks = segmentation_picks(rows, dataset, epsilon)
-    study = f"eval/study_segmentation.py --config {SEG_CONFIG}"
+    study = study_command(SEG_CONFIG)  # in every card's source: the study does not take its releases for architectures
     for pick in picks:
         model, margs, lr = pick["model"], pick["model_args"], pick["lr"]
         n = len(pick["rows"])

@@ -89,8 +89,18 @@ FIELDS = ["config", "dataset", "model", "model_args", "params", "epsilon", "delt
           "peak_gpu_mib", "train_time_s"]
 
 
+def study_command(config: str) -> str:
+    """How a card's recipe source names this study's configuration (``eval/release_cpu.py`` writes it)."""
+    return f"eval/study_segmentation.py --config {config}"
+
+
 def segmentation_models() -> list[str]:
-    return [n for n in zoo.list_models() if zoo.model_info(n)["task"] == "segmentation" and not n.startswith("test-")]
+    """The architectures of the study: every registered segmentation model except the test models and the releases
+    of its budget configurations (a card whose recipe source names one, e.g. ``eq-unet-d4-w4-horse``: the study's
+    network trained for one data set by ``eval/release_cpu.py``, not another architecture)."""
+    released = [study_command(c) for c, cfg in CONFIGS.items() if "search" in cfg]
+    return [n for n in zoo.list_models() if zoo.model_info(n)["task"] == "segmentation" and not n.startswith("test-")
+            and not any(s in zoo.model_info(n)["recipe"]["source"] for s in released)]
 
 
 def model_args(model: str, scale: float) -> dict:

@@ -113,6 +113,23 @@ def test_a_sparsity_setting_with_its_own_initial_drop_rate_is_named_and_built_wi
         alpha = gate_modules(zoo.create_model("test-wrn10-1-l0", **args))[0].log_alpha
         torch.testing.assert_close(torch.sigmoid(alpha), torch.full_like(alpha, 1 - drop))
 
+
+def test_the_segmentation_study_does_not_count_its_own_releases_as_architectures(monkeypatch):
+    """A release card of the study (its network trained for one data set) is not another architecture to study."""
+    import zoo
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_segmentation import segmentation_models, study_command
+
+    models = segmentation_models()
+    assert {"unet-w16", "eq-unet-d4-w16", "deeplabv3plus-w16", "linknet-w16", "unetpp-w16"} <= set(models)
+    assert "eq-unet-d4-w4-horse" in zoo.list_models() and "eq-unet-d4-w4-horse" not in models
+    for name in zoo.list_models():
+        info = zoo.model_info(name)
+        release = study_command("budget") in info["recipe"]["source"]
+        assert (name in models) == (info["task"] == "segmentation" and not name.startswith("test-") and not release)
+
+
 def test_beyond_edge_searches_past_the_edge_of_the_grid_that_scores_best(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     from study_segmentation import beyond_edge
