@@ -466,7 +466,8 @@ def budget_table(rows: list[dict], config: str, trivial: dict[str, float], sizes
              "with σ = 0. Every architecture at the same arguments "
              f"({', '.join(f'{k} {v}' for k, v in cfg['model_args'].items())}, where its family takes them) and the "
              "same budget (views × pixels). Noise / signal: √(trained params) · σ / (B √S) "
-             "(`zoo.dp.tan.noise_to_signal`). s / step: training wall time per step on 2 CPU cores (x86_64), "
+             "(`zoo.dp.tan.noise_to_signal`). s / step: training wall time per step on 2 CPU cores (x86_64), the "
+             "median over the network's full runs (a run slowed by other work on the machine does not move it); "
              "per-sample gradients: MiB per micro-batch.", ""]
     for dataset in sorted({r["dataset"] for r in full}):
         here = [r for r in full if r["dataset"] == dataset]
@@ -492,7 +493,7 @@ def budget_table(rows: list[dict], config: str, trivial: dict[str, float], sizes
                     means[label] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
                                     len(vals))
             ratios = [_noise_to_signal(rs, e, params="trained_params") for e in finite]
-            per_step = statistics.fmean(float(r["s_per_step"]) for r in rs)
+            per_step = statistics.median(float(r["s_per_step"]) for r in rs)
             lines.append(f"| `{label}` | {int(rs[0]['params']):,} ({int(rs[0]['trained_params']):,}) | "
                          f"{float(rs[0]['psg_mib']):.1f} | {per_step:.2f} | "
                          f"{float(rs[0]['lr']):g} | {', '.join(ratios)} | " + " | ".join(cells) + " |")
