@@ -304,9 +304,16 @@ def search_scores(rows: list[dict], config: str) -> dict:
     return {k: {lr: statistics.fmean(d) for lr, d in by_lr.items()} for k, by_lr in acc.items()}
 
 
+def best_lr(scores: dict[float, float]) -> float:
+    """The lr of the best score in ``scores`` (lr -> mean Dice); among equal scores the smallest lr, the more
+    cautious step (a network that scores 0 at every lr, having diverged, is then searched downward)."""
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
 def chosen_lrs(rows: list[dict], config: str) -> dict:
-    """``(dataset, model, start, trainable) -> lr`` of the best simulated run (mean Dice over the search seeds)."""
-    return {k: max(by_lr, key=by_lr.get) for k, by_lr in search_scores(rows, config).items()}
+    """``(dataset, model, start, trainable) -> lr`` of the best simulated run (mean Dice over the search seeds;
+    :func:`best_lr`)."""
+    return {k: best_lr(by_lr) for k, by_lr in search_scores(rows, config).items()}
 
 
 def beyond_edge(tried: list[float], best: float | None) -> float | None:
@@ -327,7 +334,7 @@ def next_search_lr(grid: list[float], scores: dict[float, float], extend: int) -
         if lr not in scores:
             return lr
     for _ in range(extend):
-        nxt = beyond_edge(tried, max(tried, key=scores.__getitem__))
+        nxt = beyond_edge(tried, best_lr({lr: scores[lr] for lr in tried}))
         if nxt is None or nxt not in scores:
             return nxt
         tried.append(nxt)

@@ -157,6 +157,19 @@ def test_the_lr_search_reads_only_its_scores_so_a_resumed_study_searches_the_sam
     assert next_search_lr(grid, {0.25: 0.1, 0.5: 0.2, 1.0: 0.3}, 2) == 2.0
 
 
+def test_equal_search_scores_choose_the_smallest_lr_so_a_diverged_network_is_searched_downward(monkeypatch):
+    """A network that scores 0 at every lr (the D4 U-Net on ISBI 2012) goes on downward, as far as the search may
+    extend; the search once took the first lr tried, 0.25, and stopped after one step down."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from study_segmentation import best_lr, next_search_lr
+
+    grid = [0.25, 0.5, 1.0]
+    zeros = {0.5: 0.0, 1.0: 0.0, 0.25: 0.0, 0.125: 0.0}
+    assert best_lr(zeros) == 0.125 and best_lr({0.5: 0.3, 0.25: 0.2}) == 0.5
+    assert next_search_lr(grid, zeros, 4) == 0.0625
+    assert next_search_lr(grid, {**zeros, 0.0625: 0.0, 0.03125: 0.0, 0.015625: 0.0}, 4) is None
+
+
 def _study(script: str, out: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT.parent / script), "--config", "cpu", "--out", str(out),
                            "--runs", str(out / "runs"), "--data-dir", str(data_dir), "--steps", "2", *args],
