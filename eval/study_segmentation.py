@@ -99,8 +99,9 @@ def segmentation_models() -> list[str]:
     of its budget configurations (a card whose recipe source names one, e.g. ``eq-unet-d4-w4-horse``: the study's
     network trained for one data set by ``eval/release_cpu.py``, not another architecture)."""
     released = [study_command(c) for c, cfg in CONFIGS.items() if "search" in cfg]
-    return [n for n in zoo.list_models() if zoo.model_info(n)["task"] == "segmentation" and not n.startswith("test-")
-            and not any(s in zoo.model_info(n)["recipe"]["source"] for s in released)]
+    infos = {n: zoo.model_info(n) for n in zoo.list_models() if not n.startswith("test-")}
+    return [n for n, info in infos.items() if info["task"] == "segmentation"
+            and not any(s in info["recipe"]["source"] for s in released)]
 
 
 def model_args(model: str, scale: float) -> dict:
